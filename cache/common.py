@@ -1,0 +1,119 @@
+"""Shared HDF5 plumbing: opening with clear errors, salvage after a kill, settings diffs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+
+
+class StoreError(RuntimeError):
+    """A store cannot be used as asked; the message names the file and what to do."""
+
+
+class StoreMismatch(StoreError):
+    """A store was built with other settings than the ones this run asks for."""
+
+
+class StoreDamaged(StoreError):
+    """A store file cannot be opened (for example after a kill during a write)."""
+
+
+def clip_key(clip_id: str) -> str:
+    """HDF5 group name for a clip id such as ``Train/Happy/001.avi`` (slashes would nest groups)."""
+    return clip_id.replace("/", "|")
+
+
+def key_to_id(key: str) -> str:
+    return key.replace("|", "/")
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def diff_settings(stored: dict, wanted: dict) -> list[str]:
+    """Human-readable lines for every key whose value differs between two settings dicts."""
+    lines = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key, "<absent>"), wanted.get(key, "<absent>")
+        if canonical_json(a) != canonical_json(b):
+            lines.append(f"{key}: store has {a!r}, this run asks for {b!r}")
+    return lines
+
+
+def to_attr(value: Any) -> Any:
+    """HDF5 attributes hold scalars and strings; everything else is stored as JSON text."""
+    if isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+        return value
+    return canonical_json(value)
+
+
+def open_h5(path: Path, mode: str) -> h5py.File:
+    """Open ``path``; turn h5py's errors into messages that say what to do."""
+    path = Path(path)
+    if mode == "r" and not path.exists():
+        raise StoreError(f"{path}: no such store; build it first (see `emo-cache --help`)")
+    try:
+        return h5py.File(path, mode)
+    except BlockingIOError as exc:
+        raise StoreError(f"{path}: another process is writing this store; wait for it or stop it"
+                         f" (only one writer per HDF5 file) [{exc}]") from exc
+    except OSError as exc:
+        if "lock" in str(exc).lower():
+            raise StoreError(f"{path}: another process holds this store open for writing; wait for it"
+                             f" or stop it [{exc}]") from exc
+        raise StoreDamaged(f"{path}: cannot be read as HDF5 ({exc}). If a run was killed while writing,"
+                           " rerun the same command: it salvages the complete clips and redoes the rest.") from exc
+
+
+def salvage(path: Path, complete_attr: str = "complete") -> Path:
+    """Copy every readable, complete clip of a damaged store into a fresh file in its place.
+
+    The damaged file is kept beside it as ``<name>.damaged-<time>`` so nothing is lost.
+    Returns the path of the kept damaged file.
+    """
+    path = Path(path)
+    damaged = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    os.replace(path, damaged)
+    try:
+        src = h5py.File(damaged, "r")
+    except OSError:
+        return damaged  # nothing readable: the rerun starts from an empty store
+    with src, h5py.File(path, "w") as dst:
+        for name, value in src.attrs.items():
+            dst.attrs[name] = value
+        for key in list(src.keys()):
+            try:
+                if src[key].attrs.get(complete_attr, False):
+                    src.copy(src[key], dst, name=key)
+            except (OSError, KeyError, RuntimeError):
+                continue  # an unreadable clip was in flight; the rerun redoes it
+    return damaged
+
+
+def open_for_append(path: Path, log=print) -> h5py.File:
+    """Open or create a store for writing, salvaging it first if a kill left it unreadable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return open_h5(path, "a")
+    except StoreDamaged as exc:
+        kept = salvage(path)
+        log(f"warning: {exc}\n  salvaged complete clips into a new {path}; the damaged file is kept as {kept}")
+        return open_h5(path, "a")
+
+
+def group_names(f: h5py.File, complete_only: bool = True) -> Iterable[str]:
+    for key in f.keys():
+        if not complete_only or f[key].attrs.get("complete", False):
+            yield key

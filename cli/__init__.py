@@ -1,0 +1,1 @@
+"""Thin click entry points: parse options, build a config, call one pipeline stage."""
