@@ -1,0 +1,93 @@
+"""The HDF5 stores: round trips, commit marks, settings checks and salvage after a kill."""
+import numpy as np
+import pytest
+
+from cache import FacesStore, FeaturesStore, StoreError, StoreMismatch
+from cache.common import salvage
+
+
+def face_arrays(n: int, size: int = 8, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "faces": rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
+        "frame_index": np.arange(n, dtype=np.int32),
+        "timestamp_ms": np.arange(n, dtype=np.float32) * 40,
+        "present": rng.random(n) > 0.3,
+        "box": rng.random((n, 4)).astype(np.float32),
+        "landmarks": rng.random((n, 68, 2)).astype(np.float32),
+        "score": rng.random(n).astype(np.float32),
+        "how": rng.integers(0, 6, n).astype(np.uint8),
+    }
+
+
+def test_faces_store_round_trip(tmp_path):
+    arrays = face_arrays(5)
+    with FacesStore(tmp_path / "f.h5", "a", config={"size": 8}, code_version="t") as store:
+        store.write_clip("Train/Happy/a.mp4", arrays, {"label": "Happy", "split": "Train", "fps": 25.0})
+    with FacesStore(tmp_path / "f.h5") as store:
+        assert store.complete_ids() == ["Train/Happy/a.mp4"]
+        meta = store.read_meta("Train/Happy/a.mp4")
+        for name, value in arrays.items():
+            got = store.read_faces("Train/Happy/a.mp4") if name == "faces" else meta[name]
+            np.testing.assert_array_equal(got, value.astype(got.dtype))
+        np.testing.assert_array_equal(store.read_faces("Train/Happy/a.mp4", [4, 1, 4]), arrays["faces"][[4, 1, 4]])
+        assert store.attrs("Train/Happy/a.mp4")["label"] == "Happy"
+        assert store.config == {"size": 8}
+
+
+def test_faces_store_refuses_other_settings(tmp_path):
+    FacesStore(tmp_path / "f.h5", "a", config={"size": 8, "padding": 0.2}).close()
+    with pytest.raises(StoreMismatch, match=r"padding: store has 0.2, this run asks for 0.3"):
+        FacesStore(tmp_path / "f.h5", "a", config={"size": 8, "padding": 0.3})
+
+
+def test_incomplete_clip_does_not_exist_for_the_next_stage(tmp_path):
+    with FacesStore(tmp_path / "f.h5", "a", config={}) as store:
+        store.write_clip("Train/Sad/b.mp4", face_arrays(3), {"label": "Sad"})
+        store._f["Train|Sad|b.mp4"].attrs["complete"] = False  # as if killed before the mark
+        assert store.complete_ids() == []
+        with pytest.raises(StoreError, match="Train/Sad/b.mp4"):
+            store.read_faces("Train/Sad/b.mp4")
+
+
+def test_features_store_provenance_and_frames(tmp_path):
+    maps = np.random.default_rng(1).random((2, 6, 4, 3)).astype(np.float16)
+    present = np.array([1, 1, 0, 1, 0, 1], bool)
+    prov = {"backbone": "vgg16", "weights": "random:0", "input_size": 256}
+    with FeaturesStore(tmp_path / "x.h5", "a", provenance=prov, class_names=["A", "B"]) as store:
+        store.write_clip("Val/A/c.avi", maps, present, {"label": "A", "split": "Val"})
+    with FeaturesStore(tmp_path / "x.h5", provenance=prov) as store:
+        assert store.complete_ids("val") == ["Val/A/c.avi"] and store.complete_ids("Train") == []
+        got, got_present = store.read_clip("Val/A/c.avi", frames=[5, 0, 5], views=[1])
+        np.testing.assert_array_equal(got, maps[[1]][:, [5, 0, 5]])
+        np.testing.assert_array_equal(got_present, present[[5, 0, 5]])
+        assert store.class_names == ["A", "B"] and store.shape("Val/A/c.avi") == (2, 6, 4, 3)
+    with pytest.raises(StoreMismatch, match=r"weights: store has 'random:0'.*'sha256:ab'"):
+        FeaturesStore(tmp_path / "x.h5", "a", provenance={**prov, "weights": "sha256:ab"})
+
+
+def test_reopen_after_damage_salvages_complete_clips(tmp_path):
+    path = tmp_path / "f.h5"
+    with FacesStore(path, "a", config={"k": 1}) as store:
+        for i in range(3):
+            store.write_clip(f"Train/Happy/{i}.mp4", face_arrays(2, seed=i), {"label": "Happy"})
+    kept = salvage(path)  # the same routine a reopen runs on an unreadable file
+    assert kept.exists()
+    with FacesStore(path) as store:
+        assert store.complete_ids() == [f"Train/Happy/{i}.mp4" for i in range(3)]
+        np.testing.assert_array_equal(store.read_faces("Train/Happy/2.mp4"), face_arrays(2, seed=2)["faces"])
+
+
+def test_unreadable_store_is_replaced_and_kept(tmp_path):
+    path = tmp_path / "f.h5"
+    path.write_bytes(b"not an hdf5 file at all")
+    messages = []
+    with FacesStore(path, "a", config={"k": 1}, log=messages.append) as store:
+        assert store.complete_ids() == []
+    assert "cannot be read as HDF5" in messages[0]
+    assert len(list(tmp_path.glob("f.h5.damaged-*"))) == 1
+
+
+def test_reading_a_missing_store_says_what_to_do(tmp_path):
+    with pytest.raises(StoreError, match="no such store"):
+        FacesStore(tmp_path / "nope.h5")
