@@ -1,0 +1,88 @@
+"""`emo-cache check DATA` and `emo-cache faces DATA --out FACES.h5`: thin wrappers over pipeline stages."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cache import StoreError
+from pipeline.dataset import check_dataset
+from pipeline.decode import DecodeConfig
+from pipeline.faces import FaceConfig
+from pipeline.preprocess import PreprocessConfig, check_run_arguments, preprocess_dataset
+
+FACE_DEFAULTS, DECODE_DEFAULTS, RUN_DEFAULTS = FaceConfig(), DecodeConfig(), PreprocessConfig()
+
+
+def split_classes(value: str | None) -> tuple[str, ...] | None:
+    return tuple(n.strip() for n in value.split(",") if n.strip()) if value else None
+
+
+@click.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--classes", default=None, help="Comma-separated class order (default: DATA/classes.txt, else AFEW's"
+              " Angry,Disgust,Fear,Happy,Neutral,Sad,Surprise).")
+def check(data: Path, classes: str | None) -> None:
+    """Report clips per split x class and every problem (each naming its file); exit 1 on errors."""
+    report = check_dataset(data, split_classes(classes))
+    click.echo(report.format())
+    if not report.ok:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Faces store to create or resume (.h5).")
+@click.option("--workers", default=2, show_default=True, help="Clips processed in parallel.")
+@click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True)
+@click.option("--scheduler", default=None, help="Dask scheduler address (with --backend dask), e.g. tcp://host:8786.")
+@click.option("--classes", default=None, help="Comma-separated class order (default: DATA/classes.txt, else AFEW).")
+@click.option("--fps-cap", type=float, default=DECODE_DEFAULTS.fps_cap,
+              help="Keep at most this many frames per second (default: all).")
+@click.option("--max-frames", type=int, default=DECODE_DEFAULTS.max_frames,
+              help="Keep at most this many frames per clip (default: all).")
+@click.option("--every-nth", type=int, default=DECODE_DEFAULTS.every_nth, show_default=True,
+              help="Keep every Nth frame.")
+@click.option("--size", type=int, default=FACE_DEFAULTS.size, show_default=True, help="Aligned chip side in pixels.")
+@click.option("--padding", type=float, default=FACE_DEFAULTS.padding, show_default=True,
+              help="Margin around dlib's mean-face template, share of its width per side.")
+@click.option("--mode", type=click.Choice(["fast", "naive"]), default=FACE_DEFAULTS.mode, show_default=True,
+              help="fast: downscaled detection + tracking; naive: full-resolution HOG on every frame.")
+@click.option("--detect-width", type=int, default=FACE_DEFAULTS.detect_width, show_default=True,
+              help="Width of the frame for the first detection pass.")
+@click.option("--redetect-every", type=int, default=FACE_DEFAULTS.redetect_every, show_default=True,
+              help="Tracked frames between forced detections.")
+@click.option("--prealigned", type=click.Choice(["auto", "yes", "no"]), default=FACE_DEFAULTS.prealigned,
+              show_default=True, help="Frame folders of aligned faces are only resized (auto: square images).")
+@click.option("--predictor", "predictor_path", default=FACE_DEFAULTS.predictor_path,
+              help="dlib 68-point model (default: from face-recognition-models).")
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
+@click.option("--max-fail-fraction", type=float, default=RUN_DEFAULTS.max_fail_fraction, show_default=True,
+              help="Exit non-zero when more than this share of clips fail.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def faces(data: Path, out: Path, workers: int, backend: str, scheduler: str | None, classes: str | None,
+          fps_cap: float | None, max_frames: int | None, every_nth: int, size: int, padding: float, mode: str,
+          detect_width: int, redetect_every: int, prealigned: str, predictor_path: str, compression: str,
+          max_fail_fraction: float, quiet: bool) -> None:
+    """Align every clip's faces into the faces store OUT (resumable; failures in OUT.failures.jsonl)."""
+    face = FaceConfig(size=size, padding=padding, mode=mode, detect_width=detect_width,
+                      redetect_every=redetect_every, prealigned=prealigned, predictor_path=predictor_path)
+    cfg = PreprocessConfig(face=face, decode=DecodeConfig(fps_cap=fps_cap, max_frames=max_frames,
+                                                          every_nth=every_nth),
+                           class_names=split_classes(classes),
+                           compression=None if compression == "none" else compression,
+                           max_fail_fraction=max_fail_fraction)
+    try:
+        check_run_arguments(data, cfg, workers, backend, scheduler)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        summary = preprocess_dataset(data, out, cfg, workers=workers, backend=backend, scheduler=scheduler,
+                                     progress=not quiet)
+    except StoreError as exc:  # another run's store, or one locked by a running writer: say so, no traceback
+        raise click.ClickException(str(exc)) from exc
+    click.echo(summary.format())
+    if not summary.ok:
+        sys.exit(1)

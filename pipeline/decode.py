@@ -1,0 +1,199 @@
+"""Streaming decode of videos and frame folders into uint8 RGB frames (never a whole video in memory)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import cv2
+import numpy as np
+
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+FOLDER_FPS = 25.0  # frame folders carry no rate; AFEW's extracted frames are 25 fps PAL
+
+
+class DecodeError(RuntimeError):
+    """A video or frame folder cannot be decoded; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame: its index in the source, its time and its pixels."""
+    index: int              # position in the source video / sorted frame folder
+    timestamp_ms: float     # index / fps * 1000
+    rgb: np.ndarray         # uint8 (H, W, 3) RGB
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a video, checked by reading its first frame."""
+    fps: float
+    frame_count: int
+    width: int
+    height: int
+
+
+def natural_key(path: Path) -> list:
+    """Sort key so that frame_2.png comes before frame_10.png."""
+    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", path.name)]
+
+
+def list_frame_images(folder: Path) -> list[Path]:
+    """Image files of a frame folder in natural order."""
+    return sorted((p for p in Path(folder).iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=natural_key)
+
+
+def _open_capture(path: Path) -> cv2.VideoCapture:
+    path = Path(path)
+    if not path.is_file():
+        raise DecodeError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DecodeError(f"{path}: empty file (0 bytes); re-copy or remove it")
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        cap.release()
+        raise DecodeError(f"{path}: cannot be opened as a video (corrupt, truncated, or not a video);"
+                          " re-encode or remove it")
+    return cap
+
+
+def probe_video(path: Path) -> VideoInfo:
+    """Open a video, read its first frame, and return its rate, length and size.
+
+    Arguments:
+        path: a video file.
+    Returns:
+        VideoInfo(fps, frame_count, width, height); raises DecodeError naming the file when it is
+        empty, not a video, corrupt, or has no decodable frame.
+
+    >>> probe_video(Path("data/samples/single_face.mp4"))
+    VideoInfo(fps=30.0, frame_count=72, width=640, height=360)
+    """
+    cap = _open_capture(path)
+    try:
+        ok, bgr = cap.read()
+        if not ok or bgr is None:
+            raise DecodeError(f"{path}: opens but has no decodable frame (zero-frame or corrupt video);"
+                              " re-encode or remove it")
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        return VideoInfo(fps=fps if fps > 0 else FOLDER_FPS, frame_count=max(count, 1),
+                         width=int(bgr.shape[1]), height=int(bgr.shape[0]))
+    finally:
+        cap.release()
+
+
+def keep_frame(index: int, fps: float, fps_cap: Optional[float], every_nth: int, last_slot: int) -> int:
+    """Slot of a kept frame (>= 0), or -1 when the frame is skipped.
+
+    A frame is kept when its index is a multiple of ``every_nth`` and, under an fps cap, when it is the
+    first frame of a new 1/fps_cap time slot.
+    """
+    if index % every_nth:
+        return -1
+    if fps_cap is None or fps <= fps_cap:
+        return index
+    slot = int(index * fps_cap / fps)
+    return slot if slot > last_slot else -1
+
+
+def iter_frames(path: Path, fps_cap: Optional[float] = None, max_frames: Optional[int] = None,
+                every_nth: int = 1) -> Iterator[Frame]:
+    """Yield a video's frames one at a time as uint8 RGB; skipped frames are grabbed, not decoded.
+
+    Arguments:
+        path: a video file.
+        fps_cap: keep at most this many frames per second of video (None: all).
+        max_frames: stop after this many kept frames (None: to the end).
+        every_nth: keep every Nth frame (1: all).
+    Returns:
+        an iterator of Frame; raises DecodeError naming the file if it cannot be opened or yields
+        no frame at all.
+
+    >>> [f.index for f in iter_frames(Path("data/samples/single_face.mp4"), every_nth=10)][:3]
+    [0, 10, 20]
+    """
+    cap = _open_capture(path)
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or FOLDER_FPS
+    index, kept, last_slot = 0, 0, -1
+    try:
+        while max_frames is None or kept < max_frames:
+            if not cap.grab():
+                break
+            slot = keep_frame(index, fps, fps_cap, every_nth, last_slot)
+            if slot >= 0:
+                ok, bgr = cap.retrieve()
+                if not ok or bgr is None:
+                    break
+                last_slot, kept = slot, kept + 1
+                yield Frame(index, index * 1000.0 / fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            index += 1
+    finally:
+        cap.release()
+    if index == 0:
+        raise DecodeError(f"{path}: no decodable frame (zero-frame or corrupt video); re-encode or remove it")
+
+
+def read_image_rgb(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB pixels of one image file; DecodeError naming it when unreadable."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DecodeError(f"{path}: not a readable image; re-export or remove it")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def iter_folder_frames(folder: Path, fps_cap: Optional[float] = None, max_frames: Optional[int] = None,
+                       every_nth: int = 1, fps: float = FOLDER_FPS) -> Iterator[Frame]:
+    """Yield the images of a frame folder, in natural order, as Frames (same options as iter_frames).
+
+    >>> next(iter_folder_frames(Path("clip_frames/"))).rgb.dtype
+    dtype('uint8')
+    """
+    images = list_frame_images(folder)
+    if not images:
+        raise DecodeError(f"{folder}: frame folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    kept, last_slot = 0, -1
+    for index, image in enumerate(images):
+        if max_frames is not None and kept >= max_frames:
+            break
+        slot = keep_frame(index, fps, fps_cap, every_nth, last_slot)
+        if slot < 0:
+            continue
+        last_slot, kept = slot, kept + 1
+        yield Frame(index, index * 1000.0 / fps, read_image_rgb(image))
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Which frames of a clip are decoded. Every field is saved in the store's root config."""
+    fps_cap: Optional[float] = None   # None: every frame; e.g. 10 keeps <= 10 frames per second of video
+                                      # (AFEW's 25 fps clips are highly redundant frame to frame)
+    max_frames: Optional[int] = None  # None: whole clip; a cap bounds time and store size per clip
+    every_nth: int = 1                # 1: every frame; N keeps frames 0, N, 2N, ... (before the fps cap)
+    folder_fps: float = FOLDER_FPS    # frame folders carry no rate; used for timestamps and the fps cap
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field; never changes a value."""
+        if self.fps_cap is not None and self.fps_cap <= 0:
+            raise ValueError(f"fps_cap={self.fps_cap}: must be > 0 (or None for no cap)")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames={self.max_frames}: must be >= 1 (or None for the whole clip)")
+        if self.every_nth < 1:
+            raise ValueError(f"every_nth={self.every_nth}: must be >= 1")
+        if self.folder_fps <= 0:
+            raise ValueError(f"folder_fps={self.folder_fps}: must be > 0")
+
+
+def iter_clip_frames(path: Path, kind: str, cfg: DecodeConfig) -> Iterator[Frame]:
+    """Frames of a clip that is a video file (kind="video") or a folder of images (kind="frames").
+
+    >>> frames = iter_clip_frames(Path("data/samples/single_face.mp4"), "video", DecodeConfig(max_frames=8))
+    """
+    if kind == "video":
+        return iter_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth)
+    if kind == "frames":
+        return iter_folder_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth, cfg.folder_fps)
+    raise ValueError(f"{path}: unknown clip kind {kind!r}; expected 'video' or 'frames'")
