@@ -1,0 +1,48 @@
+"""`emo-eval`: evaluate a heads checkpoint on one split of a features store."""
+import click
+
+from cache.common import StoreError
+from pipeline.evaluate import EvalConfig, evaluate
+
+
+def parse_frames(value: str) -> int:
+    """"all" -> 0 (every present frame); a positive integer -> that many sampled frames."""
+    if value.lower() == "all":
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r}: use 'all' or a positive number of frames such as 16")
+    return int(value)
+
+
+def run_eval(features, checkpoint, split, out_dir, cfg: EvalConfig) -> dict:
+    """The one stage call of `emo-eval` (later options such as --explain hook in here)."""
+    metrics = evaluate(features, checkpoint, split=split, out_dir=out_dir, cfg=cfg)
+    click.echo(f"{split}: {metrics['num_clips']} clips, accuracy (WAR) {metrics['accuracy']:.4f},"
+               f" UAR {metrics['uar']:.4f}, skipped {metrics['skipped']}")
+    for name, recall in metrics["per_class_recall"].items():
+        shown = "n/a (no clip)" if recall is None else f"{recall:.4f}"
+        click.echo(f"  {name:<10} recall {shown}  ({metrics['support'][name]} clips)")
+    click.echo(f"report: {out_dir}/metrics.json, confusion.csv/.png, predictions.csv/.json")
+    return metrics
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("features", type=click.Path(exists=True, dir_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="best.pt or last.pt from `emo-train heads`")
+@click.option("--split", default="Val", show_default=True, help="matched case-insensitively")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="report folder")
+@click.option("--frames", default="all", show_default=True, help="'all' present frames, or a number to sample")
+@click.option("--seed", type=int, default=EvalConfig.seed, show_default=True, help="frame sampling seed")
+@click.option("--view", type=int, default=EvalConfig.view, show_default=True, help="cached view (0 = original)")
+@click.option("--device", default=EvalConfig.device, show_default=True)
+def main(features, checkpoint, split, out_dir, frames, seed, view, device):
+    """Accuracy, UAR, per-class recall, confusion matrix and per-video p(c|S), p(f|S) on one split.
+
+    Example: emo-eval runs/features.h5 --checkpoint runs/heads/best.pt --split Val --out runs/heads/eval_val
+    """
+    try:
+        cfg = EvalConfig(frames=parse_frames(frames), seed=seed, view=view, device=device)
+        run_eval(features, checkpoint, split, out_dir, cfg)
+    except (ValueError, FileNotFoundError, StoreError) as exc:  # StoreMismatch names what differs
+        raise click.ClickException(str(exc)) from exc

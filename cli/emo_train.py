@@ -1,0 +1,117 @@
+"""`emo-train`: train the heads on a features store (`heads`) and reproduce Tables 1-2 (`ablate`)."""
+import click
+
+from cache.common import StoreError
+from pipeline.ablate import AblationConfig, ablate as run_ablation
+from pipeline.heads import HeadsConfig, POOLING, SPATIAL
+from pipeline.train import TrainConfig, heads_config_for_store, train_heads
+
+T, H = TrainConfig, HeadsConfig  # the one source of defaults
+
+
+def train_options(fn):
+    """Options shared by `heads` and `ablate`, mapped one-to-one onto TrainConfig fields."""
+    options = [
+        click.option("--epochs", type=int, default=T.epochs, show_default=True),
+        click.option("--batch-size", type=int, default=T.batch_size, show_default=True),
+        click.option("--frames", "frames_per_clip", type=int, default=T.frames_per_clip, show_default=True,
+                     help="random present frames per clip and epoch (0 = all)"),
+        click.option("--random-view/--first-view", default=T.random_view, show_default=True,
+                     help="sample a cached view (original/mirror) per clip as augmentation"),
+        click.option("--lr", type=float, default=T.lr, show_default=True),
+        click.option("--momentum", type=float, default=T.momentum, show_default=True),
+        click.option("--weight-decay", type=float, default=T.weight_decay, show_default=True),
+        click.option("--restart-epochs", type=int, default=T.restart_epochs, show_default=True, help="SGDR T_0"),
+        click.option("--restart-mult", type=int, default=T.restart_mult, show_default=True, help="SGDR T_mult"),
+        click.option("--grad-clip", type=float, default=T.grad_clip, show_default=True, help="0 = off"),
+        click.option("--holdout", "holdout_fraction", type=float, default=T.holdout_fraction, show_default=True,
+                     help="share of the train split kept out for model selection"),
+        click.option("--select", "selection_metric", type=click.Choice(["acc", "uar"]),
+                     default=T.selection_metric, show_default=True),
+        click.option("--train-split", default=T.train_split, show_default=True),
+        click.option("--seed", type=int, default=T.seed, show_default=True),
+        click.option("--device", default=T.device, show_default=True, help="auto | cpu | cuda | cuda:N"),
+        click.option("--in-memory", type=click.Choice(["auto", "always", "never"]), default=T.in_memory,
+                     show_default=True),
+        click.option("--max-memory-gb", type=float, default=T.max_memory_gb, show_default=True),
+        click.option("--prefetch", type=int, default=T.prefetch, show_default=True,
+                     help="batches read ahead in a thread (0 = off)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, StoreError)  # shown as one line, no traceback
+
+
+def split_train_options(kwargs: dict) -> TrainConfig:
+    fields = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train the paper's heads on cached features; run the ablation of Tables 1-2."""
+
+
+@main.command()
+@click.argument("features", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="run folder")
+@click.option("--spatial", type=click.Choice(SPATIAL), default=H.spatial, show_default=True)
+@click.option("--pooling", type=click.Choice(POOLING), default=H.pooling, show_default=True)
+@click.option("--heads", type=int, default=H.heads, show_default=True, help="R attention heads")
+@click.option("--hidden", type=int, default=H.hidden, show_default=True, help="U hidden units of the attention")
+@click.option("--reg", type=float, default=H.reg, show_default=True, help="weight of ||AA^T - I||_F^2")
+@click.option("--lstm-hidden", type=int, default=H.lstm_hidden, show_default=True)
+@click.option("--shift-clusters", type=int, default=H.shift_clusters, show_default=True)
+@click.option("--dropout", type=float, default=H.dropout, show_default=True)
+@train_options
+@click.option("--resume", is_flag=True, help="continue RUN_DIR/last.pt")
+def heads(features, out_dir, resume, **kwargs):
+    """Train spatial attention + temporal softmax pooling heads on FEATURES.h5.
+
+    Example: emo-train heads runs/features.h5 --out runs/heads
+    """
+    try:
+        train_cfg = split_train_options(kwargs)
+        heads_cfg = heads_config_for_store(features, **kwargs)
+        result = train_heads(features, out_dir, train_cfg, heads_cfg, resume=resume)
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    for name in ("last", "selected"):
+        row = result[name]
+        click.echo(f"{name:>8}: epoch {row['epoch']}  held-out acc {row['holdout_acc']}  UAR {row['holdout_uar']}"
+                   f"  loss {row['loss']}")
+    click.echo(f"selection: {result['selection']}; device {result['device']}; store in memory: {result['in_memory']}")
+    click.echo(f"checkpoints: {result['checkpoint_best']} (selected), {result['checkpoint_last']} (last);"
+               f" log {result['log_csv']}")
+
+
+@main.command()
+@click.argument("features", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", default="runs/ablate", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seeds", type=int, default=AblationConfig.seeds, show_default=True)
+@click.option("--rows", default=",".join(AblationConfig.rows), show_default=True,
+              help="comma-separated row keys of Tables 1-2")
+@click.option("--eval-split", default=AblationConfig.eval_split, show_default=True)
+@train_options
+def ablate(features, out_dir, seeds, rows, eval_split, **kwargs):
+    """Run the rows of Tables 1-2 over N seeds; write a Markdown table beside the paper's numbers.
+
+    Example: emo-train ablate runs/features.h5 --out runs/ablate --seeds 3
+    """
+    try:
+        train_cfg = split_train_options(kwargs)
+        cfg = AblationConfig(seeds=seeds, rows=tuple(r.strip() for r in rows.split(",") if r.strip()),
+                             eval_split=eval_split)
+        result = run_ablation(features, out_dir, cfg, train_cfg)
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(result["markdown"])
+    click.echo(f"table: {result['table_md']}; every run: {result['runs_csv']}")
+
+
+# The lead registers helper E's `finetune` command here:
+#     from cli.train_finetune import finetune
+#     main.add_command(finetune)

@@ -1,0 +1,184 @@
+"""Clips of a features store as training batches: frame sampling, padding, memory or streaming, prefetch.
+
+Sampling rule (Sec. 4.2): each epoch takes ``count`` random frames among a clip's *present* frames
+(all of them, in time order, when it has fewer), so absent frames never use a slot; shorter clips are
+padded and the padding is masked out of every softmax and mean in the heads.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from cache.features_store import FeaturesStore
+
+
+def sample_frames(present: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``count`` random present frames in time order (all present ones if fewer).
+
+    Arguments:
+        present: bool (F,) face mask of the clip.
+        count: frames wanted; 0 or less means every present frame.
+        rng: the epoch's generator (so a resumed run draws the same frames).
+    Returns: int64 (n,) sorted frame indices, n = min(count, present.sum()).
+
+    >>> sample_frames(np.array([True, False, True, True]), 2, np.random.default_rng(0))
+    array([2, 3])
+    """
+    candidates = np.flatnonzero(present)
+    if count <= 0 or len(candidates) <= count:
+        return candidates.astype(np.int64)
+    return np.sort(rng.choice(candidates, size=count, replace=False)).astype(np.int64)
+
+
+def pad_clips(clips: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack clips of different lengths into one padded batch.
+
+    Arguments:
+        clips: (maps float16/float32 (F_i, L, D), present bool (F_i,)) per clip.
+    Returns: (maps float32 (B, F_max, L, D), mask bool (B, F_max)); padding has mask False.
+
+    >>> maps, mask = pad_clips([(np.ones((2, 4, 8), np.float16), np.ones(2, bool)),
+    ...                         (np.ones((3, 4, 8), np.float16), np.ones(3, bool))])
+    >>> maps.shape, mask.sum(1).tolist()
+    (torch.Size([2, 3, 4, 8]), [2, 3])
+    """
+    f_max = max(1, max(len(p) for _, p in clips))
+    l, d = clips[0][0].shape[1:]
+    maps = np.zeros((len(clips), f_max, l, d), dtype=clips[0][0].dtype)
+    mask = np.zeros((len(clips), f_max), dtype=bool)
+    for i, (clip_maps, present) in enumerate(clips):
+        maps[i, :len(present)] = clip_maps
+        mask[i, :len(present)] = present
+    # one float16 -> float32 cast of the whole batch (torch, threaded): half the time of casting per clip
+    return torch.from_numpy(maps).float(), torch.from_numpy(mask)
+
+
+class ClipSource:
+    """One set of clips of a features store, held in memory or read per batch.
+
+    Arguments:
+        store: an open FeaturesStore.
+        clip_ids: the clips to serve.
+        in_memory: True loads every clip's maps now (with a progress bar); False reads the sampled
+            frames of each batch from the store. A clip's present mask is learnt on first read.
+        full_read_ratio: when streaming, a clip with at most this many times more stored frames
+            (x views) than sampled ones is read whole in one call, a longer one frame by frame.
+            Measured here (bench/bench_heads.py): one ``read_clip`` call costs ~1.5 ms of h5py
+            overhead plus ~0.1 ms per stored frame-view; a multi-index ``read_clip(frames=...)`` costs
+            ~120 ms per clip, so it is never used.
+
+    >>> source = ClipSource(store, store.complete_ids("Train"), in_memory=False)
+    >>> maps, present = source.read("Train/Happy/a.avi", count=16, view=0, rng=np.random.default_rng(0))
+    """
+
+    def __init__(self, store: FeaturesStore, clip_ids: Sequence[str], in_memory: bool,
+                 progress: Callable[[Iterable], Iterable] = iter, full_read_ratio: float = 8.0):
+        self.store = store
+        self.in_memory = in_memory
+        self.full_read_ratio = full_read_ratio
+        self._frame_views: dict[str, int] = {}
+        self._maps: dict[str, np.ndarray] = {}
+        self._present: dict[str, np.ndarray] = {}
+        if in_memory:
+            for cid in progress(list(clip_ids)):
+                self._maps[cid], self._present[cid] = store.read_clip(cid)
+
+    def num_views(self, clip_id: str) -> int:
+        return self.store.shape(clip_id)[0]
+
+    def present(self, clip_id: str) -> np.ndarray:
+        """bool (F,) face mask (reads the whole clip once when streaming)."""
+        if clip_id not in self._present:
+            _, self._present[clip_id] = self.store.read_clip(clip_id)
+            self._frame_views[clip_id] = self.num_views(clip_id) * len(self._present[clip_id])
+        return self._present[clip_id]
+
+    def read(self, clip_id: str, count: int, view: int, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(maps (n, L, D), present (n,), frame indices (n,)) of ``count`` sampled present frames of one view."""
+        if clip_id in self._maps:
+            frames = sample_frames(self._present[clip_id], count, rng)
+            return self._maps[clip_id][view, frames], self._present[clip_id][frames], frames
+        if clip_id not in self._present:  # first visit: one full read teaches the mask
+            maps, self._present[clip_id] = self.store.read_clip(clip_id, views=[view])
+            self._frame_views[clip_id] = self.num_views(clip_id) * len(self._present[clip_id])
+            frames = sample_frames(self._present[clip_id], count, rng)
+            return maps[0, frames], self._present[clip_id][frames], frames
+        frames = sample_frames(self._present[clip_id], count, rng)
+        if len(frames) == 0:
+            l, d = self.store.shape(clip_id)[2:]
+            return np.zeros((0, l, d), np.float16), np.zeros(0, bool), frames
+        if self._frame_views[clip_id] <= self.full_read_ratio * len(frames):
+            maps = self.store.read_clip(clip_id, views=[view])[0][0, frames]   # one call: short clips
+        else:
+            maps = np.concatenate([self.store.read_clip(clip_id, frames=[i], views=[view])[0][0] for i in frames])
+        return maps, self._present[clip_id][frames], frames
+
+
+def prefetch(batches: Iterable, depth: int) -> Iterator:
+    """Yield from ``batches`` while a background thread prepares the next ``depth`` items.
+
+    HDF5 reads and float16->float32 casts then overlap the model's compute (torch releases the GIL).
+    ``depth`` 0 iterates in the caller's thread. An exception in the producer is re-raised here.
+
+    >>> list(prefetch(range(3), depth=2))
+    [0, 1, 2]
+    """
+    if depth <= 0:
+        yield from batches
+        return
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if stop.is_set():
+                    return
+                items.put(item)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            items.put(_Failure(exc))
+            return
+        items.put(done)
+
+    worker = threading.Thread(target=produce, name="prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def estimate_bytes(store: FeaturesStore, clip_ids: Sequence[str]) -> int:
+    """Bytes the clips' float16 maps take in memory (from metadata only)."""
+    return int(sum(2 * np.prod(store.shape(cid)) for cid in clip_ids))
+
+
+def available_memory_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,318 @@
+"""The paper's heads on cached backbone maps: spatial attention, temporal softmax pooling, baselines.
+
+Aminbeidokhti et al. 2019, Sec. 3.2-3.3 and 4.4 (equations and shapes in the README):
+    R   (B, F, L, D)  cached conv maps, F frames, L positions, D channels
+    A = softmax_L(W2 tanh(W1 R^T))           (B, F, heads, L)   W1: U x D, W2: heads x U
+    v = flatten(A R)                         (B, F, heads * D)
+    O = W_sm v                               (B, F, E)          per-frame class scores
+    p(c, f | S) = softmax over (f, c) jointly; p(c | S) = sum_f; p(f | S) = sum_c
+    loss = -log p(y | S) + reg * ||A A^T - I||_F^2
+
+Baselines from Tables 1-2: no attention (mean over L), SHIFT (attention clusters with the shifting
+operation, Long et al. 2018), AVG (Eq. 7), MAX and an LSTM over frame features.
+Every softmax, mean and max ignores frames whose mask is False (no face, or padding).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+SPATIAL = ("sa", "mean", "shift")
+POOLING = ("tp", "avg", "max", "lstm")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    in_dim: int = 512          # D: VGG16 conv5_3 channels; must equal the features store's D
+    num_classes: int = 7       # E: AFEW's seven emotions; must equal the store's class list
+    spatial: str = "sa"        # "sa": the paper's attention; "mean": no attention (Table 1 row 1); "shift": Long et al.
+    heads: int = 2             # R: Table 1's best row is 2 heads with reg 1
+    hidden: int = 128          # U: paper silent; D/4 keeps W1 (the costliest product) cheap and the head small for 773 clips
+    reg: float = 1.0           # weight of ||AA^T - I||_F^2; Table 1's best row (ignored unless spatial="sa")
+    pooling: str = "tp"        # "tp": temporal softmax pooling (Eq. 5-6); "avg" (Eq. 7), "max", "lstm" baselines
+    lstm_hidden: int = 128     # LSTM baseline state size; paper silent, same order as U
+    shift_clusters: int = 2    # SHIFT row of Table 1 uses 2 clusters
+    dropout: float = 0.0       # on frame descriptors before W_sm; the paper mentions none
+
+    def __post_init__(self) -> None:
+        checks = {
+            "spatial": self.spatial in SPATIAL, "pooling": self.pooling in POOLING,
+            "in_dim": self.in_dim >= 1, "num_classes": self.num_classes >= 2, "heads": self.heads >= 1,
+            "hidden": self.hidden >= 1, "reg": self.reg >= 0, "lstm_hidden": self.lstm_hidden >= 1,
+            "shift_clusters": self.shift_clusters >= 1, "dropout": 0.0 <= self.dropout < 1.0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"HeadsConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
+                             f" (spatial in {SPATIAL}, pooling in {POOLING}, sizes >= 1, 0 <= dropout < 1)")
+
+    @property
+    def frame_dim(self) -> int:
+        """Length of one frame's descriptor v after the spatial step."""
+        units = {"sa": self.heads, "mean": 1, "shift": self.shift_clusters}[self.spatial]
+        return units * self.in_dim
+
+
+@dataclass
+class HeadsOutput:
+    log_probs: torch.Tensor            # (B, E) video-level log p(c | S)
+    frame_weights: torch.Tensor        # (B, F) p(f | S) for TP; the pooling's own frame weighting otherwise
+    frame_scores: torch.Tensor         # (B, F, E) per-frame class scores O (meaningless where mask is False)
+    attention: Optional[torch.Tensor]  # (B, F, heads, L) for "sa"/"shift", None for "mean"
+    penalty: torch.Tensor              # scalar ||AA^T - I||_F^2 averaged over present frames (0 if no "sa")
+
+
+class SpatialAttention(nn.Module):
+    """Multi-head self-attention over the L positions of each frame (Eq. 3-4).
+
+    Arguments:
+        in_dim: D, channels of a position.
+        hidden: U, rows of W1.
+        heads: R, rows of W2 (the paper prints R x L; it must be R x U).
+    Returns from forward: (v (B, F, heads * D), A (B, F, heads, L)).
+
+    >>> v, a = SpatialAttention(512, 128, 2)(torch.randn(2, 16, 256, 512))
+    >>> v.shape, a.shape
+    (torch.Size([2, 16, 1024]), torch.Size([2, 16, 2, 256]))
+    """
+
+    def __init__(self, in_dim: int, hidden: int, heads: int):
+        super().__init__()
+        self.w1 = nn.Linear(in_dim, hidden, bias=False)  # W_s1 (U x D), no bias as in Eq. 3
+        self.w2 = nn.Linear(hidden, heads, bias=False)   # W_s2 (heads x U)
+
+    def forward(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.w2(torch.tanh(self.w1(maps)))      # (B, F, L, heads)
+        attn = logits.softmax(dim=2).transpose(2, 3)     # (B, F, heads, L)
+        pooled = attn @ maps                             # (B, F, heads, D)
+        return pooled.flatten(2), attn                   # (B, F, heads * D)
+
+
+class ClusterAttention(nn.Module):
+    """SHIFT baseline: attention clusters with the shifting operation (Long et al. 2018).
+
+    Each cluster k has its own two-layer attention (W1_k: U x D, w2_k: U) and learnable scalars
+    alpha_k, beta_k; its output is shifted and normalised, v_k = (alpha_k a_k R + beta_k) /
+    (sqrt(K) ||alpha_k a_k R + beta_k||_2), and the K outputs are concatenated.
+
+    >>> v, a = ClusterAttention(512, 128, 2)(torch.randn(2, 16, 256, 512))
+    >>> v.shape, a.shape
+    (torch.Size([2, 16, 1024]), torch.Size([2, 16, 2, 256]))
+    """
+
+    def __init__(self, in_dim: int, hidden: int, clusters: int):
+        super().__init__()
+        self.clusters, self.hidden = clusters, hidden
+        self.w1 = nn.Parameter(torch.empty(clusters * hidden, in_dim).uniform_(-1, 1) / math.sqrt(in_dim))
+        self.w2 = nn.Parameter(torch.empty(clusters, hidden).uniform_(-1, 1) / math.sqrt(hidden))
+        self.alpha = nn.Parameter(torch.ones(clusters))   # shift scale, starts as the identity
+        self.beta = nn.Parameter(torch.zeros(clusters))   # shift bias
+
+    def forward(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, f, l, _ = maps.shape
+        hidden = torch.tanh(maps @ self.w1.T).view(b, f, l, self.clusters, self.hidden)  # (B, F, L, K, U)
+        logits = (hidden * self.w2).sum(-1)                                             # (B, F, L, K)
+        attn = logits.softmax(dim=2).transpose(2, 3)                                    # (B, F, K, L)
+        pooled = attn @ maps                                                            # (B, F, K, D)
+        shifted = self.alpha[:, None] * pooled + self.beta[:, None]
+        norm = shifted.norm(dim=-1, keepdim=True).clamp_min(1e-6) * math.sqrt(self.clusters)
+        return (shifted / norm).flatten(2), attn                                        # (B, F, K * D)
+
+
+def attention_penalty(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """||A A^T - I||_F^2 per frame, averaged over frames whose mask is True.
+
+    Arguments:
+        attn: (B, F, heads, L) attention rows (each sums to 1 over L).
+        mask: (B, F) bool, False for absent or padded frames (excluded).
+    Returns: scalar tensor; 0 when no frame is present.
+
+    >>> attention_penalty(torch.eye(2).expand(1, 3, 2, 2), torch.ones(1, 3, dtype=torch.bool))
+    tensor(0.)
+    """
+    eye = torch.eye(attn.shape[2], dtype=attn.dtype, device=attn.device)
+    gram = attn @ attn.transpose(2, 3) - eye                  # (B, F, heads, heads)
+    per_frame = gram.pow(2).sum(dim=(2, 3))                   # (B, F)
+    weight = mask.to(attn.dtype)
+    return (per_frame * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def softmax_pool(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Temporal softmax pooling (Eq. 5-6): one softmax over frames and classes jointly.
+
+    Arguments:
+        scores: (B, F, E) per-frame class scores O.
+        mask: (B, F) bool; False frames get exactly zero probability.
+    Returns: (log p(c|S) (B, E), p(f|S) (B, F), p(c, f|S) (B, F, E)). A clip with no present
+        frame gets uniform p(c|S) and zero p(f|S).
+
+    >>> logp, pf, pj = softmax_pool(torch.zeros(1, 4, 7), torch.ones(1, 4, dtype=torch.bool))
+    >>> round(float(pf.sum()), 6), round(float(logp.exp().sum()), 6)
+    (1.0, 1.0)
+    """
+    has_frame = mask.any(dim=1)                                       # (B,)
+    usable = mask | ~has_frame[:, None]                               # empty clips: compute on all, then discard
+    masked = scores.masked_fill(~usable[..., None], float("-inf"))    # (B, F, E)
+    log_joint = masked - torch.logsumexp(masked.flatten(1), dim=1)[:, None, None]
+    log_p_class = torch.logsumexp(log_joint, dim=1)                   # (B, E) marginal over frames
+    uniform = torch.full_like(log_p_class, -math.log(scores.shape[2]))
+    log_p_class = torch.where(has_frame[:, None], log_p_class, uniform)
+    p_joint = log_joint.exp() * has_frame[:, None, None]              # (B, F, E), 0 on masked frames
+    return log_p_class, p_joint.sum(dim=2), p_joint
+
+
+def average_pool(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AVG (Eq. 7 at test time): softmax of the scores averaged over present frames.
+
+    Returns: (log p(c|S) (B, E), frame weights (B, F) uniform over present frames).
+    """
+    weight = mask.to(scores.dtype)
+    weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, F)
+    mean = (scores * weight[..., None]).sum(dim=1)                     # (B, E)
+    return F.log_softmax(mean, dim=1), weight
+
+
+def max_pool(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAX: softmax of each class's highest score over present frames.
+
+    Returns: (log p(c|S) (B, E), frame weights (B, F): 1 on the frame that gives the predicted
+        class its maximum, 0 elsewhere).
+    """
+    has_frame = mask.any(dim=1, keepdim=True)                          # (B, 1)
+    masked = scores.masked_fill(~(mask | ~has_frame)[..., None], float("-inf"))
+    best, where = masked.max(dim=1)                                    # (B, E) value and frame
+    log_probs = F.log_softmax(best, dim=1)
+    chosen = where.gather(1, log_probs.argmax(dim=1, keepdim=True))    # (B, 1)
+    weight = F.one_hot(chosen[:, 0], scores.shape[1]).to(scores.dtype) * has_frame
+    return log_probs, weight
+
+
+class EmotionHeads(nn.Module):
+    """Spatial step + per-frame classifier + temporal pooling, driven by one HeadsConfig.
+
+    Arguments of forward:
+        maps: (B, F, L, D) float backbone maps (float16 is cast to the weights' dtype).
+        mask: (B, F) bool, True where a face is present and the frame is not padding.
+    Returns: HeadsOutput.
+
+    >>> model = EmotionHeads(HeadsConfig(in_dim=64, num_classes=7))
+    >>> out = model(torch.randn(2, 16, 49, 64), torch.ones(2, 16, dtype=torch.bool))
+    >>> out.log_probs.shape, out.frame_weights.shape, out.attention.shape
+    (torch.Size([2, 7]), torch.Size([2, 16]), torch.Size([2, 16, 2, 49]))
+    """
+
+    def __init__(self, cfg: HeadsConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.spatial: Optional[nn.Module] = {
+            "sa": lambda: SpatialAttention(cfg.in_dim, cfg.hidden, cfg.heads),
+            "shift": lambda: ClusterAttention(cfg.in_dim, cfg.hidden, cfg.shift_clusters),
+            "mean": lambda: None,
+        }[cfg.spatial]()
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.pooling == "lstm":
+            self.lstm = nn.LSTM(cfg.frame_dim, cfg.lstm_hidden, batch_first=True)
+            self.classifier = nn.Linear(cfg.lstm_hidden, cfg.num_classes)   # W_sm on the LSTM state
+        else:
+            # W_sm (Sec. 3.3): O = W_sm V has no bias. A bias would let every evidence-free frame vote
+            # for one "default" class, which TP cannot tell from evidence and p(f|S) would then spread.
+            self.classifier = nn.Linear(cfg.frame_dim, cfg.num_classes, bias=False)
+
+    def describe_frames(self, maps: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(v (B, F, frame_dim), attention (B, F, heads, L) or None) for maps (B, F, L, D)."""
+        if maps.shape[-1] != self.cfg.in_dim:
+            raise ValueError(f"maps have D={maps.shape[-1]} channels but the heads expect in_dim="
+                             f"{self.cfg.in_dim}; use heads trained on this features store")
+        if self.spatial is None:
+            return maps.mean(dim=2), None                                    # (B, F, D)
+        return self.spatial(maps)
+
+    def forward(self, maps: torch.Tensor, mask: torch.Tensor) -> HeadsOutput:
+        maps = maps.to(self.classifier.weight.dtype)
+        mask = mask.to(torch.bool)
+        frames, attn = self.describe_frames(maps)
+        penalty = (attention_penalty(attn, mask) if self.cfg.spatial == "sa"
+                   else maps.new_zeros(()))
+        frames = self.dropout(frames)
+        if self.cfg.pooling == "lstm":
+            log_probs, weights, scores = self._lstm_pool(frames, mask)
+        else:
+            scores = self.classifier(frames)                                 # (B, F, E)
+            if self.cfg.pooling == "tp":
+                log_probs, weights, _ = softmax_pool(scores, mask)
+            elif self.cfg.pooling == "avg":
+                log_probs, weights = average_pool(scores, mask)
+            else:
+                log_probs, weights = max_pool(scores, mask)
+        return HeadsOutput(log_probs, weights, scores, attn, penalty)
+
+    def _lstm_pool(self, frames: torch.Tensor, mask: torch.Tensor):
+        """LSTM over the present frames in time order; the last state gives p(c|S)."""
+        b, f, _ = frames.shape
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # present frames first, in order
+        packed_in = frames.gather(1, order[..., None].expand_as(frames))    # (B, F, frame_dim)
+        lengths = mask.sum(dim=1).clamp_min(1).cpu()
+        packed = pack_padded_sequence(packed_in, lengths, batch_first=True, enforce_sorted=False)
+        steps, (h_n, _) = self.lstm(packed)
+        steps, _ = pad_packed_sequence(steps, batch_first=True, total_length=f)  # (B, F, H)
+        log_probs = F.log_softmax(self.classifier(h_n[-1]), dim=1)           # (B, E)
+        step_scores = self.classifier(steps)                                 # (B, F, E) in packed order
+        scores = torch.empty_like(step_scores).scatter_(1, order[..., None].expand_as(step_scores),
+                                                        step_scores)         # back to time order
+        scores = scores * mask[..., None]
+        weights = mask.to(frames.dtype) / mask.sum(dim=1, keepdim=True).clamp_min(1)
+        has_frame = mask.any(dim=1, keepdim=True)
+        uniform = torch.full_like(log_probs, -math.log(log_probs.shape[1]))
+        return torch.where(has_frame, log_probs, uniform), weights, scores
+
+    def loss(self, out: HeadsOutput, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, cross-entropy, penalty): -log p(y|S) + reg * penalty, each a scalar tensor.
+
+        AVG trains with Eq. 7's frame-wise loss: the mean over present frames of -log p(y | frame);
+        its frame weights are exactly those averaging weights (uniform over present frames).
+        """
+        if self.cfg.pooling == "avg":
+            frame_logp = F.log_softmax(out.frame_scores, dim=2)             # (B, F, E)
+            index = labels[:, None, None].expand(-1, frame_logp.shape[1], 1)
+            picked = frame_logp.gather(2, index)[..., 0]                    # (B, F) log p(y | frame)
+            ce = -(picked * out.frame_weights).sum(dim=1).mean()
+        else:
+            ce = F.nll_loss(out.log_probs, labels)
+        reg = self.cfg.reg if self.cfg.spatial == "sa" else 0.0
+        return ce + reg * out.penalty, ce, out.penalty
+
+
+def load_heads(checkpoint_path, map_location="cpu") -> tuple[EmotionHeads, dict]:
+    """Rebuild EmotionHeads from a checkpoint written by ``train_heads``.
+
+    Arguments:
+        checkpoint_path: ``best.pt`` or ``last.pt`` of a heads run.
+        map_location: passed to torch.load.
+    Returns: (model in eval mode, the checkpoint dict).
+
+    >>> model, ckpt = load_heads("runs/heads/best.pt")
+    >>> ckpt["class_names"][:2]
+    ['Angry', 'Disgust']
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint; train one with `emo-train heads`")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    missing = [k for k in ("model", "heads_config", "class_names", "provenance") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a heads checkpoint (missing {missing}); it must come from"
+                         " `emo-train heads`")
+    model = EmotionHeads(HeadsConfig(**ckpt["heads_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+__all__ = ["HeadsConfig", "HeadsOutput", "SpatialAttention", "ClusterAttention", "EmotionHeads",
+           "attention_penalty", "softmax_pool", "average_pool", "max_pool", "load_heads"]

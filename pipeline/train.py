@@ -1,0 +1,332 @@
+"""Train the heads on cached features (Sec. 4.2): the ``emo-train heads`` stage.
+
+Model selection uses a stratified held-out part of the train split, never the validation split;
+the run reports both the last epoch and the selected (best held-out) epoch.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache.features_store import FeaturesStore
+from pipeline.clip_batches import (ClipSource, available_memory_bytes, estimate_bytes, pad_clips,
+                                   prefetch)
+from pipeline.evaluate import NoFrames, classification_metrics, predict_video, resolve_device
+from pipeline.heads import EmotionHeads, HeadsConfig
+
+LOG_FIELDS = ["epoch", "loss", "ce", "penalty", "holdout_acc", "holdout_uar", "holdout_nll", "lr",
+              "seconds", "clips", "skipped"]
+# Fields that may change when a run is resumed: they do not change what is learnt.
+RESUMABLE = {"epochs", "device", "in_memory", "max_memory_gb", "prefetch"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30                # Sec. 4.2: 30 epochs
+    batch_size: int = 32            # paper silent; 32 clips x 16 frames is issue 4's speed target
+    frames_per_clip: int = 16       # Sec. 4.2: 16 random frames per clip per epoch (all when fewer)
+    random_view: bool = True        # a random cached view (original/mirror) per clip: Sec. 4.2's mirroring
+    lr: float = 0.1                 # Sec. 4.2: 0.1 for everything but the backbone
+    momentum: float = 0.9           # SGD with momentum (Sec. 4.2); 0.9 is the usual value
+    weight_decay: float = 5e-5      # Sec. 4.2
+    restart_epochs: int = 10        # SGDR T_0 (paper silent): three cosine cycles in 30 epochs
+    restart_mult: int = 1           # SGDR T_mult: equal cycles, so every 10th epoch ends at a low lr
+    grad_clip: float = 0.0          # max gradient norm; 0 = off, as in the paper
+    holdout_fraction: float = 0.1   # share of each Train class kept out for model selection (never Val)
+    selection_metric: str = "acc"   # "acc" (the paper's tables) or "uar" picks best.pt
+    train_split: str = "Train"      # split trained on, matched case-insensitively
+    seed: int = 0                   # model init, holdout split, frame/view sampling, clip order
+    device: str = "auto"            # CUDA when available, else CPU
+    in_memory: str = "auto"         # "auto": hold the store in RAM when it fits; "always"; "never"
+    max_memory_gb: float = 16.0     # ceiling for "auto" (also at most half of the free RAM)
+    prefetch: int = 2               # batches prepared ahead in a thread (reads overlap compute); 0 = off
+
+    def __post_init__(self) -> None:
+        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
+                  "frames_per_clip": self.frames_per_clip >= 0, "lr": self.lr > 0,
+                  "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
+                  "restart_epochs": self.restart_epochs >= 1, "restart_mult": self.restart_mult >= 1,
+                  "grad_clip": self.grad_clip >= 0, "holdout_fraction": 0 <= self.holdout_fraction < 1,
+                  "selection_metric": self.selection_metric in ("acc", "uar"),
+                  "in_memory": self.in_memory in ("auto", "always", "never"), "prefetch": self.prefetch >= 0}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("TrainConfig: invalid " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+
+
+def holdout_split(clip_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int
+                  ) -> tuple[list[str], list[str]]:
+    """Stratified split of the train clips into (fit, held-out) for model selection.
+
+    Each class keeps round(fraction * n) clips out, but always leaves at least one to fit on.
+
+    >>> holdout_split(["a", "b", "c", "d"], [0, 0, 1, 1], 0.5, seed=0)[1].__len__()
+    2
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    fit, held = [], []
+    for c in np.unique(labels):
+        members = [clip_ids[i] for i in rng.permutation(np.flatnonzero(labels == c))]
+        n_held = min(int(round(fraction * len(members))), len(members) - 1)
+        held += members[:n_held]
+        fit += members[n_held:]
+    return sorted(fit), sorted(held)
+
+
+def epoch_batches(source: ClipSource, clip_ids: Sequence[str], labels: dict, cfg: TrainConfig, epoch: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """(maps (B, F, L, D) float32, mask (B, F), labels (B,), clips skipped) for one epoch.
+
+    The epoch's own generator (seed, epoch) draws the clip order, frames and views, so a resumed
+    run sees exactly the batches an uninterrupted one would. Clips with no face frame are skipped.
+    """
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = [clip_ids[i] for i in rng.permutation(len(clip_ids))]
+    skipped = 0  # carried over when a whole batch had no face
+    for start in range(0, len(order), cfg.batch_size):
+        clips, ys = [], []
+        for cid in order[start:start + cfg.batch_size]:
+            view = int(rng.integers(source.num_views(cid))) if cfg.random_view else 0
+            maps, present, _ = source.read(cid, cfg.frames_per_clip, view, rng)
+            if len(present) == 0:
+                skipped += 1
+                continue
+            clips.append((maps, present))
+            ys.append(labels[cid])
+        if clips:
+            maps, mask = pad_clips(clips)
+            yield maps, mask, torch.tensor(ys), skipped
+            skipped = 0
+
+
+def train_epoch(model: EmotionHeads, optimizer, scheduler, batches, epoch: int, num_batches: int,
+                device: torch.device, grad_clip: float) -> dict:
+    """One pass of SGD; the SGDR schedule advances by fractions of an epoch after every step."""
+    model.train()
+    sums = {"loss": 0.0, "ce": 0.0, "penalty": 0.0}
+    clips = skipped = 0
+    bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
+    for step, (maps, mask, labels, n_skipped) in enumerate(bar):
+        maps = maps.to(device, non_blocking=True)
+        mask, labels = mask.to(device), labels.to(device)
+        total, ce, penalty = model.loss(model(maps, mask), labels)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step(epoch + (step + 1) / num_batches)
+        n = len(labels)
+        for key, value in (("loss", total), ("ce", ce), ("penalty", penalty)):
+            sums[key] += float(value.detach()) * n
+        clips += n
+        skipped += n_skipped
+        bar.set_postfix(loss=f"{sums['loss'] / clips:.3f}")
+    return {k: v / max(clips, 1) for k, v in sums.items()} | {"clips": clips, "skipped": skipped}
+
+
+def holdout_metrics(model: EmotionHeads, source: ClipSource, clip_ids: Sequence[str], labels: dict,
+                    class_names: Sequence[str]) -> dict:
+    """Accuracy, UAR and mean -log p(y|S) on the held-out clips, all present frames of view 0."""
+    y_true, y_pred, nll = [], [], []
+    for cid in clip_ids:
+        maps, present, _ = source.read(cid, 0, 0, np.random.default_rng(0))
+        try:
+            out = predict_video(model, maps, present)
+        except NoFrames:
+            continue
+        y_true.append(labels[cid])
+        y_pred.append(out["pred"])
+        nll.append(-np.log(max(float(out["probs"][labels[cid]]), 1e-12)))
+    return classification_metrics(y_true, y_pred, class_names) | {"nll": float(np.mean(nll)) if nll else 0.0}
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write atomically (temp file + rename) so a kill never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def check_configs(features_path, store: FeaturesStore, heads_cfg: HeadsConfig, clip_ids: Sequence[str]) -> None:
+    """Stop before any work when the heads do not fit the store."""
+    if not clip_ids:
+        raise ValueError(f"{features_path}: no complete clip in the train split; check the split names"
+                         " (`emo-cache check`) or TrainConfig.train_split")
+    d = store.shape(clip_ids[0])[3]
+    if heads_cfg.in_dim != d or heads_cfg.num_classes != len(store.class_names):
+        raise ValueError(f"HeadsConfig(in_dim={heads_cfg.in_dim}, num_classes={heads_cfg.num_classes}) does not"
+                         f" fit {features_path}: D={d}, {len(store.class_names)} classes {store.class_names}")
+
+
+def choose_in_memory(store: FeaturesStore, clip_ids: Sequence[str], cfg: TrainConfig) -> bool:
+    """Hold the store in RAM when asked, or ("auto") when it fits the ceiling and half the free RAM."""
+    if cfg.in_memory != "auto":
+        return cfg.in_memory == "always"
+    need = estimate_bytes(store, clip_ids)
+    free = available_memory_bytes()
+    return need <= cfg.max_memory_gb * 1e9 and (free is None or need <= free / 2)
+
+
+def heads_config_for_store(features_path, **fields) -> HeadsConfig:
+    """HeadsConfig with ``in_dim`` and ``num_classes`` read from the store and ``fields`` as given.
+
+    >>> heads_config_for_store("feats.h5", heads=4, reg=0.1).in_dim
+    512
+    """
+    with FeaturesStore(features_path, "r") as store:
+        ids = store.complete_ids()
+        if not ids:
+            raise ValueError(f"{features_path}: the features store has no complete clip; run `emo-cache extract`")
+        return HeadsConfig(in_dim=store.shape(ids[0])[3], num_classes=len(store.class_names), **fields)
+
+
+def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
+                heads_cfg: Optional[HeadsConfig] = None, resume: bool = False) -> dict:
+    """Train EmotionHeads on the train split of a features store.
+
+    Arguments:
+        features_path: features store from ``emo-cache extract``.
+        out_dir: run folder; gets last.pt, best.pt, log.csv, config.json, result.json.
+        cfg: TrainConfig (paper defaults).
+        heads_cfg: HeadsConfig; None builds the default one with the store's D and classes.
+        resume: continue from out_dir/last.pt (same configs; ``epochs`` may grow). Without it an
+            out_dir that already has last.pt is refused.
+    Returns: dict with ``last`` and ``selected`` epoch results, paths, and the split sizes.
+
+    >>> result = train_heads("feats.h5", "runs/heads", TrainConfig(epochs=30))
+    >>> result["selected"]["epoch"], result["selected"]["holdout_acc"]
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "last.pt").exists() and not resume:
+        raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass resume (--resume) to continue"
+                              " it or choose a new --out")
+    with FeaturesStore(features_path, "r") as store:
+        class_names, provenance = store.class_names, store.provenance
+        clip_ids = store.complete_ids(cfg.train_split)
+        if heads_cfg is None and clip_ids:
+            heads_cfg = HeadsConfig(in_dim=store.shape(clip_ids[0])[3], num_classes=len(class_names))
+        check_configs(features_path, store, heads_cfg, clip_ids)
+        labels = clip_labels(store, clip_ids, class_names, features_path)
+        fit_ids, held_ids = holdout_split(clip_ids, [labels[c] for c in clip_ids], cfg.holdout_fraction, cfg.seed)
+        device = resolve_device(cfg.device)
+        in_memory = choose_in_memory(store, clip_ids, cfg)
+        source = ClipSource(store, clip_ids, in_memory,
+                            progress=lambda ids: tqdm(ids, desc="load store", unit="clip", leave=False))
+        run = {"features": str(features_path), "heads_config": asdict(heads_cfg), "train_config": asdict(cfg),
+               "class_names": class_names, "provenance": provenance, "device": str(device),
+               "in_memory": in_memory, "fit_clips": len(fit_ids), "holdout_clips": len(held_ids),
+               "holdout_ids": held_ids}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(run, indent=2))
+        history = fit(source, fit_ids, held_ids, labels, cfg, heads_cfg, run, out_dir, device, resume)
+    result = summarise(history, cfg, out_dir, run)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def clip_labels(store: FeaturesStore, clip_ids: Sequence[str], class_names: Sequence[str], path) -> dict:
+    """clip id -> class index, from each clip's ``label`` attribute (case-insensitive)."""
+    index = {name.lower(): i for i, name in enumerate(class_names)}
+    labels = {}
+    for cid in clip_ids:
+        label = str(store.attrs(cid).get("label", ""))
+        if label.lower() not in index:
+            raise ValueError(f"{path}: clip {cid!r} has label {label!r}, not one of {list(class_names)}")
+        labels[cid] = index[label.lower()]
+    return labels
+
+
+def build_training(heads_cfg: HeadsConfig, cfg: TrainConfig, device: torch.device):
+    torch.manual_seed(cfg.seed)
+    model = EmotionHeads(heads_cfg).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=cfg.restart_epochs, T_mult=cfg.restart_mult)
+    return model, optimizer, scheduler
+
+
+def selection_score(row: dict, cfg: TrainConfig) -> tuple[float, float]:
+    """(held-out accuracy or UAR, -held-out NLL): higher is better; the NLL breaks ties."""
+    return float(row["holdout_acc" if cfg.selection_metric == "acc" else "holdout_uar"]), -float(row["holdout_nll"])
+
+
+def resume_state(out_dir: Path, run: dict, model, optimizer, scheduler) -> tuple[int, list[dict], tuple]:
+    """Load last.pt into the model/optimizer/scheduler; returns (next epoch, history, best score)."""
+    ckpt = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
+    diffs = [f"heads_config.{k}: run has {v!r}, asked {run['heads_config'][k]!r}"
+             for k, v in ckpt["heads_config"].items() if run["heads_config"].get(k) != v]
+    diffs += [f"train_config.{k}: run has {v!r}, asked {run['train_config'][k]!r}"
+              for k, v in ckpt["train_config"].items() if k not in RESUMABLE and run["train_config"].get(k) != v]
+    if ckpt["provenance"] != run["provenance"]:
+        diffs.append("provenance: the features store is not the one this run was trained on")
+    if diffs:
+        raise ValueError(f"cannot resume {out_dir / 'last.pt'}: " + "; ".join(diffs))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt["epoch"] + 1, ckpt["history"], tuple(ckpt["best_score"])
+
+
+def fit(source, fit_ids, held_ids, labels, cfg, heads_cfg, run, out_dir, device, resume) -> list[dict]:
+    """The epoch loop: train, score the held-out clips, write last.pt/best.pt and log.csv."""
+    model, optimizer, scheduler = build_training(heads_cfg, cfg, device)
+    start, history, best = 0, [], (-1.0, 0.0)
+    if resume and (out_dir / "last.pt").exists():
+        start, history, best = resume_state(out_dir, run, model, optimizer, scheduler)
+    num_batches = -(-len(fit_ids) // cfg.batch_size)
+    for epoch in tqdm(range(start, cfg.epochs), desc="train heads", unit="epoch", initial=start, total=cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout draws; resume-exact
+        lr, t0 = optimizer.param_groups[0]["lr"], time.perf_counter()
+        batches = prefetch(epoch_batches(source, fit_ids, labels, cfg, epoch), cfg.prefetch)
+        stats = train_epoch(model, optimizer, scheduler, batches, epoch, num_batches, device, cfg.grad_clip)
+        held = holdout_metrics(model, source, held_ids, labels, run["class_names"]) if held_ids else None
+        row = {"epoch": epoch + 1, **{k: round(stats[k], 6) for k in ("loss", "ce", "penalty")},
+               "holdout_acc": round(held["accuracy"], 6) if held else "",
+               "holdout_uar": round(held["uar"], 6) if held else "",
+               "holdout_nll": round(held["nll"], 6) if held else "", "lr": lr,
+               "seconds": round(time.perf_counter() - t0, 3), "clips": stats["clips"], "skipped": stats["skipped"]}
+        history.append(row)
+        score = selection_score(row, cfg) if held else (epoch, 0.0)
+        payload = {"model": model.state_dict(), "heads_config": run["heads_config"],
+                   "train_config": run["train_config"], "class_names": run["class_names"],
+                   "provenance": run["provenance"], "epoch": epoch, "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "history": history,
+                   "best_score": list(max(best, score))}
+        if score > best:  # strictly better: a tie on the metric goes to the lower held-out NLL, then the earlier epoch
+            best = score
+            save_checkpoint(out_dir / "best.pt", payload)
+        save_checkpoint(out_dir / "last.pt", payload)
+        write_log(out_dir / "log.csv", history)
+    return history
+
+
+def summarise(history: list[dict], cfg: TrainConfig, out_dir: Path, run: dict) -> dict:
+    """Last-epoch and selected-epoch results (best held-out metric, then lower NLL, then earliest)."""
+    has_holdout = history and history[-1]["holdout_acc"] != ""
+    selected = (max(history, key=lambda r: (selection_score(r, cfg), -r["epoch"])) if has_holdout
+                else history[-1])
+    return {"last": history[-1], "selected": selected, "selection_metric": cfg.selection_metric,
+            "selection": "held-out part of the train split" if has_holdout else "none (no holdout): last epoch",
+            "checkpoint_last": str(out_dir / "last.pt"), "checkpoint_best": str(out_dir / "best.pt"),
+            "log_csv": str(out_dir / "log.csv"), "config_json": str(out_dir / "config.json"),
+            "device": run["device"], "in_memory": run["in_memory"],
+            "fit_clips": run["fit_clips"], "holdout_clips": run["holdout_clips"]}
