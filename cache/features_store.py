@@ -95,22 +95,37 @@ class FeaturesStore:
         """(V, F, L, D) of a clip's maps, read from metadata only."""
         return tuple(self._group(clip_id)["maps"].shape)
 
+    def read_present(self, clip_id: str) -> np.ndarray:
+        """bool (F,) face mask of a clip, without reading its maps."""
+        return self._group(clip_id)["present"][()]
+
     def read_clip(self, clip_id: str, frames: Optional[np.ndarray] = None,
                   views: Optional[list[int]] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(maps float16 (V, F, L, D), present bool (F,)), optionally for chosen frames/views."""
+        """(maps float16 (V, F, L, D), present bool (F,)), optionally for chosen frames/views.
+
+        ``frames`` may repeat and come in any order; the result follows it.
+        """
         grp = self._group(clip_id)
-        present = grp["present"][()]
-        if frames is None and views is None:
-            return grp["maps"][()], present
-        ds = grp["maps"]
+        ds, present = grp["maps"], grp["present"][()]
+        vsel = list(range(ds.shape[0])) if views is None else list(views)
         if frames is None:
-            maps = ds[()]
-        else:
-            frames = np.asarray(frames, dtype=np.int64)
-            order = np.unique(frames)  # h5py wants increasing, unique indices
-            maps = ds[:, order.tolist()][:, np.searchsorted(order, frames)]
-            present = present[frames]
-        return (maps if views is None else maps[list(views)]), present
+            maps = ds[()] if views is None else np.stack([ds[v] for v in vsel])
+            return maps, present
+        frames = np.asarray(frames, dtype=np.int64)
+        return np.stack([self._read_frames(ds, v, frames) for v in vsel]), present[frames]
+
+    @staticmethod
+    def _read_frames(ds, view: int, frames: np.ndarray) -> np.ndarray:
+        """(len(frames), L, D) of one view. h5py's multi-index selection costs ~100 ms a clip
+        (bench/bench_heads.py), so a dense span is read as one slice and a sparse one frame by frame."""
+        if len(frames) == 0:
+            return np.zeros((0,) + ds.shape[2:], ds.dtype)
+        lo, hi = int(frames.min()), int(frames.max()) + 1
+        unique = np.unique(frames)
+        if hi - lo <= 8 * len(unique):
+            return ds[view, lo:hi][frames - lo]
+        block = np.stack([ds[view, int(i)] for i in unique])
+        return block[np.searchsorted(unique, frames)]
 
     def iter_clips(self, split: Optional[str] = None) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict]]:
         for cid in self.complete_ids(split):

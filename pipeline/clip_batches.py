@@ -64,23 +64,16 @@ class ClipSource:
         store: an open FeaturesStore.
         clip_ids: the clips to serve.
         in_memory: True loads every clip's maps now (with a progress bar); False reads the sampled
-            frames of each batch from the store. A clip's present mask is learnt on first read.
-        full_read_ratio: when streaming, a clip with at most this many times more stored frames
-            (x views) than sampled ones is read whole in one call, a longer one frame by frame.
-            Measured here (bench/bench_heads.py): one ``read_clip`` call costs ~1.5 ms of h5py
-            overhead plus ~0.1 ms per stored frame-view; a multi-index ``read_clip(frames=...)`` costs
-            ~120 ms per clip, so it is never used.
+            frames of each batch from the store (the store picks slice or per-frame reads).
 
     >>> source = ClipSource(store, store.complete_ids("Train"), in_memory=False)
-    >>> maps, present = source.read("Train/Happy/a.avi", count=16, view=0, rng=np.random.default_rng(0))
+    >>> maps, present, frames = source.read("Train/Happy/a.avi", count=16, view=0, rng=np.random.default_rng(0))
     """
 
     def __init__(self, store: FeaturesStore, clip_ids: Sequence[str], in_memory: bool,
-                 progress: Callable[[Iterable], Iterable] = iter, full_read_ratio: float = 8.0):
+                 progress: Callable[[Iterable], Iterable] = iter):
         self.store = store
         self.in_memory = in_memory
-        self.full_read_ratio = full_read_ratio
-        self._frame_views: dict[str, int] = {}
         self._maps: dict[str, np.ndarray] = {}
         self._present: dict[str, np.ndarray] = {}
         if in_memory:
@@ -91,32 +84,20 @@ class ClipSource:
         return self.store.shape(clip_id)[0]
 
     def present(self, clip_id: str) -> np.ndarray:
-        """bool (F,) face mask (reads the whole clip once when streaming)."""
+        """bool (F,) face mask (read once, without the maps, when streaming)."""
         if clip_id not in self._present:
-            _, self._present[clip_id] = self.store.read_clip(clip_id)
-            self._frame_views[clip_id] = self.num_views(clip_id) * len(self._present[clip_id])
+            self._present[clip_id] = self.store.read_present(clip_id)
         return self._present[clip_id]
 
     def read(self, clip_id: str, count: int, view: int, rng: np.random.Generator
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(maps (n, L, D), present (n,), frame indices (n,)) of ``count`` sampled present frames of one view."""
+        present = self.present(clip_id)
+        frames = sample_frames(present, count, rng)
         if clip_id in self._maps:
-            frames = sample_frames(self._present[clip_id], count, rng)
-            return self._maps[clip_id][view, frames], self._present[clip_id][frames], frames
-        if clip_id not in self._present:  # first visit: one full read teaches the mask
-            maps, self._present[clip_id] = self.store.read_clip(clip_id, views=[view])
-            self._frame_views[clip_id] = self.num_views(clip_id) * len(self._present[clip_id])
-            frames = sample_frames(self._present[clip_id], count, rng)
-            return maps[0, frames], self._present[clip_id][frames], frames
-        frames = sample_frames(self._present[clip_id], count, rng)
-        if len(frames) == 0:
-            l, d = self.store.shape(clip_id)[2:]
-            return np.zeros((0, l, d), np.float16), np.zeros(0, bool), frames
-        if self._frame_views[clip_id] <= self.full_read_ratio * len(frames):
-            maps = self.store.read_clip(clip_id, views=[view])[0][0, frames]   # one call: short clips
-        else:
-            maps = np.concatenate([self.store.read_clip(clip_id, frames=[i], views=[view])[0][0] for i in frames])
-        return maps, self._present[clip_id][frames], frames
+            return self._maps[clip_id][view, frames], present[frames], frames
+        maps, _ = self.store.read_clip(clip_id, frames=frames, views=[view])
+        return maps[0], present[frames], frames
 
 
 def prefetch(batches: Iterable, depth: int) -> Iterator:

@@ -91,3 +91,15 @@ def test_unreadable_store_is_replaced_and_kept(tmp_path):
 def test_reading_a_missing_store_says_what_to_do(tmp_path):
     with pytest.raises(StoreError, match="no such store"):
         FacesStore(tmp_path / "nope.h5")
+
+
+@pytest.mark.parametrize("frames", [[3, 1, 3, 2], [0, 39], [39, 0, 20, 20]])  # dense span: one slice; sparse: per frame
+def test_features_store_reads_any_frame_selection(tmp_path, frames):
+    maps = np.random.default_rng(2).random((2, 40, 3, 2)).astype(np.float16)
+    present = np.arange(40) % 3 > 0
+    with FeaturesStore(tmp_path / "x.h5", "a", provenance={"b": 1}) as store:
+        store.write_clip("Train/A/a.avi", maps, present, {"label": "A", "split": "Train"})
+        got, got_present = store.read_clip("Train/A/a.avi", frames=frames, views=[1])
+        np.testing.assert_array_equal(got, maps[1:2, frames])
+        np.testing.assert_array_equal(got_present, present[frames])
+        np.testing.assert_array_equal(store.read_present("Train/A/a.avi"), present)
