@@ -3,6 +3,7 @@ import click
 
 from cache.common import StoreError
 from pipeline.evaluate import EvalConfig, evaluate
+from pipeline.explain import explain_evaluation
 
 
 def parse_frames(value: str) -> int:
@@ -36,13 +37,22 @@ def run_eval(features, checkpoint, split, out_dir, cfg: EvalConfig) -> dict:
 @click.option("--seed", type=int, default=EvalConfig.seed, show_default=True, help="frame sampling seed")
 @click.option("--view", type=int, default=EvalConfig.view, show_default=True, help="cached view (0 = original)")
 @click.option("--device", default=EvalConfig.device, show_default=True)
-def main(features, checkpoint, split, out_dir, frames, seed, view, device):
+@click.option("--explain", is_flag=True, help="also a Fig. 2-style PNG per clip and OUT/explain/index.html (needs --faces)")
+@click.option("--faces", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="faces store the features were made from: the pixels for --explain")
+def main(features, checkpoint, split, out_dir, frames, seed, view, device, explain, faces):
     """Accuracy, UAR, per-class recall, confusion matrix and per-video p(c|S), p(f|S) on one split.
 
     Example: emo-eval runs/features.h5 --checkpoint runs/heads/best.pt --split Val --out runs/heads/eval_val
     """
+    if explain and faces is None:
+        raise click.BadParameter("--explain needs --faces FACES.h5, the faces store the features were made from")
     try:
         cfg = EvalConfig(frames=parse_frames(frames), seed=seed, view=view, device=device)
-        run_eval(features, checkpoint, split, out_dir, cfg)
+        metrics = run_eval(features, checkpoint, split, out_dir, cfg)
+        if explain:
+            page = explain_evaluation(faces, metrics["records"], list(metrics["per_class_recall"]),
+                                      f"{out_dir}/explain", features_path=features, title=f"{split} ({checkpoint})")
+            click.echo(f"explanations: {page} (one figure per clip, sortable by correctness and confidence)")
     except (ValueError, FileNotFoundError, StoreError) as exc:  # StoreMismatch names what differs
         raise click.ClickException(str(exc)) from exc

