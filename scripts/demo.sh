@@ -29,6 +29,8 @@ $BIN/emo-predict data/samples/WolfgangLanger_Pexels.mp4 data/samples/single_face
     data/samples/carphone_pristine.mp4 --out "$OUT/predict_tp"
 $BIN/python scripts/fer_predict_stills.py
 
+rm -rf "$OUT/heads" "$OUT/eval" "$OUT/predict_tp" "$OUT/predict_heads"  # stores resume; runs start afresh
+
 step "6. emo-train heads: spatial attention (2 heads) + temporal softmax pooling on the cached maps"
 $BIN/emo-train heads "$OUT/features_fer.h5" --out "$OUT/heads" --epochs 30 --holdout 0.2
 
@@ -44,5 +46,5 @@ step "done"
 echo "faces store:     $OUT/faces.h5"
 echo "features store:  $OUT/features_fer.h5"
 echo "heads run:       $OUT/heads"
-echo "evaluation:      $OUT/eval (metrics.json, confusion_matrix.png, explain/index.html)"
+echo "evaluation:      $OUT/eval (metrics.json, confusion.png, predictions.csv, explain/index.html)"
 echo "explained video: $OUT/predict_heads/explain"
