@@ -117,3 +117,53 @@ def group_names(f: h5py.File, complete_only: bool = True) -> Iterable[str]:
     for key in f.keys():
         if not complete_only or f[key].attrs.get("complete", False):
             yield key
+
+
+class ClipStore:
+    """What both stores share: one group per clip, committed whole with a ``complete`` mark written last.
+
+    Subclasses open ``self._f`` and set ``self.path`` and ``STAGE`` (the command that fills the store).
+    """
+    STAGE = ""
+    path: Path
+    _f: h5py.File
+
+    def is_complete(self, clip_id: str) -> bool:
+        key = clip_key(clip_id)
+        return key in self._f and bool(self._f[key].attrs.get("complete", False))
+
+    def attrs(self, clip_id: str) -> dict:
+        grp = self._group(clip_id)
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items()}
+
+    def _group(self, clip_id: str) -> h5py.Group:
+        if not self.is_complete(clip_id):
+            raise StoreError(f"{self.path}: clip {clip_id!r} is not in the store (or was not completed);"
+                             f" rerun `{self.STAGE}` to finish it")
+        return self._f[clip_key(clip_id)]
+
+    def _new_group(self, clip_id: str) -> h5py.Group:
+        """An empty group for the clip, replacing an earlier (incomplete or outdated) one."""
+        key = clip_key(clip_id)
+        if key in self._f:
+            del self._f[key]
+        return self._f.create_group(key)
+
+    def _commit(self, grp: h5py.Group, clip_id: str, attrs: dict) -> None:
+        """Attributes and data flushed first, then the ``complete`` mark, flushed again."""
+        for k, v in {**attrs, "clip_id": clip_id}.items():
+            grp.attrs[k] = to_attr(v)
+        self._f.flush()
+        grp.attrs["complete"] = True
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

