@@ -19,6 +19,8 @@ def train_options(fn):
                      help="random present frames per clip and epoch (0 = all)"),
         click.option("--random-view/--first-view", default=T.random_view, show_default=True,
                      help="sample a cached view (original/mirror) per clip as augmentation"),
+        click.option("--crop-cells", type=int, default=T.crop_cells, show_default=True,
+                     help="random crop on the cached map grid per clip, e.g. 14 of 16 (~224 of 256 px); 0 = off"),
         click.option("--lr", type=float, default=T.lr, show_default=True),
         click.option("--momentum", type=float, default=T.momentum, show_default=True),
         click.option("--weight-decay", type=float, default=T.weight_decay, show_default=True),

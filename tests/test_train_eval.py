@@ -252,3 +252,25 @@ def test_streamed_reads_equal_the_clips_held_in_memory(store_path):
                 b = streamed.read(cid, 3, view=k % 2, rng=np.random.default_rng([visit, k]))
                 assert len(a[2]) == 3 and all(np.array_equal(x, y) for x, y in zip(a, b))
                 assert b[1].all()                                  # only present frames are sampled
+
+
+def test_grid_crop_augmentation_trains_on_windows_of_the_cached_grid(store_path, tmp_path):
+    from pipeline.clip_batches import ClipSource
+    from pipeline.train import epoch_batches
+    cfg = replace(FAST, crop_cells=2, random_view=False)
+    with FeaturesStore(store_path) as store:
+        ids = store.complete_ids("Train")[:4]
+        labels = {cid: 0 for cid in ids}
+        source = ClipSource(store, ids, in_memory=True)
+        full = {cid: store.read_clip(cid)[0][0].astype(np.float32) for cid in ids}  # (F, 9, D) on a 3x3 grid
+        maps, mask, _, _ = next(epoch_batches(source, ids, labels, cfg, epoch=0))
+    assert maps.shape[2] == 4                                      # 2x2 windows of the 3x3 grid
+    windows = {(t, l): [3 * (t + i) + (l + j) for i in range(2) for j in range(2)] for t in (0, 1) for l in (0, 1)}
+    for clip in maps:                                              # every clip's frames are one window of its maps
+        frame = clip[0].numpy()
+        assert any(np.allclose(frame, full[cid][f][w]) for cid in ids for f in range(len(full[cid]))
+                   for w in windows.values())
+    result = train_heads(store_path, tmp_path / "crop", cfg, heads_config_for_store(store_path, hidden=8))
+    assert result["last"]["holdout_acc"] is not None               # held-out clips use the whole grid
+    with pytest.raises(ValueError, match="crop_cells"):
+        TrainConfig(crop_cells=-1)
