@@ -14,7 +14,6 @@ Precision, device and memory format are the caller's business (``pipeline.extrac
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
+
+from pipeline.runtime import file_sha256
 
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # conv layers in torchvision ``features``
 VGG16_CONV_NAMES = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
@@ -206,19 +207,6 @@ def read_state_dict(path: Path) -> dict:
         raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict (key -> tensor)")
     obj = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}  # DataParallel saves
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file, read in 1 MiB pieces.
-
-    >>> len(file_sha256(Path(__file__)))
-    64
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resize_crop(faces: torch.Tensor, input_size: int, crop: Optional[int]) -> torch.Tensor:

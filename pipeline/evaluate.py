@@ -18,6 +18,7 @@ from tqdm import tqdm
 from cache.features_store import FeaturesStore
 from pipeline.clip_batches import sample_frames
 from pipeline.heads import EmotionHeads, load_heads
+from pipeline.runtime import resolve_device
 
 
 class NoFrames(ValueError):
@@ -34,16 +35,6 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.frames < 0 or self.view < 0:
             raise ValueError(f"EvalConfig: frames ({self.frames}) and view ({self.view}) must be >= 0")
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when torch sees a GPU, else CPU; an explicit CUDA request without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
-    return device
 
 
 @torch.no_grad()

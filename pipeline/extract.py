@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from cache import FacesStore, FeaturesStore
 from pipeline.backbones import Backbone, build_backbone
+from pipeline.runtime import cpu_has_bf16, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -80,23 +81,6 @@ class ExtractConfig:
             raise ValueError(f"crop {self.crop} must be in 1..input_size ({self.input_size})")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda: torch sees no GPU here; use --device cpu or auto")
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu.
-
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    """True when oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX), so bf16 is fast."""
-    mkldnn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(mkldnn_check()) if mkldnn_check is not None else False
 
 
 # Backbones that "auto" keeps in fp32 on CPU: fer's small batch-norm-heavy net loses about 2e-2 relative

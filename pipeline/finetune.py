@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.backbones import VGG16_CONV_INDICES, VGG16_CONV_NAMES, VGG16_TRUNK_LEN
+from pipeline.runtime import cpu_has_bf16, resolve_device
 
 # VGG16 ``features`` indices where each conv block starts; conv5_3 + ReLU ends at index 29 (no pool5).
 VGG16_BLOCK_STARTS = (0, 5, 10, 17, 24)
@@ -98,25 +99,15 @@ def dist_env_from(environ: dict) -> DistEnv:
                    int(environ.get("LOCAL_RANK", 0)))
 
 
-def resolve_device(cfg: FinetuneConfig, env: DistEnv) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} asked for, but CUDA is not available here")
-    return torch.device(cfg.device)
-
-
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for the trunk, or None for fp32.
 
     'auto': fp16 on CUDA (with a GradScaler), bf16 on CPUs whose oneDNN has native bf16
-    (``pipeline.extract.cpu_has_bf16``), else fp32.
+    (``pipeline.runtime.cpu_has_bf16``), else fp32.
 
     >>> resolve_precision("fp32", torch.device("cpu")) is None
     True
     """
-    from pipeline.extract import cpu_has_bf16
-
     if precision == "fp32":
         return None
     if precision == "auto":
@@ -581,7 +572,7 @@ def finetune(faces_path, out_dir, cfg: FinetuneConfig, init_heads=None, log=prin
     """
     check_finetune(faces_path, out_dir, cfg, init_heads)
     env = dist_env_from(os.environ)
-    device = resolve_device(cfg, env)
+    device = resolve_device(cfg.device, env.local_rank)
     out_dir = Path(out_dir)
     started_dist = _init_distributed(env, device)
     try:

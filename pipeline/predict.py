@@ -178,7 +178,7 @@ def backbone_weights(provenance: dict, cfg: PredictConfig, checkpoint: str) -> t
 
     Raises ValueError naming the checkpoint when the backbone or the weights file does not match.
     """
-    from pipeline.backbones import file_sha256
+    from pipeline.runtime import file_sha256
 
     name, recorded = provenance.get("backbone"), str(provenance.get("weights", ""))
     if name is None:

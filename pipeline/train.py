@@ -21,7 +21,8 @@ from cache.features_store import FeaturesStore
 from pipeline.clip_batches import (ClipSource, available_memory_bytes, estimate_bytes, pad_clips,
                                    prefetch)
 from pipeline.backbones import crop_map_grid
-from pipeline.evaluate import NoFrames, classification_metrics, predict_video, resolve_device
+from pipeline.evaluate import NoFrames, classification_metrics, predict_video
+from pipeline.runtime import resolve_device
 from pipeline.heads import EmotionHeads, HeadsConfig
 
 LOG_FIELDS = ["epoch", "loss", "ce", "penalty", "holdout_acc", "holdout_uar", "holdout_nll", "lr",

