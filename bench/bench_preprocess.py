@@ -22,6 +22,7 @@ import numpy as np
 
 from cache import FacesStore
 
+from pipeline.dataset import AFEW_CLASSES
 from pipeline.decode import iter_frames
 from pipeline.faces import FaceConfig, align_clip_frames, alignment_matrix, box_iou, load_aligner, transform_points
 from pipeline.preprocess import PreprocessConfig, preprocess_dataset
@@ -72,10 +73,9 @@ def stage_seconds(data: Path, out: Path, workers: int) -> float:
 
 def build_dataset(root: Path, paths: list[Path], copies: int) -> None:
     """copies x the samples as a <split>/<label>/<clip> tree (symlinks), so 2 workers get balanced work."""
-    labels = ("Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise")
     for c in range(copies):
         for i, path in enumerate(paths):
-            dest = root / f"Split{c}" / labels[i % len(labels)] / path.name
+            dest = root / f"Split{c}" / AFEW_CLASSES[i % len(AFEW_CLASSES)] / path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.symlink_to(path.resolve())
 
@@ -130,6 +130,7 @@ def main() -> None:
           f" mean landmark distance in the 256 px chip: {np.concatenate(dist_all).mean():.2f} px")
 
     bench_workers(paths, args.copies)
+
 
 if __name__ == "__main__":
     main()

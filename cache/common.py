@@ -119,6 +119,24 @@ def group_names(f: h5py.File, complete_only: bool = True) -> Iterable[str]:
             yield key
 
 
+def read_rows(ds: h5py.Dataset, frames: np.ndarray, lead: tuple = ()) -> np.ndarray:
+    """``ds[lead + (frames,)]`` for frame indices in any order, repeats allowed.
+
+    h5py's multi-index selection costs ~100 ms a clip (bench/bench_heads.py), so a dense span is read as
+    one slice and a sparse selection frame by frame.
+    """
+    frames = np.asarray(frames, dtype=np.int64)
+    row_shape = ds.shape[len(lead) + 1:]
+    if len(frames) == 0:
+        return np.zeros((0,) + row_shape, ds.dtype)
+    lo, hi = int(frames.min()), int(frames.max()) + 1
+    unique = np.unique(frames)
+    if hi - lo <= 8 * len(unique):
+        return ds[lead + (slice(lo, hi),)][frames - lo]
+    block = np.stack([ds[lead + (int(i),)] for i in unique])
+    return block[np.searchsorted(unique, frames)]
+
+
 class ClipStore:
     """What both stores share: one group per clip, committed whole with a ``complete`` mark written last.
 

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from cache.common import (ClipStore, StoreError, StoreMismatch, canonical_json, diff_settings, group_names,
-                          key_to_id, open_for_append, open_h5, sha256_text)
+                          key_to_id, open_for_append, open_h5, read_rows, sha256_text)
 
 FORMAT = "emotion-faces/1"
 
@@ -119,10 +119,7 @@ class FacesStore(ClipStore):
         ds = self._group(clip_id)["faces"]
         if frames is None:
             return ds[()]
-        frames = np.asarray(frames, dtype=np.int64)
-        order = np.unique(frames)  # h5py wants increasing, unique indices
-        block = ds[order.tolist()] if len(order) else ds[:0]
-        return block[np.searchsorted(order, frames)]
+        return read_rows(ds, frames)
 
     def write_clip(self, clip_id: str, arrays: dict[str, np.ndarray], attrs: dict,
                    compression: Optional[str] = None) -> None:

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from cache.common import (ClipStore, StoreError, StoreMismatch, canonical_json, diff_settings, group_names,
-                          key_to_id, open_for_append, open_h5, to_attr)
+                          key_to_id, open_for_append, open_h5, read_rows, to_attr)
 
 FORMAT = "emotion-features/1"
 
@@ -106,20 +106,7 @@ class FeaturesStore(ClipStore):
             maps = ds[()] if views is None else np.stack([ds[v] for v in vsel])
             return maps, present
         frames = np.asarray(frames, dtype=np.int64)
-        return np.stack([self._read_frames(ds, v, frames) for v in vsel]), present[frames]
-
-    @staticmethod
-    def _read_frames(ds, view: int, frames: np.ndarray) -> np.ndarray:
-        """(len(frames), L, D) of one view. h5py's multi-index selection costs ~100 ms a clip
-        (bench/bench_heads.py), so a dense span is read as one slice and a sparse one frame by frame."""
-        if len(frames) == 0:
-            return np.zeros((0,) + ds.shape[2:], ds.dtype)
-        lo, hi = int(frames.min()), int(frames.max()) + 1
-        unique = np.unique(frames)
-        if hi - lo <= 8 * len(unique):
-            return ds[view, lo:hi][frames - lo]
-        block = np.stack([ds[view, int(i)] for i in unique])
-        return block[np.searchsorted(unique, frames)]
+        return np.stack([read_rows(ds, frames, lead=(v,)) for v in vsel]), present[frames]
 
     def iter_clips(self, split: Optional[str] = None) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict]]:
         for cid in self.complete_ids(split):

@@ -16,7 +16,7 @@ def parse_frames(value: str) -> int:
 
 
 def run_eval(features, checkpoint, split, out_dir, cfg: EvalConfig) -> dict:
-    """The one stage call of `emo-eval` (later options such as --explain hook in here)."""
+    """The one stage call of `emo-eval` and its summary on the console; --explain runs after it in main."""
     metrics = evaluate(features, checkpoint, split=split, out_dir=out_dir, cfg=cfg)
     click.echo(f"{split}: {metrics['num_clips']} clips, accuracy (WAR) {metrics['accuracy']:.4f},"
                f" UAR {metrics['uar']:.4f}, skipped {metrics['skipped']}")

@@ -122,6 +122,16 @@ def build_vgg16_trunk() -> nn.Sequential:
     return make_layers(cfgs["D"])[:VGG16_TRUNK_LEN]  # cfgs["D"] is VGG16; the same layers torchvision's vgg16 has
 
 
+def vgg16_conv_keys(layout: str) -> list[tuple[int, str]]:
+    """(trunk index, key prefix under ``layout``) of conv1_1 ... conv5_3.
+
+    >>> vgg16_conv_keys("torchvision")[1], vgg16_conv_keys("vggface")[1]
+    ((2, 'features.2'), (2, 'conv1_2'))
+    """
+    return [(idx, f"features.{idx}" if layout == "torchvision" else name)
+            for idx, name in zip(VGG16_CONV_INDICES, VGG16_CONV_NAMES)]
+
+
 def vgg16_expected_shapes(layout: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor a VGG16 trunk needs, under ``layout``'s key names.
 
@@ -130,8 +140,7 @@ def vgg16_expected_shapes(layout: str) -> dict[str, tuple[int, ...]]:
     """
     channels = [c for c in cfgs["D"] if c != "M"]  # out channels of conv1_1 ... conv5_3
     shapes = {}
-    for idx, name, cin, cout in zip(VGG16_CONV_INDICES, VGG16_CONV_NAMES, [3] + channels[:-1], channels):
-        key = f"features.{idx}" if layout == "torchvision" else name
+    for (_, key), cin, cout in zip(vgg16_conv_keys(layout), [3] + channels[:-1], channels):
         shapes[f"{key}.weight"] = (cout, cin, 3, 3)
         shapes[f"{key}.bias"] = (cout,)
     return shapes
@@ -180,8 +189,7 @@ def vgg16_trunk_state(state: dict, source: str) -> tuple[dict[str, torch.Tensor]
         raise WeightsError(f"{source}: {layout} layout, but shapes differ from VGG16's:\n"
                            + "\n".join(f"  {k}: expected {list(wanted[k])}, found {list(s)}" for k, s in bad.items()))
     out = {}
-    for idx, name in zip(VGG16_CONV_INDICES, VGG16_CONV_NAMES):
-        key = f"features.{idx}" if layout == "torchvision" else name
+    for idx, key in vgg16_conv_keys(layout):
         out[f"{idx}.weight"] = state[f"{key}.weight"].detach().float()
         out[f"{idx}.bias"] = state[f"{key}.bias"].detach().float()
     return out, layout
@@ -338,7 +346,7 @@ def build_fer_minixception(weights: str, seed: Optional[int] = None, input_size:
     spec = BackboneSpec(name="fer-minixception", layer="block4", input_size=FER_INPUT_SIZE, crop=None,
                         normalisation=NORMALISATION_TEXT["fer"], weights_id=weights_id, layout=layout,
                         D=FER_FEATURE_DIM, grid=FER_INPUT_SIZE // 16)
-    return Backbone(_FerFeatures(model.eval()), spec, prepare)
+    return Backbone(_FerFeatures(model), spec, prepare)  # Backbone puts it in eval mode
 
 
 # Registry: backbone name -> builder(weights, seed, input_size, crop) -> Backbone.

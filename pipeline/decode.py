@@ -60,6 +60,12 @@ def _open_capture(path: Path) -> cv2.VideoCapture:
     return cap
 
 
+def _capture_fps(cap: cv2.VideoCapture) -> float:
+    """The container's frame rate; FOLDER_FPS when it gives none (0, negative or NaN)."""
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    return fps if fps > 0 else FOLDER_FPS
+
+
 def probe_video(path: Path) -> VideoInfo:
     """Open a video, read its first frame, and return its rate, length and size.
 
@@ -78,9 +84,8 @@ def probe_video(path: Path) -> VideoInfo:
         if not ok or bgr is None:
             raise DecodeError(f"{path}: opens but has no decodable frame (zero-frame or corrupt video);"
                               " re-encode or remove it")
-        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        return VideoInfo(fps=fps if fps > 0 else FOLDER_FPS, frame_count=max(count, 1),
+        return VideoInfo(fps=_capture_fps(cap), frame_count=max(count, 1),
                          width=int(bgr.shape[1]), height=int(bgr.shape[0]))
     finally:
         cap.release()
@@ -117,7 +122,7 @@ def iter_frames(path: Path, fps_cap: Optional[float] = None, max_frames: Optiona
     [0, 10, 20]
     """
     cap = _open_capture(path)
-    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or FOLDER_FPS
+    fps = _capture_fps(cap)  # the same rate probe_video reports, so timestamps match the clip's fps attr
     index, kept, last_slot = 0, 0, -1
     try:
         while max_frames is None or kept < max_frames:

@@ -157,8 +157,9 @@ def evaluate(features_path, checkpoint, split: str = "Val", out_dir=None, cfg: E
         if not clip_ids:
             raise ValueError(f"{features_path}: no complete clip in split {split!r}; splits are matched"
                              " case-insensitively against each clip's 'split' attribute")
-        if cfg.view >= store.shape(clip_ids[0])[0]:
-            raise ValueError(f"{features_path} caches {store.shape(clip_ids[0])[0]} view(s); --view {cfg.view}"
+        num_views = store.shape(clip_ids[0])[0]
+        if cfg.view >= num_views:
+            raise ValueError(f"{features_path} caches {num_views} view(s); --view {cfg.view}"
                              " does not exist (0 is the original)")
         records, failures = predict_split(model, store, clip_ids, cfg, ckpt["class_names"], progress)
     metrics = classification_metrics([r["label"] for r in records], [r["pred"] for r in records],

@@ -79,8 +79,7 @@ class ExtractConfig:
             raise ValueError(f"batch_size and queue_clips must be >= 1, got {self.batch_size}, {self.queue_clips}")
         if self.crop is not None and self.input_size is not None and not 0 < self.crop <= self.input_size:
             raise ValueError(f"crop {self.crop} must be in 1..input_size ({self.input_size})")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda: torch sees no GPU here; use --device cpu or auto")
+        resolve_device(self.device)  # raises ValueError for cuda where torch sees no GPU
 
 
 # Backbones that "auto" keeps in fp32 on CPU: fer's small batch-norm-heavy net loses about 2e-2 relative
@@ -393,10 +392,11 @@ def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, 
                 bar.update(len(chips))
     finally:
         stop.set()
-        drain(to_compute)  # unblock a reader waiting on a full queue
+        while reader.is_alive():  # a reader unblocked by one drain may put a clip, then its final None: keep emptying
+            drain(to_compute)
+            reader.join(timeout=0.05)
         to_write.put(None)
         writer.join()
-        reader.join()
     if thread_errors:
         raise thread_errors[0]
     return failures

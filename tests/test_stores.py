@@ -31,6 +31,7 @@ def test_faces_store_round_trip(tmp_path):
             got = store.read_faces("Train/Happy/a.mp4") if name == "faces" else meta[name]
             np.testing.assert_array_equal(got, value.astype(got.dtype))
         np.testing.assert_array_equal(store.read_faces("Train/Happy/a.mp4", [4, 1, 4]), arrays["faces"][[4, 1, 4]])
+        assert store.read_faces("Train/Happy/a.mp4", []).shape == (0, 8, 8, 3)
         assert store.attrs("Train/Happy/a.mp4")["label"] == "Happy"
         assert store.config == {"size": 8}
 
@@ -103,3 +104,11 @@ def test_features_store_reads_any_frame_selection(tmp_path, frames):
         np.testing.assert_array_equal(got, maps[1:2, frames])
         np.testing.assert_array_equal(got_present, present[frames])
         np.testing.assert_array_equal(store.read_present("Train/A/a.avi"), present)
+
+
+def test_faces_store_reads_sparse_frame_selections(tmp_path):
+    arrays = face_arrays(60)
+    with FacesStore(tmp_path / "f.h5", "a", config={}) as store:
+        store.write_clip("Val/Sad/c.mp4", arrays, {"label": "Sad"})
+        for frames in ([59, 0, 30, 0], [10, 12, 11]):   # sparse: per frame; dense: one slice
+            np.testing.assert_array_equal(store.read_faces("Val/Sad/c.mp4", frames), arrays["faces"][frames])
