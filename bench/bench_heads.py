@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.features_store import FeaturesStore  # noqa: E402
 from pipeline.clip_batches import ClipSource, prefetch  # noqa: E402
+from pipeline.dataset import AFEW_CLASSES  # noqa: E402
 from pipeline.heads import HeadsConfig  # noqa: E402
 from pipeline.train import TrainConfig, build_training, epoch_batches, train_epoch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -53,7 +54,7 @@ def write_store(path: Path, args) -> list[str]:
     pool = [(0.05 * np.abs(rng.standard_normal((1, args.frames, l, args.dim)))).astype(np.float16)
             for _ in range(4)]  # small values keep lr 0.1 stable on random features
     provenance = {"backbone": "bench", "frames": args.frames, "L": l, "D": args.dim, "clips": args.clips}
-    names = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+    names = list(AFEW_CLASSES)
     with FeaturesStore(path, "a", provenance=provenance, class_names=names) as store:
         have = set(store.complete_ids())
         for i in tqdm(range(args.clips), desc="write store", unit="clip"):

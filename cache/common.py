@@ -154,6 +154,10 @@ class ClipStore:
         grp = self._group(clip_id)
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items()}
 
+    def read_present(self, clip_id: str) -> np.ndarray:
+        """bool (F,) face mask of a clip, without reading its pixels or maps."""
+        return self._group(clip_id)["present"][()]
+
     def _group(self, clip_id: str) -> h5py.Group:
         if not self.is_complete(clip_id):
             raise StoreError(f"{self.path}: clip {clip_id!r} is not in the store (or was not completed);"

@@ -89,10 +89,6 @@ class FeaturesStore(ClipStore):
         """(V, F, L, D) of a clip's maps, read from metadata only."""
         return tuple(self._group(clip_id)["maps"].shape)
 
-    def read_present(self, clip_id: str) -> np.ndarray:
-        """bool (F,) face mask of a clip, without reading its maps."""
-        return self._group(clip_id)["present"][()]
-
     def read_clip(self, clip_id: str, frames: Optional[np.ndarray] = None,
                   views: Optional[list[int]] = None) -> tuple[np.ndarray, np.ndarray]:
         """(maps float16 (V, F, L, D), present bool (F,)), optionally for chosen frames/views.

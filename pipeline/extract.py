@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cache import FacesStore, FeaturesStore
 from pipeline.backbones import Backbone, build_backbone
-from pipeline.runtime import cpu_has_bf16, resolve_device
+from pipeline.runtime import cpu_has_bf16, failure_log_path, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -199,10 +199,16 @@ class ClipJob:
 
 
 def plan_size(faces: FacesStore, todo: list[str], views: int, L: int, D: int) -> tuple[int, int, int]:
-    """(frames, present faces, bytes) the clips in ``todo`` will take in the features store."""
+    """(frames, present faces, bytes) the clips in ``todo`` will take in the features store.
+
+    A clip whose mask cannot be read is left out of the plan; the reader logs it as a failure.
+    """
     frames = present = 0
     for cid in todo:
-        mask = faces.read_meta(cid)["present"]
+        try:
+            mask = faces.read_present(cid)
+        except (OSError, KeyError, ValueError, RuntimeError):
+            continue
         frames, present = frames + len(mask), present + int(mask.sum())
     return frames, present, frames * views * L * D * 2  # float16: 2 bytes a value
 
@@ -230,7 +236,7 @@ def read_clips(faces: FacesStore, todo: list[str], views: int, L: int, D: int, l
                 return
             try:
                 with lock:
-                    present = faces.read_meta(cid)["present"].astype(bool)
+                    present = faces.read_present(cid).astype(bool)
                     rows = np.flatnonzero(present)
                     chips = faces.read_faces(cid, rows) if len(rows) else np.zeros((0, 1, 1, 3), np.uint8)
                     attrs = faces.attrs(cid)
@@ -408,10 +414,6 @@ def drain(q: queue.Queue) -> None:
             q.get_nowait()
         except queue.Empty:
             return
-
-
-def failure_log_path(out_path: Path) -> Path:
-    return out_path.with_name(out_path.name + ".failures.jsonl")
 
 
 def save_resolved_config(out_path: Path, cfg: ExtractConfig, provenance: dict) -> Path:

@@ -183,7 +183,7 @@ class FacesClips(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         store, cid, cfg = self._open(), self.clip_ids[i], self.cfg
         rng = np.random.default_rng([cfg.seed, self.epoch, i])
-        present = store.read_meta(cid)["present"]
+        present = store.read_present(cid)
         frames = sample_frames(present, cfg.frames_per_clip, rng)  # the heads' Sec. 4.2 rule
         faces = store.read_faces(cid, frames) if len(frames) else np.zeros((0, 1, 1, 3), np.uint8)
         t = cfg.frames_per_clip
@@ -316,7 +316,7 @@ def list_training_clips(faces_path, split: str, log=print) -> tuple[list[str], l
             if attrs.get("label") not in class_names:
                 raise ValueError(f"{faces_path}: clip {cid} has label {attrs.get('label')!r}, not one of"
                                  f" {class_names}; fix the dataset or its CSV and rebuild the store")
-            if not store.read_meta(cid)["present"].any():
+            if not store.read_present(cid).any():
                 skipped.append(cid)
                 continue
             ids.append(cid)

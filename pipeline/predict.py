@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from pipeline import __version__
 from pipeline.dataset import AFEW_CLASSES as _AFEW_ORDER
 from pipeline.runtime import resolve_device
 
@@ -240,10 +241,14 @@ def extractor_for(provenance: dict, cfg: PredictConfig, checkpoint: str):
 class VideoResult:
     path: str
     arrays: dict                  # faces-store arrays of the decoded frames (faces, present, ...)
-    fps: float
+    attrs: dict                   # faces-store clip attributes from process_clip (clip_id, fps, source, ...)
     prediction: dict              # probs, pred, frame_weights, frame_probs, attention, frames
     seconds: dict = field(default_factory=dict)  # decode_align, features, heads
     maps: Optional[np.ndarray] = None  # (F, L, D) float16, kept only for --keep-stores
+
+    @property
+    def fps(self) -> float:
+        return float(self.attrs["fps"])
 
     @property
     def video_seconds(self) -> float:
@@ -272,7 +277,7 @@ def predict_one(path: Path, scorer, cfg: PredictConfig, keep_maps: bool = False)
     t2 = time.perf_counter()
     prediction = scorer.score(maps, present)
     t3 = time.perf_counter()
-    return VideoResult(str(path), arrays, attrs["fps"], prediction,
+    return VideoResult(str(path), arrays, {**attrs, "clip_id": clip.clip_id}, prediction,
                        {"decode_align": t1 - t0, "features": t2 - t1, "heads": t3 - t2},
                        maps.astype(np.float16) if keep_maps else None)
 
@@ -428,20 +433,18 @@ def _write_explanations(out_dir: Path, results, scorer) -> Path:
 
 
 def _write_stores(out_dir: Path, results, scorer, cfg: PredictConfig) -> None:
-    """faces.h5 and features.h5 of the predicted videos, as emo-cache would write them."""
+    """faces.h5 and features.h5 of the predicted videos, exactly as emo-cache writes them (same config,
+    so the same fingerprint as `emo-cache faces` with these frame and face settings)."""
     from cache import FacesStore, FeaturesStore
 
-    face_cfg = {**asdict(cfg.preprocess_config().face), "fps_cap": cfg.fps_cap, "max_frames": cfg.max_frames,
-                "every_nth": cfg.every_nth, "class_names": scorer.class_names, "made_by": "emo-predict"}
-    with FacesStore(out_dir / "faces.h5", "a", config=face_cfg, code_version="emo-predict") as faces:
+    face_cfg = cfg.preprocess_config().store_config(scorer.class_names)
+    with FacesStore(out_dir / "faces.h5", "a", config=face_cfg, code_version=__version__) as faces:
         fingerprint = faces.fingerprint
         for r in results:
-            faces.write_clip(f"predict/unknown/{video_key(r.path)}", r.arrays,
-                             {"label": "", "split": "predict", "source": r.path, "fps": r.fps,
-                              "total_frames": len(r.arrays["present"])})
+            faces.write_clip(r.attrs["clip_id"], r.arrays, r.attrs)
     provenance = scorer.extractor.provenance(fingerprint)
     with FeaturesStore(out_dir / "features.h5", "a", provenance=provenance,
                        class_names=scorer.class_names) as feats:
         for r in results:
-            feats.write_clip(f"predict/unknown/{video_key(r.path)}", r.maps[None], r.arrays["present"],
-                             {"label": "", "split": "predict"})
+            feats.write_clip(r.attrs["clip_id"], r.maps[None], r.arrays["present"],
+                             {k: r.attrs[k] for k in ("label", "split", "source", "fps", "total_frames")})

@@ -24,6 +24,7 @@ from pipeline import __version__
 from pipeline.dataset import Clip, Problem, scan_dataset
 from pipeline.decode import DecodeConfig, iter_clip_frames, list_frame_images, probe_video
 from pipeline.faces import FaceConfig, align_clip_frames, load_aligner, resize_prealigned_frames
+from pipeline.runtime import failure_log_path
 
 HOW_NAMES = {code: name for name, code in HOW.items()}
 BACKENDS = ("loky", "dask")
@@ -202,11 +203,6 @@ def coverage_report(store: FacesStore, clips: list[Clip]) -> tuple[list[dict], l
     classes = [{"label": label, "clips": c["clips"], "frames": c["frames"], "present": c["present"],
                 "coverage": c["present"] / max(c["frames"], 1)} for label, c in sorted(per_class.items())]
     return per_clip, classes
-
-
-def failure_log_path(out_path: Path) -> Path:
-    """The JSONL failure log beside a store: ``faces.h5`` -> ``faces.h5.failures.jsonl``."""
-    return Path(out_path).with_name(Path(out_path).name + ".failures.jsonl")
 
 
 def check_run_arguments(source: Path, cfg: PreprocessConfig, workers: int, backend: str,

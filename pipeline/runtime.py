@@ -1,10 +1,15 @@
-"""What every stage asks of the machine: which device, whether bf16 is fast, a file's hash."""
+"""Small helpers every stage shares: which device, whether bf16 is fast, a file's hash, where failures go."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
 import torch
+
+
+def failure_log_path(out_path: str | Path) -> Path:
+    """The JSONL failure log beside a store: ``faces.h5`` -> ``faces.h5.failures.jsonl``."""
+    return Path(out_path).with_name(Path(out_path).name + ".failures.jsonl")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

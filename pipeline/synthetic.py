@@ -19,8 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cache.features_store import FeaturesStore
-
-AFEW_CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+from pipeline.dataset import AFEW_CLASSES
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ def write_synthetic_store(path, cfg: SyntheticConfig = SyntheticConfig(), progre
         path.unlink()
     rng = np.random.default_rng(cfg.seed)
     protos, marker = make_patterns(cfg, rng)
-    class_names = AFEW_CLASSES[:cfg.num_classes]
+    class_names = list(AFEW_CLASSES[:cfg.num_classes])
     provenance = {"backbone": "synthetic", "layer": "evidence-in-distractors", **asdict(cfg)}
     jobs = [("Train", i) for i in range(cfg.train_clips)] + [("Val", i) for i in range(cfg.val_clips)]
     with FeaturesStore(path, "a", provenance=provenance, class_names=class_names) as store:

@@ -282,14 +282,13 @@ def test_fer_minixception_store(tmp_path, samples_dir):
 def test_unreadable_clip_is_logged_and_the_run_carries_on(tmp_path, samples_dir, monkeypatch):
     clips = make_faces_store(tmp_path / "faces.h5", samples_dir)
     bad = "Train/Angry/000.avi"  # a clip with faces and absent frames
-    original = FacesStore.read_meta
+    original = FacesStore.read_present
 
-    def broken_read_meta(self, clip_id):
+    def broken_read_present(self, clip_id):
         if clip_id == bad:
             raise OSError("Can't read data (inflate() failed)")
         return original(self, clip_id)
-    monkeypatch.setattr(FacesStore, "read_meta", broken_read_meta)
-    monkeypatch.setattr("pipeline.extract.plan_size", lambda faces, todo, v, L, D: (0, 0, 0))
+    monkeypatch.setattr(FacesStore, "read_present", broken_read_present)  # the plan and the reader both meet it
     summary = extract_features(tmp_path / "faces.h5", tmp_path / "feats.h5", cfg())
     assert summary["failures"] == [{"clip_id": bad, "error": "cannot read faces: Can't read data (inflate() failed)"}]
     assert summary["clips_written"] == 3

@@ -161,3 +161,20 @@ def test_checkpoint_mode_runs_the_heads_on_the_checkpoints_backbone(samples_dir,
     with pytest.raises(ValueError, match="is not the file"):
         predict_videos([str(samples_dir / "single_face.mp4")], tmp_path / "o2",
                        PredictConfig(checkpoint=str(ckpt), weights=str(ckpt), max_frames=2))
+
+
+def test_kept_stores_are_the_ones_emo_cache_writes(run):
+    out, _, result, _ = run
+    r = result["results"][0]
+    with FacesStore(out / "api" / "faces.h5") as faces:
+        assert faces.config == PredictConfig(max_frames=FRAMES).preprocess_config().store_config(AFEW_CLASSES)
+        (cid,) = faces.complete_ids()
+        assert cid == r.attrs["clip_id"]
+        np.testing.assert_array_equal(faces.read_faces(cid), r.arrays["faces"])
+        attrs = faces.attrs(cid)
+        assert attrs["total_frames"] == 72 and attrs["split"] == "predict"   # the video's own frame count
+        fingerprint = faces.fingerprint
+    with FeaturesStore(out / "api" / "features.h5") as feats:
+        assert feats.provenance["faces_fingerprint"] == fingerprint
+        maps, present = feats.read_clip(cid)
+        assert maps.shape[:2] == (1, FRAMES) and present.all()

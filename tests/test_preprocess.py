@@ -17,7 +17,8 @@ from cache.faces_store import FRAME_DATASETS
 from cli.cache_faces import faces
 from pipeline.dataset import Clip
 from pipeline.decode import DecodeConfig
-from pipeline.preprocess import PreprocessConfig, failure_log_path, preprocess_dataset, process_clip
+from pipeline.preprocess import PreprocessConfig, preprocess_dataset, process_clip
+from pipeline.runtime import failure_log_path
 from fixtures_preprocess import build_face_dataset, copy_sample
 
 REPO = Path(__file__).resolve().parents[1]
