@@ -12,25 +12,8 @@ import h5py
 import numpy as np
 
 
-class StoreError(RuntimeError):
-    """A store cannot be used as asked; the message names the file and what to do."""
-
-
-class StoreMismatch(StoreError):
-    """A store was built with other settings than the ones this run asks for."""
-
-
-class StoreDamaged(StoreError):
-    """A store file cannot be opened (for example after a kill during a write)."""
-
-
-def clip_key(clip_id: str) -> str:
-    """HDF5 group name for a clip id such as ``Train/Happy/001.avi`` (slashes would nest groups)."""
-    return clip_id.replace("/", "|")
-
-
-def key_to_id(key: str) -> str:
-    return key.replace("|", "/")
+from cache.errors import (StoreDamaged, StoreError, StoreFull, StoreLocked, StoreMismatch,  # noqa: F401
+                          UserError, clip_key, key_to_id)
 
 
 def canonical_json(obj: Any) -> str:

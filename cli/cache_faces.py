@@ -7,16 +7,13 @@ from pathlib import Path
 import click
 
 from cache import StoreError
+from cli.common import split_classes
 from pipeline.dataset import check_dataset
 from pipeline.decode import DecodeConfig
 from pipeline.faces import FaceConfig
 from pipeline.preprocess import PreprocessConfig, check_run_arguments, preprocess_dataset
 
 FACE_DEFAULTS, DECODE_DEFAULTS, RUN_DEFAULTS = FaceConfig(), DecodeConfig(), PreprocessConfig()
-
-
-def split_classes(value: str | None) -> tuple[str, ...] | None:
-    return tuple(n.strip() for n in value.split(",") if n.strip()) if value else None
 
 
 @click.command()

@@ -1,6 +1,8 @@
 """`emo-eval`: evaluate a heads checkpoint on one split of a features store."""
 import click
 
+from cli.common import UserErrorCommand
+
 from cache.common import StoreError
 from pipeline.evaluate import EvalConfig, evaluate
 from pipeline.explain import explain_evaluation
@@ -27,7 +29,7 @@ def run_eval(features, checkpoint, split, out_dir, cfg: EvalConfig) -> dict:
     return metrics
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=UserErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("features", type=click.Path(exists=True, dir_okay=False))
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="best.pt or last.pt from `emo-train heads`")

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import click
+
+from cli.common import UserErrorCommand
 from tqdm import tqdm
 
 from pipeline.predict import PredictConfig, check_predict, predict_videos
@@ -12,7 +14,7 @@ from pipeline.predict import PredictConfig, check_predict, predict_videos
 DEFAULTS = PredictConfig()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=UserErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", default=DEFAULTS.checkpoint,
               help="Heads checkpoint (emo-train heads / finetune). Default: training-free fer-minixception + TP.")

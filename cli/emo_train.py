@@ -1,6 +1,8 @@
 """`emo-train`: train the heads on a features store (`heads`) and reproduce Tables 1-2 (`ablate`)."""
 import click
 
+from cli.common import UserErrorGroup
+
 from cache.common import StoreError
 from cli.train_finetune import finetune
 from pipeline.ablate import AblationConfig, ablate as run_ablation
@@ -53,7 +55,7 @@ def split_train_options(kwargs: dict) -> TrainConfig:
     return TrainConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train the paper's heads on cached features; run the ablation of Tables 1-2."""
 

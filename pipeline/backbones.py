@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
+from cache.errors import UserError
 from pipeline.runtime import file_sha256
 
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # conv layers in torchvision ``features``
@@ -48,7 +49,7 @@ NORMALISATION_TEXT = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file that does not fit the backbone; the message lists expected and found keys/shapes."""
 
 

@@ -9,12 +9,14 @@ from typing import Iterator, Optional
 import cv2
 import numpy as np
 
+from cache.errors import UserError
+
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FOLDER_FPS = 25.0  # frame folders carry no rate; AFEW's extracted frames are 25 fps PAL
 
 
-class DecodeError(RuntimeError):
+class DecodeError(UserError):
     """A video or frame folder cannot be decoded; the message names the file and the reason."""
 
 

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache.errors import UserError
 from cache.features_store import FeaturesStore
 from pipeline.clip_batches import sample_frames
 from pipeline.heads import EmotionHeads, load_heads
 from pipeline.runtime import resolve_device
 
 
-class NoFrames(ValueError):
+class NoFrames(UserError):
     """A clip has no frame with a face, so the heads have nothing to classify."""
 
 

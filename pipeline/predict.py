@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from cache.errors import UserError
 from pipeline import __version__
 from pipeline.dataset import AFEW_CLASSES as _AFEW_ORDER
 from pipeline.runtime import resolve_device
@@ -30,7 +31,7 @@ AFEW_CLASSES = list(_AFEW_ORDER)  # the training-free mode's classes: fer's logi
 TRAINING_FREE = "fer-minixception"
 
 
-class NoFaceError(ValueError):
+class NoFaceError(UserError):
     """A video decoded, but no frame holds a face: there is nothing to classify."""
 
 

@@ -1,10 +1,18 @@
-"""Small helpers every stage shares: which device, whether bf16 is fast, a file's hash, where failures go."""
+"""Small helpers every stage shares: which device, whether bf16 is fast, a file's hash, the failure log.
+
+torch is imported inside the functions that need it, so the faces stage, ``check`` and ``--help`` never
+pay for it.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional, TextIO
 
-import torch
+from cache.errors import ConfigError
 
 
 def failure_log_path(out_path: str | Path) -> Path:
@@ -12,22 +20,82 @@ def failure_log_path(out_path: str | Path) -> Path:
     return Path(out_path).with_name(Path(out_path).name + ".failures.jsonl")
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+@dataclass(frozen=True)
+class Failure:
+    """One line of every stage's failure log (JSON lines): what failed, where, and why."""
+    stage: str                 # "check", "faces", "extract", "eval", "predict", ...
+    file: Optional[str]        # the input file or folder it is about
+    clip_id: Optional[str]     # the clip id, when the failure is about one clip
+    reason: str                # one line saying what is wrong and, where known, what to do
+
+    def json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class FailureLog:
+    """Append Failure records to a JSONL file, each flushed at once so a kill loses none.
+
+    >>> with FailureLog("out/faces.h5.failures.jsonl") as log:  # doctest: +SKIP
+    ...     log.add(Failure("faces", "a.avi", "Train/Happy/a.avi", "DecodeError: ..."))
+    """
+
+    def __init__(self, path: str | Path, mode: str = "w"):
+        self.path = Path(path)
+        self.records: list[Failure] = []
+        self._fh: Optional[TextIO] = open(self.path, mode)
+
+    def add(self, failure: Failure) -> Failure:
+        self.records.append(failure)
+        if self._fh is not None:
+            self._fh.write(failure.json() + "\n")
+            self._fh.flush()
+        return failure
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "FailureLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_device(name: str, local_rank: int = 0):
     """"auto" -> CUDA (``cuda:local_rank``) when torch sees a GPU, else CPU; CUDA asked for without one is an error.
 
     >>> resolve_device("cpu")
     device(type='cpu')
     """
+    import torch
+
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+        raise ConfigError(f"--device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
     return device
 
 
 def cpu_has_bf16() -> bool:
     """True when oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX), so bf16 is fast."""
+    import torch
+
     mkldnn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(mkldnn_check()) if mkldnn_check is not None else False
 

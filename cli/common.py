@@ -1,0 +1,48 @@
+"""What every entry point shares: a ``UserError`` becomes one message and a non-zero exit, never a traceback.
+
+Bugs (``ValueError`` and the rest) still show their tracebacks. Each entry point is built with
+``cls=UserErrorGroup`` or ``cls=UserErrorCommand``.
+"""
+from __future__ import annotations
+
+import click
+
+from cache.errors import UserError
+
+
+class UserFacingError(click.ClickException):
+    """click prints ``Error: <message>`` on stderr and exits with the error's code."""
+
+    def __init__(self, exc: UserError):
+        super().__init__(str(exc))
+        self.exit_code = exc.exit_code
+
+
+class _UserErrors:
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise UserFacingError(exc) from exc
+
+
+class UserErrorGroup(_UserErrors, click.Group):
+    """A click group whose subcommands turn UserError into a one-line message."""
+
+
+class UserErrorCommand(_UserErrors, click.Command):
+    """A click command that turns UserError into a one-line message."""
+
+
+def split_classes(value: str | None) -> tuple[str, ...] | None:
+    """``--classes A,B,C`` -> ("A", "B", "C"); refuses duplicates and a value that names no class."""
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise click.BadParameter(f"{value!r} names no class; give e.g. --classes Angry,Happy,Sad",
+                                 param_hint="--classes")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise click.BadParameter(f"{', '.join(dup)} given more than once", param_hint="--classes")
+    return names
