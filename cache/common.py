@@ -1,19 +1,50 @@
-"""Shared HDF5 plumbing: opening with clear errors, salvage after a kill, settings diffs."""
+"""Shared HDF5 plumbing: the writer lock, opening with precise errors, checked reads, salvage, settings diffs.
+
+Rules every store follows (README, "Stores: safety"):
+* One writer per store, on any file system: ``open_for_append`` takes a lock file of our own beside the store
+  (``STORE.lock``, holding the writer's pid and host; a dead process's lock on the same host is broken on
+  the next open). HDF5's own file lock stays on where the file system has it; readers take no lock of ours.
+* Nothing is replaced or truncated in place. An --out that is another kind of store, not HDF5, or in a
+  folder we cannot write is refused before anything is written. A damaged store is refused with the exact
+  ``emo-cache salvage STORE`` command; writers never salvage on their own (no silent renames).
+* Data sets are created with HDF5's fletcher32 chunk checksums; a failed checksum, unreadable metadata or a
+  non-finite map on read is ``StoreDamaged`` naming the store, the clip and the salvage command.
+"""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shlex
+import shutil
+import socket
 import time
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import h5py
 import numpy as np
-
+from filelock import SoftFileLock, Timeout
 
 from cache.errors import (StoreDamaged, StoreError, StoreFull, StoreLocked, StoreMismatch,  # noqa: F401
                           UserError, clip_key, key_to_id)
+
+# Root ``format`` attribute of each kind of store, and what a user calls it.
+STORE_KINDS = {"emotion-faces/1": ("faces store", "emo-cache faces"),
+               "emotion-features/1": ("features store", "emo-cache extract")}
+LOCK_SUFFIX = ".lock"
+FREE_RESERVE = 4 << 20  # bytes of disk kept free for HDF5's metadata: a writer stops cleanly before the disk fills
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds ``path`` (or would hold it)."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def canonical_json(obj: Any) -> str:
@@ -24,13 +55,36 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def diff_settings(stored: dict, wanted: dict) -> list[str]:
-    """Human-readable lines for every key whose value differs between two settings dicts."""
+# -- settings diffs -----------------------------------------------------------------------------------
+
+def flatten_settings(settings: dict, prefix: str = "") -> dict:
+    """Nested dicts -> one level with dotted keys, so a diff names the exact setting.
+
+    >>> flatten_settings({"detect": {"width": 320, "mode": "fast"}, "size": 256})
+    {'detect.width': 320, 'detect.mode': 'fast', 'size': 256}
+    """
+    flat = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_settings(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def diff_settings(stored: dict, wanted: dict, have: str = "store has", want: str = "this run asks for") -> list[str]:
+    """One line per setting (dotted key for nested dicts) whose value differs between two settings dicts.
+
+    >>> diff_settings({"max_frames": 60, "fps": {"cap": 5}}, {"max_frames": None, "fps": {"cap": 5}})
+    ['max_frames: store has 60, this run asks for None']
+    """
+    a_flat, b_flat = flatten_settings(stored), flatten_settings(wanted)
     lines = []
-    for key in sorted(set(stored) | set(wanted)):
-        a, b = stored.get(key, "<absent>"), wanted.get(key, "<absent>")
+    for key in sorted(set(a_flat) | set(b_flat)):
+        a, b = a_flat.get(key, "<absent>"), b_flat.get(key, "<absent>")
         if canonical_json(a) != canonical_json(b):
-            lines.append(f"{key}: store has {a!r}, this run asks for {b!r}")
+            lines.append(f"{key}: {have} {a!r}, {want} {b!r}")
     return lines
 
 
@@ -41,69 +95,293 @@ def to_attr(value: Any) -> Any:
     return canonical_json(value)
 
 
+# -- error classification -----------------------------------------------------------------------------
+
+def is_lock_error(exc: BaseException) -> bool:
+    """True when h5py/the OS refused an open because another process holds the file's lock.
+
+    HDF5 reports it as ``unable to lock file, errno = 11`` (EAGAIN, a BlockingIOError) or errno 13 on some
+    file systems; a damaged superblock mentions "sblock", which is not a lock.
+    """
+    if isinstance(exc, BlockingIOError):
+        return True
+    return "unable to lock file" in str(exc).lower()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when an OSError from h5py or the OS means the disk (or a quota) is full."""
+    text = str(exc)
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "errno = 28" in text \
+        or "No space left" in text or "errno = 122" in text or "Disk quota exceeded" in text
+
+
+def salvage_command(path: Path) -> str:
+    return f"emo-cache salvage {shlex.quote(str(path))}"
+
+
+def damaged(path: Path, what: str, clip_id: Optional[str] = None) -> StoreDamaged:
+    """The one StoreDamaged message: the store, the clip (if known), what failed, and the salvage command."""
+    where = f"{path}: clip {clip_id!r}" if clip_id is not None else str(path)
+    return StoreDamaged(f"{where}: the store is damaged ({what}). Nothing was changed. Run `{salvage_command(path)}`"
+                        " to copy its readable complete clips into a fresh file (the damaged one is kept beside"
+                        " it), then rerun the stage that builds it to redo the rest.")
+
+
+def _store_name(fmt: Optional[str]) -> str:
+    return STORE_KINDS.get(fmt, (f"an HDF5 file of format {fmt!r}",))[0]
+
+
+# -- the writer lock ---------------------------------------------------------------------------------
+
+def lock_path(path: Path) -> Path:
+    """``faces.h5`` -> ``faces.h5.lock``: the writer lock beside the store."""
+    return Path(str(path) + LOCK_SUFFIX)
+
+
+def lock_holder(path: Path) -> tuple[str, str]:
+    """(host, pid) recorded in a store's writer lock, ``("?", "?")`` when unreadable."""
+    try:
+        lines = lock_path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return "?", "?"
+    pid = lines[0].strip() if lines else "?"
+    host = lines[1].strip() if len(lines) > 1 else "?"
+    return host or "?", pid or "?"
+
+
+def acquire_writer_lock(path: Path) -> SoftFileLock:
+    """Take ``STORE.lock`` or raise StoreLocked naming the holder's host and pid.
+
+    filelock's SoftFileLock writes this process's pid and host into the file and, on the same host, breaks a
+    lock whose process is gone, so a killed run never blocks the next one. It needs no ``flock``, so it also
+    guards stores on NFS/Lustre, where ``HDF5_USE_FILE_LOCKING=FALSE`` turns HDF5's own lock off.
+    """
+    lock = SoftFileLock(str(lock_path(path)), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        host, pid = lock_holder(path)
+        here = socket.gethostname()
+        tail = (" If that process is gone (it ran on another host, so its lock cannot be checked from here),"
+                f" delete {lock_path(path)} and rerun." if host not in (here, "?") else
+                " Wait for it to finish, or stop it and rerun.")
+        raise StoreLocked(f"{path}: another process (pid {pid} on host {host}) is writing this store"
+                          f" (lock file {lock_path(path)}).{tail}") from None
+    except PermissionError as exc:
+        raise StoreError(f"{Path(path).parent}: folder not writable ({exc.strerror}); choose another --out"
+                         " or fix the folder's permissions") from None
+    return lock
+
+
+class _LockedFile(h5py.File):
+    """An h5py file opened for writing that releases the store's writer lock when closed."""
+    _writer_lock: Optional[SoftFileLock] = None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            lock, self._writer_lock = self._writer_lock, None
+            if lock is not None:
+                lock.release()
+
+
+# -- opening ---------------------------------------------------------------------------------------
+
+def _open_error(path: Path, exc: OSError, mode: str) -> StoreError:
+    """Turn h5py's refusal to open ``path`` into the precise StoreError subclass and advice."""
+    text = str(exc)
+    if is_lock_error(exc) and ("errno = 37" in text or "errno = 38" in text):
+        return StoreError(f"{path}: this file system does not support HDF5's file locks ({text}); set"
+                          " HDF5_USE_FILE_LOCKING=FALSE (the store's own .lock file still keeps one writer)")
+    if is_lock_error(exc):
+        host, pid = lock_holder(path) if lock_path(path).exists() else ("?", "?")
+        who = f"pid {pid} on host {host}" if pid != "?" else "another process"
+        return StoreLocked(f"{path}: {who} has this store open for writing (HDF5 file lock); wait for it to"
+                           " finish, or stop it and rerun")
+    if isinstance(exc, PermissionError) or "errno = 13" in text or "errno = 30" in text \
+            or "Permission denied" in text or "Read-only file system" in text:
+        return StoreError(f"{path}: not {'writable' if mode != 'r' else 'readable'} ({text}); check its"
+                          " permissions, or choose another --out")
+    if is_disk_full(exc):
+        return StoreFull(f"{path}: the disk is full ({text}); free space and rerun")
+    if path.exists() and not h5py.is_hdf5(path):
+        return StoreError(f"{path}: not an HDF5 file; refusing to touch it. Move it away or choose another path.")
+    return damaged(path, f"cannot be opened: {text}")
+
+
 def open_h5(path: Path, mode: str) -> h5py.File:
-    """Open ``path``; turn h5py's errors into messages that say what to do."""
+    """Open ``path`` with h5py (no writer lock; writers use ``open_for_append``); errors say what to do."""
     path = Path(path)
     if mode == "r" and not path.exists():
         raise StoreError(f"{path}: no such store; build it first (see `emo-cache --help`)")
+    if mode == "r" and path.is_dir():
+        raise StoreError(f"{path}: is a folder, not a store file")
     try:
         return h5py.File(path, mode)
-    except BlockingIOError as exc:
-        raise StoreError(f"{path}: another process is writing this store; wait for it or stop it"
-                         f" (only one writer per HDF5 file) [{exc}]") from exc
     except OSError as exc:
-        if "lock" in str(exc).lower():
-            raise StoreError(f"{path}: another process holds this store open for writing; wait for it"
-                             f" or stop it [{exc}]") from exc
-        raise StoreDamaged(f"{path}: cannot be read as HDF5 ({exc}). If a run was killed while writing,"
-                           " rerun the same command: it salvages the complete clips and redoes the rest.") from exc
+        raise _open_error(path, exc, mode) from None
 
 
-def salvage(path: Path, complete_attr: str = "complete") -> Path:
-    """Copy every readable, complete clip of a damaged store into a fresh file in its place.
+def check_writable_target(path: Path) -> None:
+    """Refuse, before anything is written, an output path we must not or cannot write.
 
-    The damaged file is kept beside it as ``<name>.damaged-<time>`` so nothing is lost.
-    Returns the path of the kept damaged file.
+    A folder, a folder we cannot write into, or an existing file that is not HDF5 (an empty file is
+    treated as new: it holds nothing).
     """
     path = Path(path)
-    damaged = path.with_name(f"{path.name}.damaged-{int(time.time())}")
-    os.replace(path, damaged)
+    if path.is_dir():
+        raise StoreError(f"{path}: is a folder; give a store file path such as {path / 'store.h5'}")
+    parent = path.parent
     try:
-        src = h5py.File(damaged, "r")
-    except OSError:
-        return damaged  # nothing readable: the rerun starts from an empty store
-    with src, h5py.File(path, "w") as dst:
-        for name, value in src.attrs.items():
-            dst.attrs[name] = value
-        for key in list(src.keys()):
-            try:
-                if src[key].attrs.get(complete_attr, False):
-                    src.copy(src[key], dst, name=key)
-            except (OSError, KeyError, RuntimeError):
-                continue  # an unreadable clip was in flight; the rerun redoes it
-    return damaged
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{parent}: cannot create the output folder ({exc.strerror}); choose another --out") \
+            from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"{parent}: folder not writable; choose another --out or fix the folder's permissions")
+    if path.exists() and path.stat().st_size > 0 and not h5py.is_hdf5(path):
+        raise StoreError(f"{path}: exists and is not an HDF5 file; refusing to overwrite it. Move it away or"
+                         " choose another --out.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise StoreError(f"{path}: the store file is not writable; fix its permissions or choose another --out")
 
 
-def open_for_append(path: Path, log=print) -> h5py.File:
-    """Open or create a store for writing, salvaging it first if a kill left it unreadable."""
+def _check_kind(f: h5py.File, path: Path, fmt: Optional[str]) -> None:
+    found = f.attrs.get("format")
+    if found is None and (len(f.attrs) or len(f.keys())):
+        raise StoreMismatch(f"{path}: an HDF5 file that is not a store of this project (no format attribute);"
+                            " refusing to write into it. Choose another --out.")
+    if found is not None and fmt is not None and found != fmt:
+        raise StoreMismatch(f"{path}: is a {_store_name(found)}, not a {_store_name(fmt)}; refusing to write into"
+                            " it. Choose another --out.")
+
+
+def open_for_append(path: Path, log=print, fmt: Optional[str] = None) -> h5py.File:
+    """Open or create a store for writing, holding its writer lock until the file is closed.
+
+    Arguments:
+        path: the store file.
+        log: unused now (kept for callers); nothing is renamed or salvaged behind the user's back.
+        fmt: the store's root ``format`` (e.g. ``"emotion-faces/1"``); an existing store of another
+            format, or an HDF5 file of no format, is refused with StoreMismatch.
+
+    Raises StoreError (folder not writable, not HDF5), StoreLocked (another writer: host and pid),
+    StoreDamaged (with the ``emo-cache salvage`` command), StoreMismatch (another kind of store).
+    Nothing is written before these checks pass.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_target(path)
+    lock = acquire_writer_lock(path)
     try:
-        return open_h5(path, "a")
-    except StoreDamaged as exc:
-        kept = salvage(path)
-        log(f"warning: {exc}\n  salvaged complete clips into a new {path}; the damaged file is kept as {kept}")
-        return open_h5(path, "a")
+        if path.exists() and path.stat().st_size == 0:
+            path.unlink()  # an empty file (a kill before the first flush) holds nothing to keep
+        if path.exists():
+            try:
+                f = _LockedFile(path, "r+")
+            except OSError as exc:
+                raise _open_error(path, exc, "a") from None
+            try:
+                _check_kind(f, path, fmt)
+            except BaseException:
+                h5py.File.close(f)
+                raise
+        else:
+            try:
+                f = _LockedFile(path, "w-")
+            except OSError as exc:
+                raise _open_error(path, exc, "a") from None
+        f._writer_lock = lock
+        return f
+    except BaseException:
+        lock.release()
+        raise
+
+
+# -- checked reads -----------------------------------------------------------------------------------
+
+FINITE_DATASETS = ("maps", "map_lo", "map_scale")  # must hold finite numbers (NaN marks "missing" elsewhere)
+
+
+def _where(ds: h5py.Dataset) -> tuple[Path, Optional[str]]:
+    """(store path, clip id) of a dataset, for messages."""
+    try:
+        path = Path(ds.file.filename)
+        group = ds.name.rsplit("/", 1)[0].lstrip("/")
+    except (OSError, RuntimeError, ValueError):
+        return Path("?"), None
+    return path, (key_to_id(group) if group else None)
+
+
+def read_checked(ds: h5py.Dataset, sel: Any = ()) -> np.ndarray:
+    """``ds[sel]``; a failed checksum or unreadable chunk becomes StoreDamaged naming store and clip.
+
+    Data sets named in FINITE_DATASETS are also checked for NaN/inf (damaged bytes often decode to them).
+    """
+    try:
+        data = ds[sel]
+    except (OSError, RuntimeError, KeyError) as exc:
+        path, clip = _where(ds)
+        raise damaged(path, f"{ds.name.rsplit('/', 1)[-1]} cannot be read: {exc}", clip) from None
+    if ds.name.rsplit("/", 1)[-1] in FINITE_DATASETS:
+        check_finite(data, ds)
+    return data
+
+
+def check_finite(data: np.ndarray, ds: h5py.Dataset) -> None:
+    """StoreDamaged when ``data`` (read from ``ds``) holds NaN or inf."""
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        path, clip = _where(ds)
+        raise damaged(path, f"non-finite values (NaN or inf) in {ds.name.rsplit('/', 1)[-1]}", clip)
+
+
+def create_checked_dataset(grp: h5py.Group, name: str, data: Optional[np.ndarray] = None, **kwargs) -> h5py.Dataset:
+    """``grp.create_dataset`` with HDF5's fletcher32 chunk checksums, so damaged bytes are caught on read.
+
+    fletcher32 needs a chunked layout: ``chunks`` defaults to h5py's automatic choice. An empty data set has
+    no chunk to check and is stored plainly. Takes the same arguments as ``create_dataset``.
+    """
+    shape = kwargs.get("shape", None if data is None else np.shape(data))
+    if shape is not None and int(np.prod(shape)) == 0:
+        kwargs.pop("chunks", None)
+        kwargs.pop("compression", None)
+        return grp.create_dataset(name, data=data, **kwargs)
+    if kwargs.get("chunks") is None:
+        kwargs["chunks"] = True
+    return grp.create_dataset(name, data=data, fletcher32=True, **kwargs)
+
+
+CRC_DATASET = "faces_crc32"  # uint32 (F,): crc32 of each encoded chip; HDF5 allows no checksum filter on vlen data
+
+
+def crc32_rows(rows) -> np.ndarray:
+    """uint32 crc32 of each variable-length row (encoded PNG/JPEG chips).
+
+    JPEG decodes damaged bytes into wrong pixels without an error, so encoded chips carry their own sums.
+    """
+    return np.array([zlib.crc32(np.asarray(r, dtype=np.uint8).tobytes()) for r in rows], dtype=np.uint32)
+
+
+def verify_crc32(grp: h5py.Group, positions: np.ndarray, rows, path: Path, clip_id: str) -> None:
+    """StoreDamaged when an encoded chip's bytes no longer match the crc32 stored when it was written."""
+    if CRC_DATASET not in grp:
+        return  # a store written before the sums existed
+    stored = read_checked(grp[CRC_DATASET])[np.asarray(positions, dtype=np.int64)]
+    bad = np.flatnonzero(crc32_rows(rows) != stored)
+    if len(bad):
+        raise damaged(path, f"face chip of frame {int(positions[bad[0]])} fails its crc32", clip_id)
 
 
 def group_names(f: h5py.File, complete_only: bool = True) -> Iterable[str]:
-    for key in f.keys():
-        if not complete_only or f[key].attrs.get("complete", False):
-            yield key
+    try:
+        keys = list(f.keys())
+        return [k for k in keys if not complete_only or f[k].attrs.get("complete", False)]
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise damaged(Path(f.filename), f"its clip index cannot be read: {exc}") from None
 
 
 def read_rows(ds: h5py.Dataset, frames: np.ndarray, lead: tuple = ()) -> np.ndarray:
-    """``ds[lead + (frames,)]`` for frame indices in any order, repeats allowed.
+    """``ds[lead + (frames,)]`` for frame indices in any order, repeats allowed; reads are checked.
 
     h5py's multi-index selection costs ~100 ms a clip (bench/bench_heads.py), so a dense span is read as
     one slice and a sparse selection frame by frame.
@@ -115,10 +393,194 @@ def read_rows(ds: h5py.Dataset, frames: np.ndarray, lead: tuple = ()) -> np.ndar
     lo, hi = int(frames.min()), int(frames.max()) + 1
     unique = np.unique(frames)
     if hi - lo <= 8 * len(unique):
-        return ds[lead + (slice(lo, hi),)][frames - lo]
-    block = np.stack([ds[lead + (int(i),)] for i in unique])
+        return read_checked(ds, lead + (slice(lo, hi),))[frames - lo]
+    block = np.stack([read_checked(ds, lead + (int(i),)) for i in unique])
     return block[np.searchsorted(unique, frames)]
 
+
+# -- salvage -----------------------------------------------------------------------------------------
+
+@dataclass
+class SalvageReport:
+    """What ``salvage`` did: the fresh store, the kept damaged file, and every clip kept or dropped."""
+    path: Path                      # the salvaged store (same path as before)
+    damaged_copy: Path              # the original, damaged file, renamed beside it
+    kind: str                       # "faces store", "features store", ...
+    stage: str                      # the command that rebuilds dropped clips
+    kept: list[str] = field(default_factory=list)                    # clip ids copied
+    dropped: list[tuple[str, str]] = field(default_factory=list)     # (clip id, why)
+
+
+class _ZeroPadded:
+    """A read-only file object that reads zeros past the real end, up to ``size``.
+
+    A truncated HDF5 file is refused by the library ("truncated file: eof = ..., stored_eof = ...");
+    seen through this it opens, and every clip whose data lies wholly before the cut can be copied.
+    """
+
+    def __init__(self, path: Path, size: int):
+        self._fh = open(path, "rb")
+        self.real_size = os.fstat(self._fh.fileno()).st_size
+        self._size = max(size, self.real_size)
+        self._pos = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: offset, 1: self._pos + offset, 2: self._size + offset}[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        real = max(0, min(n, self.real_size - self._pos))
+        if real:
+            self._fh.seek(self._pos)
+            got = self._fh.readinto(view[:real])
+            real = got or 0
+        view[real:n] = bytes(n - real)
+        self._pos += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n < 0 else n
+        buf = bytearray(n)
+        return bytes(buf[:self.readinto(buf)])
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _open_damaged(path: Path) -> tuple[h5py.File, int, Optional[_ZeroPadded]]:
+    """(readable h5py file, real byte size, padding file object or None) of a possibly damaged store."""
+    size = path.stat().st_size
+    try:
+        return h5py.File(path, "r"), size, None
+    except OSError as exc:
+        text = str(exc)
+        if is_lock_error(exc):
+            raise _open_error(path, exc, "r") from None
+        if "stored_eof = " not in text:
+            raise StoreDamaged(f"{path}: nothing in it can be read ({text}); it was left as it is. Move it aside"
+                               " and rerun the stage that builds it.") from None
+        stored_eof = int(text.split("stored_eof = ")[1].split(")")[0].split(",")[0])
+    padded = _ZeroPadded(path, stored_eof)
+    try:
+        return h5py.File(padded, "r"), size, padded
+    except OSError as exc:
+        padded.close()
+        raise StoreDamaged(f"{path}: truncated at {size} bytes and nothing in it can be read ({exc}); it was"
+                           " left as it is. Move it aside and rerun the stage that builds it.") from None
+
+
+def _clip_problem(grp: h5py.Group, real_size: int) -> Optional[str]:
+    """Why a clip group cannot be kept (not complete, beyond a truncation, unreadable, non-finite), or None."""
+    if not grp.attrs.get("complete", False):
+        return "not complete (in flight when the run stopped)"
+    for name, ds in grp.items():
+        if not isinstance(ds, h5py.Dataset):
+            continue
+        if ds.chunks is not None:
+            for i in range(ds.id.get_num_chunks()):
+                info = ds.id.get_chunk_info(i)
+                if info.byte_offset + info.size > real_size:
+                    return f"{name} lies past the end of the truncated file"
+            blocks = ds.iter_chunks() if ds.size else []
+        else:
+            offset = ds.id.get_offset()
+            if offset is not None and offset + ds.id.get_storage_size() > real_size:
+                return f"{name} lies past the end of the truncated file"
+            blocks = [()]
+        for sel in blocks:
+            data = ds[sel]
+            if name in FINITE_DATASETS and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+                return f"non-finite values (NaN or inf) in {name}"
+    if CRC_DATASET in grp and "faces" in grp:
+        if (crc32_rows(grp["faces"][()]) != grp[CRC_DATASET][()]).any():
+            return "an encoded face chip fails its crc32"
+    return None
+
+
+def salvage(path: Path, log=print) -> SalvageReport:
+    """Copy every readable, complete clip of ``path`` into a fresh file that takes its place.
+
+    The original is renamed, never changed: ``<name>.damaged-<time>`` beside it. Every dataset of a kept clip
+    is read in full first (checksums, a truncation, non-finite maps), so a kept clip is a good clip. The copy
+    is built under ``<name>.salvage-tmp`` and renamed only when complete, so a kill or a full disk during the
+    salvage leaves the original where it was. Refused while a writer holds the store.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such store")
+    lock = acquire_writer_lock(path)
+    try:
+        src, real_size, padded = _open_damaged(path)
+        tmp = path.with_name(path.name + ".salvage-tmp")
+        try:
+            fmt = src.attrs.get("format")
+            kind, stage = STORE_KINDS.get(fmt, ("store", "the stage that built it"))
+            report = SalvageReport(path, path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"),
+                                   kind, stage)
+            _copy_good_clips(src, tmp, real_size, report)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise StoreFull(f"{path}: the disk filled while salvaging into {tmp}; the store was left as it"
+                                f" is. Free about {real_size / 2**30:.2f} GiB and run `{salvage_command(path)}`"
+                                " again.") from None
+            raise
+        finally:
+            src.close()
+            if padded is not None:
+                padded.close()
+        os.replace(path, report.damaged_copy)
+        os.replace(tmp, path)
+        return report
+    finally:
+        lock.release()
+
+
+def _copy_good_clips(src: h5py.File, tmp: Path, real_size: int, report: SalvageReport) -> None:
+    try:
+        keys = list(src.keys())
+    except (OSError, RuntimeError) as exc:
+        raise StoreDamaged(f"{report.path}: its clip index cannot be read ({exc}); it was left as it is. Move it"
+                           " aside and rerun the stage that builds it.") from None
+    with h5py.File(tmp, "w") as dst:
+        for name, value in src.attrs.items():
+            dst.attrs[name] = value
+        for key in keys:
+            try:
+                problem = _clip_problem(src[key], real_size)
+                if problem is None:
+                    src.copy(src[key], dst, name=key)
+                    dst.flush()
+            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+                if is_disk_full(exc):
+                    raise
+                problem = f"unreadable ({exc})"
+                if key in dst:
+                    del dst[key]
+            if problem is None:
+                report.kept.append(key_to_id(key))
+            else:
+                report.dropped.append((key_to_id(key), problem))
+
+
+# -- the shared store class ---------------------------------------------------------------------------
 
 class ClipStore:
     """What both stores share: one group per clip, committed whole with a ``complete`` mark written last.
@@ -131,24 +593,61 @@ class ClipStore:
 
     def is_complete(self, clip_id: str) -> bool:
         key = clip_key(clip_id)
-        return key in self._f and bool(self._f[key].attrs.get("complete", False))
+        try:
+            return key in self._f and bool(self._f[key].attrs.get("complete", False))
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise damaged(self.path, f"its group cannot be read: {exc}", clip_id) from None
 
     def attrs(self, clip_id: str) -> dict:
         grp = self._group(clip_id)
-        return {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items()}
+        try:
+            return {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items()}
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise damaged(self.path, f"its attributes cannot be read: {exc}", clip_id) from None
 
     def read_present(self, clip_id: str) -> np.ndarray:
         """bool (F,) face mask of a clip, without reading its pixels or maps."""
-        return self._group(clip_id)["present"][()]
+        return read_checked(self._group(clip_id)["present"])
 
     def _group(self, clip_id: str) -> h5py.Group:
         if not self.is_complete(clip_id):
             raise StoreError(f"{self.path}: clip {clip_id!r} is not in the store (or was not completed);"
                              f" rerun `{self.STAGE}` to finish it")
-        return self._f[clip_key(clip_id)]
+        grp = self._f[clip_key(clip_id)]
+        try:  # opening each data set reads its header: damaged metadata is caught here, named, not a KeyError
+            for name in grp:
+                grp[name]
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise damaged(self.path, f"its data sets cannot be opened: {exc}", clip_id) from None
+        return grp
 
-    def _new_group(self, clip_id: str) -> h5py.Group:
-        """An empty group for the clip, replacing an earlier (incomplete or outdated) one."""
+    def ensure_space(self, clip_id: str, nbytes: int = 0) -> None:
+        """StoreFull, before anything is written, when the disk lacks ``nbytes`` plus FREE_RESERVE.
+
+        HDF5 must never meet a full disk: after a failed write its caches are inconsistent and a later
+        flush or close can crash the process (seen as a segmentation fault). So writers check first, and the
+        reserve keeps room for the metadata that the commit and the close still write.
+        """
+        need = int(nbytes * 1.05) + FREE_RESERVE
+        free = free_bytes(self.path)
+        if free < need:
+            raise StoreFull(f"{self.path}: not enough free disk to write clip {clip_id!r}: {free / 2**20:.1f} MiB free,"
+                            f" about {need / 2**20:.1f} MiB needed. The {self._count_complete()} clip(s) committed so"
+                            " far are kept: free space (or move the store to a larger disk) and rerun the same"
+                            " command to finish.")
+
+    def _count_complete(self) -> int:
+        try:
+            return len(group_names(self._f))
+        except StoreDamaged:
+            return 0
+
+    def _new_group(self, clip_id: str, nbytes: int = 0) -> h5py.Group:
+        """An empty group for the clip, replacing an earlier (incomplete or outdated) one.
+
+        ``nbytes``: about what the clip will write, checked against the free disk first (``ensure_space``).
+        """
+        self.ensure_space(clip_id, nbytes)
         key = clip_key(clip_id)
         if key in self._f:
             del self._f[key]
@@ -156,6 +655,7 @@ class ClipStore:
 
     def _commit(self, grp: h5py.Group, clip_id: str, attrs: dict) -> None:
         """Attributes and data flushed first, then the ``complete`` mark, flushed again."""
+        self.ensure_space(clip_id)
         for k, v in {**attrs, "clip_id": clip_id}.items():
             grp.attrs[k] = to_attr(v)
         self._f.flush()
@@ -163,9 +663,9 @@ class ClipStore:
         self._f.flush()
 
     def close(self) -> None:
-        if self._f:
+        if getattr(self, "_f", None):
             self._f.close()
-            self._f = None
+        self._f = None
 
     def __enter__(self):
         return self

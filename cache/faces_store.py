@@ -1,7 +1,8 @@
 """Faces store: one HDF5 file per dataset, one group per clip (see README, "Faces store").
 
 Layout of a clip group (name = ``clip_key(clip_id)``):
-    faces         uint8   (F, S, S, 3)  RGB aligned chips, one chunk per frame
+    faces         uint8   (F, S, S, 3)  RGB aligned chips, one chunk per frame (codec "raw");
+                  or vlen uint8 (F,)    one PNG/JPEG image per frame (codec "png"/"jpeg", cache/codecs.py)
     frame_index   int32   (F,)          index of the frame in the decoded video
     timestamp_ms  float32 (F,)
     present       bool    (F,)          False: no face in that frame (the row is kept)
@@ -10,7 +11,13 @@ Layout of a clip group (name = ``clip_key(clip_id)``):
     score         float32 (F,)          detector score (NaN when not detected)
     how           uint8   (F,)          codes in ``HOW``
 attrs: clip_id, label, split, source, fps, total_frames, complete (written last).
-Root attrs: format, config (JSON of the resolved config), code_version, fingerprint.
+Root attrs: format, config (JSON of the resolved config; ``codec``/``jpeg_quality`` when not raw),
+code_version, fingerprint, and ``shard`` ("K/N") in a store written by ``--shard K/N``.
+
+A clip is written in pieces (``begin_clip`` -> ``FacesClipWriter.append`` ... -> ``commit``), so a long
+clip never sits in memory whole; the ``complete`` mark is still written last. Fixed-size datasets carry
+fletcher32 checksums; HDF5 allows no filter on variable-length data, so encoded chips rely on the
+image format's own checks (PNG's CRCs, JPEG's markers) and a chip that does not decode is reported as damage.
 """
 from __future__ import annotations
 
@@ -18,10 +25,13 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import h5py
 import numpy as np
 
-from cache.common import (ClipStore, StoreError, StoreMismatch, canonical_json, diff_settings, group_names,
-                          key_to_id, open_for_append, open_h5, read_rows, sha256_text)
+from cache.codecs import Codec, codec_of_config
+from cache.common import (CRC_DATASET, ClipStore, StoreError, StoreFull, StoreMismatch, canonical_json,
+                          create_checked_dataset, crc32_rows, damaged, diff_settings, group_names, is_disk_full,
+                          key_to_id, open_for_append, open_h5, read_checked, read_rows, sha256_text, verify_crc32)
 
 FORMAT = "emotion-faces/1"
 
@@ -40,6 +50,9 @@ FRAME_DATASETS = {
     "faces": np.uint8, "frame_index": np.int32, "timestamp_ms": np.float32, "present": np.bool_,
     "box": np.float32, "landmarks": np.float32, "score": np.float32, "how": np.uint8,
 }
+ROW_SHAPES = {"box": (4,), "landmarks": (68, 2)}  # per-frame shape of the meta datasets (others scalar)
+META_CHUNK = 256      # rows per chunk of the meta datasets (a few KiB each)
+ENCODED_CHUNK = 64    # rows per chunk of an encoded faces dataset (pointers into HDF5's heap)
 
 
 class FacesStore(ClipStore):
@@ -48,9 +61,11 @@ class FacesStore(ClipStore):
     Arguments:
         path: the ``.h5`` file.
         mode: ``"r"`` or ``"a"``. ``"a"`` creates the file, or checks that an existing one was
-            built with the same ``config`` and salvages it if a kill left it unreadable.
+            built with the same ``config`` (codec included: a store never mixes codecs).
         config: the resolved preprocessing config (a JSON-able dict); required for ``"a"``.
         code_version: recorded at the root when the store is created.
+        shard: "K/N" when this store holds shard K of N (a root attribute, not part of the config, so
+            the shards of one run can be merged by ``emo-cache merge``).
 
     >>> with FacesStore("faces.h5", "a", config={"size": 256}, code_version="0.1.0") as store:
     ...     store.write_clip("Train/Happy/a.mp4", arrays, {"label": "Happy", "split": "Train"})
@@ -59,34 +74,46 @@ class FacesStore(ClipStore):
     STAGE = "emo-cache faces"
 
     def __init__(self, path, mode: str = "r", config: Optional[dict] = None,
-                 code_version: str = "", log=print):
+                 code_version: str = "", log=print, shard: Optional[str] = None):
         self.path = Path(path)
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', not {mode!r}")
         if mode == "a":
             if config is None:
                 raise ValueError("FacesStore(mode='a') needs the resolved config")
-            self._f = open_for_append(self.path, log=log)
-            self._init_or_check(config, code_version)
+            self._f = open_for_append(self.path, log=log, fmt=FORMAT)
+            try:
+                self._init_or_check(config, code_version, shard)
+            except BaseException:
+                self.close()
+                raise
         else:
             self._f = open_h5(self.path, "r")
             if self._f.attrs.get("format") != FORMAT:
-                raise StoreError(f"{self.path}: not a faces store (format={self._f.attrs.get('format')!r});"
-                                 " build one with `emo-cache faces`")
+                fmt = self._f.attrs.get("format")
+                self.close()
+                raise StoreError(f"{self.path}: not a faces store (format={fmt!r}); build one with `emo-cache faces`")
+        self.codec = codec_of_config(self.config)
 
-    def _init_or_check(self, config: dict, code_version: str) -> None:
+    def _init_or_check(self, config: dict, code_version: str, shard: Optional[str]) -> None:
         attrs = self._f.attrs
         if "config" not in attrs:
             attrs["format"] = FORMAT
             attrs["config"] = canonical_json(config)
             attrs["code_version"] = code_version
             attrs["fingerprint"] = sha256_text(canonical_json(config))
+            if shard:
+                attrs["shard"] = shard
             self._f.flush()
             return
         diffs = diff_settings(json.loads(attrs["config"]), config)
         if diffs:
             raise StoreMismatch(f"{self.path} was built with other settings:\n  " + "\n  ".join(diffs)
                                 + "\nUse a new --out path, or rerun with the store's settings.")
+        have = str(attrs.get("shard", ""))
+        if have != (shard or ""):
+            raise StoreMismatch(f"{self.path} holds {('shard ' + have) if have else 'the whole dataset'}, this run"
+                                f" writes {('shard ' + shard) if shard else 'the whole dataset'}; use another --out")
 
     # -- metadata ----------------------------------------------------------------------------
     @property
@@ -112,14 +139,38 @@ class FacesStore(ClipStore):
     def read_meta(self, clip_id: str) -> dict[str, np.ndarray]:
         """Every per-frame dataset except the pixels."""
         grp = self._group(clip_id)
-        return {name: grp[name][()] for name in FRAME_DATASETS if name != "faces"}
+        return {name: read_checked(grp[name]) for name in FRAME_DATASETS if name != "faces"}
 
     def read_faces(self, clip_id: str, frames: Optional[np.ndarray] = None) -> np.ndarray:
-        """uint8 (F, S, S, 3) RGB chips, all frames or the given frame positions (any order)."""
+        """uint8 (F, S, S, 3) RGB chips, all frames or the given frame positions (any order, repeats
+        allowed), decoded from the store's codec."""
         ds = self._group(clip_id)["faces"]
-        if frames is None:
-            return ds[()]
-        return read_rows(ds, frames)
+        if ds.dtype == np.uint8:  # raw chips (also every store written before codecs existed)
+            return read_checked(ds) if frames is None else read_rows(ds, frames)
+        frames = np.arange(ds.shape[0]) if frames is None else np.asarray(frames, dtype=np.int64)
+        unique = np.unique(frames)
+        if len(unique) == 0:
+            return np.zeros((0,) + self._chip_shape(), np.uint8)
+        lo, hi = int(unique[0]), int(unique[-1]) + 1
+        if hi - lo <= 8 * len(unique):  # one read of the span, as read_rows does
+            rows = read_checked(ds, slice(lo, hi))[unique - lo]
+        else:
+            rows = [read_checked(ds, int(i)) for i in unique]
+        verify_crc32(ds.parent, unique, rows, self.path, clip_id)
+        try:
+            chips = np.stack([self.codec.decode(r) for r in rows])       # (U, S, S, 3)
+        except ValueError as exc:
+            raise damaged(self.path, f"a face chip does not decode ({exc})", clip_id) from None
+        return chips[np.searchsorted(unique, frames)]
+
+    def _chip_shape(self) -> tuple:
+        size = self.config.get("face", {}).get("size", self.config.get("size", 256))
+        return (size, size, 3)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def begin_clip(self, clip_id: str, size: int, compression: Optional[str] = None) -> "FacesClipWriter":
+        """Start writing a clip in pieces (an earlier incomplete group of it is replaced); see FacesClipWriter."""
+        return FacesClipWriter(self, clip_id, size, compression)
 
     def write_clip(self, clip_id: str, arrays: dict[str, np.ndarray], attrs: dict,
                    compression: Optional[str] = None) -> None:
@@ -130,13 +181,101 @@ class FacesStore(ClipStore):
         missing = set(FRAME_DATASETS) - set(arrays)
         if missing:
             raise ValueError(f"clip {clip_id}: arrays lack {sorted(missing)}")
+        faces = np.asarray(arrays["faces"])
+        size = faces.shape[1] if faces.ndim == 4 else self._chip_shape()[0]
+        writer = self.begin_clip(clip_id, size, compression)
+        writer.append(arrays)
+        writer.commit(attrs)
+
+    def disk_full(self, exc: BaseException, clip_id: str) -> StoreFull:
+        """The StoreFull to raise when ``exc`` says the disk filled while writing ``clip_id``."""
+        return StoreFull(f"{self.path}: the disk filled while writing clip {clip_id!r} ({exc}). The clips committed"
+                         " so far are kept: free space (or move the store to a larger disk) and rerun the same"
+                         " command to finish.")
+
+
+class FacesClipWriter:
+    """Writes one clip's rows in pieces; ``commit`` writes the attributes, then the ``complete`` mark.
+
+    The datasets grow with each ``append``; until ``commit`` the group has no ``complete`` mark, so a kill
+    leaves a clip that readers do not see and a rerun redoes.
+
+    >>> w = store.begin_clip("Train/Happy/a.mp4", size=256)  # doctest: +SKIP
+    >>> w.append(rows_0_to_63); w.append(rows_64_to_127); w.commit({"label": "Happy"})  # doctest: +SKIP
+    """
+
+    def __init__(self, store: FacesStore, clip_id: str, size: int, compression: Optional[str] = None):
+        self.store, self.clip_id, self.rows = store, clip_id, 0
+        self.codec: Codec = store.codec
+        try:
+            self.grp = store._new_group(clip_id)
+            for name, dtype in FRAME_DATASETS.items():
+                self._create(name, dtype, size, compression)
+            if self.codec.encoded:  # vlen data has no fletcher32: each chip's crc32 instead
+                create_checked_dataset(self.grp, CRC_DATASET, shape=(0,), maxshape=(None,), chunks=(META_CHUNK,),
+                                       dtype=np.uint32)
+        except OSError as exc:
+            self._raise(exc)
+
+    def _create(self, name: str, dtype, size: int, compression: Optional[str]) -> h5py.Dataset:
+        if name == "faces" and self.codec.encoded:
+            return self.grp.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(ENCODED_CHUNK,),
+                                           dtype=h5py.vlen_dtype(np.uint8))
+        row = (size, size, 3) if name == "faces" else ROW_SHAPES.get(name, ())
+        chunks = (1,) + row if name == "faces" else (META_CHUNK,) + row
+        return self.grp.create_dataset(name, shape=(0,) + row, maxshape=(None,) + row, chunks=chunks,
+                                       dtype=dtype, fletcher32=True,
+                                       compression=compression if name == "faces" else None)
+
+    def append(self, arrays: dict[str, np.ndarray]) -> None:
+        """Append rows: every FRAME_DATASETS key, with equal row counts; ``faces`` as uint8 (n, S, S, 3)."""
         n = len(arrays["present"])
-        grp = self._new_group(clip_id)
-        for name, dtype in FRAME_DATASETS.items():
-            data = np.asarray(arrays[name], dtype=dtype)
-            if len(data) != n:
-                raise ValueError(f"clip {clip_id}: {name} has {len(data)} rows, present has {n}")
-            chunks = (1,) + data.shape[1:] if name == "faces" and n else None
-            grp.create_dataset(name, data=data, chunks=chunks,
-                               compression=compression if name == "faces" and n else None)
-        self._commit(grp, clip_id, attrs)
+        for name in FRAME_DATASETS:
+            if len(arrays[name]) != n:
+                raise ValueError(f"clip {self.clip_id}: {name} has {len(arrays[name])} rows, present has {n}")
+        if n == 0:
+            return
+        faces = self.codec.encode_many(arrays["faces"]) if self.codec.encoded else arrays["faces"]
+        self.store.ensure_space(self.clip_id, sum(np.asarray(a).nbytes for a in arrays.values()))  # before HDF5 writes
+        try:
+            for name, dtype in FRAME_DATASETS.items():
+                ds = self.grp[name]
+                ds.resize(self.rows + n, axis=0)
+                if name == "faces" and self.codec.encoded:
+                    write_vlen_rows(ds, self.rows, faces)
+                else:
+                    ds[self.rows:self.rows + n] = faces if name == "faces" else np.asarray(arrays[name], dtype=dtype)
+            if self.codec.encoded:
+                crc = self.grp[CRC_DATASET]
+                crc.resize(self.rows + n, axis=0)
+                crc[self.rows:self.rows + n] = crc32_rows(faces)
+        except OSError as exc:
+            self._raise(exc)
+        self.rows += n
+
+    def discard(self) -> None:
+        """Drop the unfinished clip (its data never becomes visible); a rerun redoes it."""
+        try:
+            del self.store._f[self.grp.name]
+        except (OSError, KeyError, RuntimeError):
+            pass  # nothing to drop, or the file is failing: the group has no complete mark either way
+
+    def commit(self, attrs: dict) -> None:
+        """Attributes, flushed; then the ``complete`` mark, flushed."""
+        try:
+            self.store._commit(self.grp, self.clip_id, attrs)
+        except OSError as exc:
+            self._raise(exc)
+
+    def _raise(self, exc: OSError):
+        if is_disk_full(exc):
+            raise self.store.disk_full(exc, self.clip_id) from None
+        raise exc
+
+
+def write_vlen_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
+    """Write an object array of uint8 rows at ``start``. Through the low-level call because h5py's
+    slice assignment turns rows of equal length (e.g. identical blank chips) into a 2-D array and fails."""
+    space = ds.id.get_space()
+    space.select_hyperslab((start,), (len(rows),))
+    ds.id.write(h5py.h5s.create_simple((len(rows),)), space, rows)

@@ -1,11 +1,20 @@
 """Features store: one HDF5 file per backbone setting, one group per clip (see README).
 
 Layout of a clip group (same name as in the faces store):
-    maps     float16 (V, F, L, D)  backbone maps; V views (0 = original, 1 = mirror), L positions
-    present  bool    (F,)          copy of the faces store's mask; absent frames have zero maps
+    maps       float16 (V, F, L, D)  backbone maps; V views (0 = original, 1 = mirror), L positions;
+               or uint8 (V, F, L, D) with ``map_lo``/``map_scale`` (map_dtype "uint8", below)
+    map_lo     float16 (V, F, D)     uint8 stores only: per view, frame and channel, value = lo + q * scale
+    map_scale  float16 (V, F, D)     uint8 stores only
+    present    bool    (F,)          copy of the faces store's mask for these rows; absent frames have zero maps
+    rows       int32   (F,)          which faces-store frame (position in its clip) each row holds: 0..F-1 when
+                                     every frame is kept, fewer with ``--frames-per-clip``; absent in old stores
 attrs: clip_id, label, split, complete (written last).
 Root attrs: format, provenance (JSON), one ``prov_<key>`` attr per provenance key for h5dump,
-class_names (JSON list).
+class_names (JSON list), and ``shard`` ("K/N") in a store written by ``--shard K/N``.
+
+A clip is written in pieces (``begin_clip`` -> ``ClipWriter.write`` ... -> ``ClipWriter.commit``), so a long
+clip never sits in memory whole; the ``complete`` mark is still written last. Readers always get float16
+maps: a uint8 store is dequantised in ``read_clip``.
 """
 from __future__ import annotations
 
@@ -15,10 +24,42 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from cache.common import (ClipStore, StoreError, StoreMismatch, canonical_json, diff_settings, group_names,
-                          key_to_id, open_for_append, open_h5, read_rows, to_attr)
+from cache.common import (ClipStore, StoreError, StoreFull, StoreMismatch, canonical_json, diff_settings,
+                          create_checked_dataset, group_names, is_disk_full, key_to_id, open_for_append, open_h5,
+                          read_checked, read_rows, to_attr)
 
 FORMAT = "emotion-features/1"
+MAP_DTYPES = ("float16", "uint8")  # uint8: 8-bit maps with a per (view, frame, channel) offset and scale
+LEVELS = 255                       # uint8 codes 0..255
+
+
+def quantise(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float (V, n, L, D) -> (uint8 codes (V, n, L, D), lo float16 (V, n, D), scale float16 (V, n, D)).
+
+    Each (view, frame, channel) gets its own range over the L positions, so a quiet channel keeps its
+    resolution next to a loud one. ``dequantise(*quantise(x))`` is within scale/2 of x (plus float16 rounding
+    of lo).
+
+    >>> q, lo, s = quantise(np.array([[[[0.0], [1.0], [0.5]]]], np.float16))
+    >>> q[0, 0, :, 0].tolist(), float(lo[0, 0, 0])
+    ([0, 255, 128], 0.0)
+    """
+    x = np.asarray(maps, dtype=np.float32)
+    lo = x.min(axis=2).astype(np.float16)                               # (V, n, D)
+    hi = x.max(axis=2)
+    scale = ((hi - lo.astype(np.float32)) / LEVELS).astype(np.float16)  # (V, n, D)
+    short = lo.astype(np.float32) + scale.astype(np.float32) * LEVELS < hi  # float16 rounded the scale down
+    scale = np.where(short, np.nextafter(scale, np.float16(np.inf)), scale)
+    safe = np.where(scale > 0, scale.astype(np.float32), 1.0)[:, :, None, :]
+    codes = np.rint((x - lo.astype(np.float32)[:, :, None, :]) / safe)
+    return np.clip(codes, 0, LEVELS).astype(np.uint8), lo, scale
+
+
+def dequantise(codes: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """uint8 (V, n, L, D) codes with (V, n, D) lo and scale -> float16 (V, n, L, D)."""
+    out = codes.astype(np.float32) * scale.astype(np.float32)[:, :, None, :]
+    out += lo.astype(np.float32)[:, :, None, :]
+    return out.astype(np.float16)
 
 
 class FeaturesStore(ClipStore):
@@ -28,10 +69,12 @@ class FeaturesStore(ClipStore):
         path: the ``.h5`` file.
         mode: ``"r"`` or ``"a"``.
         provenance: for ``"a"``, the settings that made the maps (backbone, layer, weights hash,
-            input size, crop, normalisation, faces-store fingerprint, ...). An existing store
-            with other provenance is refused with the differing keys named. For ``"r"`` it is
-            optional and, when given, checked the same way.
+            input size, crop, normalisation, faces-store fingerprint, map_dtype, frames_per_clip, ...).
+            An existing store with other provenance is refused with the differing keys named. For ``"r"``
+            it is optional and, when given, checked the same way.
         class_names: recorded when the store is created.
+        shard: "K/N" when this store holds shard K of N (recorded at the root, not in the provenance, so
+            the shards of one run can be merged).
 
     >>> store = FeaturesStore("feats.h5", "a", provenance={"backbone": "vgg16"}, class_names=[...])
     >>> store.write_clip("Train/Happy/a.mp4", maps, present, {"label": "Happy", "split": "Train"})
@@ -40,28 +83,40 @@ class FeaturesStore(ClipStore):
     STAGE = "emo-cache extract"
 
     def __init__(self, path, mode: str = "r", provenance: Optional[dict] = None,
-                 class_names: Optional[list[str]] = None, log=print):
+                 class_names: Optional[list[str]] = None, log=print, shard: Optional[str] = None):
         self.path = Path(path)
         if mode == "a":
             if provenance is None:
                 raise ValueError("FeaturesStore(mode='a') needs the provenance dict")
-            self._f = open_for_append(self.path, log=log)
+            self._f = open_for_append(self.path, log=log, fmt=FORMAT)
             if "provenance" not in self._f.attrs:
-                self._f.attrs["format"] = FORMAT
-                self._f.attrs["provenance"] = canonical_json(provenance)
-                for k, v in provenance.items():
-                    self._f.attrs[f"prov_{k}"] = to_attr(v)
-                self._f.attrs["class_names"] = canonical_json(list(class_names or []))
-                self._f.flush()
+                self._create(provenance, class_names, shard)
         elif mode == "r":
             self._f = open_h5(self.path, "r")
         else:
             raise ValueError(f"mode must be 'r' or 'a', not {mode!r}")
         if self._f.attrs.get("format") != FORMAT:
-            raise StoreError(f"{self.path}: not a features store (format={self._f.attrs.get('format')!r});"
+            fmt = self._f.attrs.get("format")
+            self.close()
+            raise StoreError(f"{self.path}: not a features store (format={fmt!r});"
                              " build one with `emo-cache extract`")
         if provenance is not None:
             self.check_provenance(provenance)
+        if mode == "a" and str(self._f.attrs.get("shard", "")) != (shard or ""):
+            have = self._f.attrs.get("shard", "") or "the whole store"
+            self.close()
+            raise StoreMismatch(f"{self.path} holds {'shard ' if have != 'the whole store' else ''}{have}, this run"
+                                f" writes {('shard ' + shard) if shard else 'the whole store'}; use another --out")
+
+    def _create(self, provenance: dict, class_names: Optional[list[str]], shard: Optional[str]) -> None:
+        self._f.attrs["format"] = FORMAT
+        self._f.attrs["provenance"] = canonical_json(provenance)
+        for k, v in provenance.items():
+            self._f.attrs[f"prov_{k}"] = to_attr(v)
+        self._f.attrs["class_names"] = canonical_json(list(class_names or []))
+        if shard:
+            self._f.attrs["shard"] = shard
+        self._f.flush()
 
     def check_provenance(self, expected: dict) -> None:
         """Raise StoreMismatch naming every provenance key that differs from ``expected``."""
@@ -89,37 +144,136 @@ class FeaturesStore(ClipStore):
         """(V, F, L, D) of a clip's maps, read from metadata only."""
         return tuple(self._group(clip_id)["maps"].shape)
 
+    def source_rows(self, clip_id: str) -> np.ndarray:
+        """int (F,): the faces-store frame (position in the clip) each row of the maps holds."""
+        grp = self._group(clip_id)
+        if "rows" in grp:
+            return grp["rows"][()].astype(np.int64)
+        return np.arange(grp["present"].shape[0], dtype=np.int64)  # a store from before --frames-per-clip
+
     def read_clip(self, clip_id: str, frames: Optional[np.ndarray] = None,
                   views: Optional[list[int]] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(maps float16 (V, F, L, D), present bool (F,)), optionally for chosen frames/views.
+        """(maps float16 (V, F, L, D), present bool (F,)), optionally for chosen rows/views.
 
-        ``frames`` may repeat and come in any order; the result follows it.
+        ``frames`` are row positions (0..F-1), may repeat and come in any order; the result follows it.
+        8-bit stores are dequantised here, so every reader sees float16.
         """
         grp = self._group(clip_id)
-        ds, present = grp["maps"], grp["present"][()]
-        vsel = list(range(ds.shape[0])) if views is None else list(views)
+        present = read_checked(grp["present"])
+        vsel = list(range(grp["maps"].shape[0])) if views is None else list(views)
+        names = ("maps", "map_lo", "map_scale") if "map_scale" in grp else ("maps",)
+        parts = [self._read_part(grp[name], frames, views, vsel) for name in names]
+        maps = dequantise(*parts) if len(parts) == 3 else parts[0]
         if frames is None:
-            maps = ds[()] if views is None else np.stack([ds[v] for v in vsel])
             return maps, present
+        return maps, present[np.asarray(frames, dtype=np.int64)]
+
+    @staticmethod
+    def _read_part(ds, frames, views, vsel: list[int]) -> np.ndarray:
+        if frames is None:
+            return read_checked(ds) if views is None else np.stack([read_checked(ds, v) for v in vsel])
         frames = np.asarray(frames, dtype=np.int64)
-        return np.stack([read_rows(ds, frames, lead=(v,)) for v in vsel]), present[frames]
+        return np.stack([read_rows(ds, frames, lead=(v,)) for v in vsel])
 
     def iter_clips(self, split: Optional[str] = None) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict]]:
         for cid in self.complete_ids(split):
             maps, present = self.read_clip(cid)
             yield cid, maps, present, self.attrs(cid)
 
+    def begin_clip(self, clip_id: str, views: int, rows: np.ndarray, L: int, D: int,
+                   compression: Optional[str] = None, map_dtype: str = "float16") -> "ClipWriter":
+        """Start writing a clip in pieces; an earlier incomplete group of it is replaced. See ``ClipWriter``."""
+        return ClipWriter(self, clip_id, views, rows, L, D, compression, map_dtype)
+
     def write_clip(self, clip_id: str, maps: np.ndarray, present: np.ndarray, attrs: dict,
-                   compression: Optional[str] = None) -> None:
+                   compression: Optional[str] = None, rows: Optional[np.ndarray] = None,
+                   map_dtype: str = "float16") -> None:
         """Commit one clip whole: maps and mask first, ``complete`` last, then flush."""
         maps = np.asarray(maps, dtype=np.float16)
         present = np.asarray(present, dtype=bool)
         if maps.ndim != 4 or maps.shape[1] != len(present):
             raise ValueError(f"clip {clip_id}: maps must be (V, F, L, D) with F={len(present)},"
                              f" got {maps.shape}")
-        grp = self._new_group(clip_id)
         v, f, l, d = maps.shape
-        chunks = (v, 1, l, d) if f else None
-        grp.create_dataset("maps", data=maps, chunks=chunks, compression=compression if f else None)
-        grp.create_dataset("present", data=present)
-        self._commit(grp, clip_id, attrs)
+        writer = self.begin_clip(clip_id, v, np.arange(f) if rows is None else rows, l, d, compression, map_dtype)
+        writer.write(0, maps)
+        writer.commit(present, attrs)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close; when the body already failed (a full disk, say), a failing close does not hide its error."""
+        try:
+            self.close()
+        except OSError as close_error:
+            if exc_type is not None:
+                return
+            if is_disk_full(close_error):
+                raise StoreFull(f"{self.path}: the disk filled while closing the store ({close_error}); the"
+                                " clips committed so far are kept: free space and rerun the same command") from None
+            raise
+
+    def disk_full(self, exc: BaseException, clip_id: str, needed_bytes: int) -> StoreFull:
+        """The StoreFull error to raise when ``exc`` says the disk filled while writing ``clip_id``."""
+        return StoreFull(f"{self.path}: the disk filled while writing clip {clip_id!r}; about"
+                         f" {needed_bytes / 2**30:.2f} GiB more are needed. The clips committed so far are kept:"
+                         " free space (or move the store to a larger disk) and rerun the same command to finish.")
+
+
+class ClipWriter:
+    """Writes one clip's maps in pieces; ``commit`` writes the mask and attributes, then the ``complete`` mark.
+
+    Rows never written read back as zero (the datasets' fill value), which is what absent frames hold.
+
+    >>> w = store.begin_clip("Train/Happy/a.mp4", views=1, rows=np.arange(100), L=256, D=512)  # doctest: +SKIP
+    >>> w.write(0, maps_of_rows_0_to_15); w.write(16, ...); w.commit(present, {"label": "Happy"})  # doctest: +SKIP
+    """
+
+    def __init__(self, store: FeaturesStore, clip_id: str, views: int, rows: np.ndarray, L: int, D: int,
+                 compression: Optional[str], map_dtype: str):
+        if map_dtype not in MAP_DTYPES:
+            raise ValueError(f"map_dtype must be one of {MAP_DTYPES}, got {map_dtype!r}")
+        self.store, self.clip_id, self.map_dtype = store, clip_id, map_dtype
+        self.rows = np.asarray(rows, dtype=np.int32)
+        f = len(self.rows)
+        self.grp = store._new_group(clip_id, nbytes=views * f * L * D * np.dtype(map_dtype).itemsize)
+        kw = {"chunks": (views, 1, L, D), "compression": compression} if f else {}
+        self.maps = create_checked_dataset(self.grp, "maps", shape=(views, f, L, D), dtype=np.dtype(map_dtype),
+                                           fillvalue=0, **kw)
+        if map_dtype == "uint8":
+            skw = {"chunks": (views, min(f, 256), D)} if f else {}
+            self.lo = create_checked_dataset(self.grp, "map_lo", shape=(views, f, D), dtype=np.float16, fillvalue=0,
+                                             **skw)
+            self.scale = create_checked_dataset(self.grp, "map_scale", shape=(views, f, D), dtype=np.float16,
+                                                fillvalue=0, **skw)
+
+    def write(self, start: int, maps: np.ndarray) -> None:
+        """Write float (V, n, L, D) maps into rows start..start+n-1."""
+        n = maps.shape[1]
+        if start < 0 or start + n > self.maps.shape[1]:
+            raise ValueError(f"clip {self.clip_id}: rows {start}..{start + n} outside 0..{self.maps.shape[1]}")
+        if n == 0:
+            return
+        if self.map_dtype == "uint8":
+            codes, lo, scale = quantise(maps)
+            self.maps[:, start:start + n] = codes
+            self.lo[:, start:start + n] = lo
+            self.scale[:, start:start + n] = scale
+        else:
+            self.maps[:, start:start + n] = np.asarray(maps, dtype=np.float16)
+
+    def write_rows(self, positions: np.ndarray, maps: np.ndarray) -> None:
+        """Write (V, n, L, D) maps at increasing row positions, one slice per consecutive run."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) == 0:
+            return
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(positions)]):
+            self.write(int(positions[lo]), maps[:, lo:hi])
+
+    def commit(self, present: np.ndarray, attrs: dict) -> None:
+        """Mask, source rows and attributes, flushed; then the ``complete`` mark, flushed."""
+        present = np.asarray(present, dtype=bool)
+        if len(present) != len(self.rows):
+            raise ValueError(f"clip {self.clip_id}: present has {len(present)} rows, maps {len(self.rows)}")
+        create_checked_dataset(self.grp, "present", data=present)
+        create_checked_dataset(self.grp, "rows", data=self.rows)
+        self.store._commit(self.grp, self.clip_id, attrs)

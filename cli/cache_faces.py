@@ -7,32 +7,40 @@ from pathlib import Path
 import click
 
 from cache import StoreError
-from cli.common import split_classes
+from cache.codecs import CODECS
+from cli.common import UserErrorCommand, split_classes
 from pipeline.dataset import check_dataset
 from pipeline.decode import DecodeConfig
 from pipeline.faces import FaceConfig
+from pipeline.layouts import LAYOUTS
 from pipeline.preprocess import PreprocessConfig, check_run_arguments, preprocess_dataset
+from pipeline.runtime import usable_cores
 
 FACE_DEFAULTS, DECODE_DEFAULTS, RUN_DEFAULTS = FaceConfig(), DecodeConfig(), PreprocessConfig()
 
 
-@click.command()
+@click.command(cls=UserErrorCommand)
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--classes", default=None, help="Comma-separated class order (default: DATA/classes.txt, else AFEW's"
               " Angry,Disgust,Fear,Happy,Neutral,Sad,Surprise).")
-def check(data: Path, classes: str | None) -> None:
-    """Report clips per split x class and every problem (each naming its file); exit 1 on errors."""
-    report = check_dataset(data, split_classes(classes))
+@click.option("--layout", type=click.Choice(list(LAYOUTS)), default=None,
+              help="Dataset layout (default: detected).")
+@click.option("--quick", is_flag=True, help="Decode only each video's first frame (misses truncated videos).")
+def check(data: Path, classes: str | None, layout: str | None, quick: bool) -> None:
+    """Report clips per split x class (and per fold) and every problem (each naming its file); every video is
+    decoded to the end, so a truncated or damaged one is an error. Exit 1 on errors."""
+    report = check_dataset(data, split_classes(classes), layout=layout, quick=quick)
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)
 
 
-@click.command()
+@click.command(cls=UserErrorCommand)
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Faces store to create or resume (.h5).")
-@click.option("--workers", default=2, show_default=True, help="Clips processed in parallel.")
+@click.option("--workers", type=int, default=None,
+              help="Clips processed in parallel (default: the cores this process may use).")
 @click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True)
 @click.option("--scheduler", default=None, help="Dask scheduler address (with --backend dask), e.g. tcp://host:8786.")
 @click.option("--classes", default=None, help="Comma-separated class order (default: DATA/classes.txt, else AFEW).")
@@ -55,14 +63,24 @@ def check(data: Path, classes: str | None) -> None:
               show_default=True, help="Frame folders of aligned faces are only resized (auto: square images).")
 @click.option("--predictor", "predictor_path", default=FACE_DEFAULTS.predictor_path,
               help="dlib 68-point model (default: from face-recognition-models).")
-@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True,
+              help="HDF5 compression of raw chips (--codec raw only).")
+@click.option("--codec", type=click.Choice(CODECS), default=RUN_DEFAULTS.codec, show_default=True,
+              help="How chips are stored: raw uint8, png (lossless) or jpeg; readers decode transparently.")
+@click.option("--jpeg-quality", type=int, default=RUN_DEFAULTS.jpeg_quality, show_default=True,
+              help="JPEG quality 1..100 (--codec jpeg).")
+@click.option("--shard", default=None, help="K/N: only shard K of N of the clips (0 <= K < N), into OUT of its own;"
+              " join the shards with `emo-cache merge`.")
 @click.option("--max-fail-fraction", type=float, default=RUN_DEFAULTS.max_fail_fraction, show_default=True,
               help="Exit non-zero when more than this share of clips fail.")
+@click.option("--layout", type=click.Choice(list(LAYOUTS)), default=None,
+              help="Dataset layout (default: detected).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def faces(data: Path, out: Path, workers: int, backend: str, scheduler: str | None, classes: str | None,
           fps_cap: float | None, max_frames: int | None, every_nth: int, size: int, padding: float, mode: str,
           detect_width: int, redetect_every: int, prealigned: str, predictor_path: str, compression: str,
-          max_fail_fraction: float, quiet: bool) -> None:
+          max_fail_fraction: float, codec: str, jpeg_quality: int, shard: str | None, layout: str | None,
+          quiet: bool) -> None:
     """Align every clip's faces into the faces store OUT (resumable; failures in OUT.failures.jsonl)."""
     face = FaceConfig(size=size, padding=padding, mode=mode, detect_width=detect_width,
                       redetect_every=redetect_every, prealigned=prealigned, predictor_path=predictor_path)
@@ -70,14 +88,15 @@ def faces(data: Path, out: Path, workers: int, backend: str, scheduler: str | No
                                                           every_nth=every_nth),
                            class_names=split_classes(classes),
                            compression=None if compression == "none" else compression,
-                           max_fail_fraction=max_fail_fraction)
+                           max_fail_fraction=max_fail_fraction, codec=codec, jpeg_quality=jpeg_quality)
+    workers = usable_cores() if workers is None else workers
     try:
         check_run_arguments(data, cfg, workers, backend, scheduler)
     except (ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from exc
     try:
         summary = preprocess_dataset(data, out, cfg, workers=workers, backend=backend, scheduler=scheduler,
-                                     progress=not quiet)
+                                     progress=not quiet, layout=layout, shard=shard)
     except StoreError as exc:  # another run's store, or one locked by a running writer: say so, no traceback
         raise click.ClickException(str(exc)) from exc
     click.echo(summary.format())

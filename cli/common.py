@@ -42,7 +42,9 @@ def split_classes(value: str | None) -> tuple[str, ...] | None:
     if not names:
         raise click.BadParameter(f"{value!r} names no class; give e.g. --classes Angry,Happy,Sad",
                                  param_hint="--classes")
-    dup = sorted({n for n in names if names.count(n) > 1})
+    folded = [n.lower() for n in names]  # labels match case-insensitively, so "Happy,happy" is a duplicate
+    dup = sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
     if dup:
-        raise click.BadParameter(f"{', '.join(dup)} given more than once", param_hint="--classes")
+        raise click.BadParameter(f"{', '.join(dup)} given more than once (class names are case-insensitive)",
+                                 param_hint="--classes")
     return names

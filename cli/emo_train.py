@@ -60,23 +60,54 @@ def main() -> None:
     """Train the paper's heads on cached features; run the ablation of Tables 1-2."""
 
 
+def heads_options(fn):
+    """Options shared by `heads` and `cv`, mapped one-to-one onto HeadsConfig fields."""
+    options = [
+        click.option("--spatial", type=click.Choice(SPATIAL), default=H.spatial, show_default=True),
+        click.option("--pooling", type=click.Choice(POOLING), default=H.pooling, show_default=True),
+        click.option("--heads", type=int, default=H.heads, show_default=True, help="R attention heads"),
+        click.option("--hidden", type=int, default=H.hidden, show_default=True,
+                     help="U hidden units of the attention"),
+        click.option("--reg", type=float, default=H.reg, show_default=True, help="weight of ||AA^T - I||_F^2"),
+        click.option("--lstm-hidden", type=int, default=H.lstm_hidden, show_default=True),
+        click.option("--shift-clusters", type=int, default=H.shift_clusters, show_default=True),
+        click.option("--dropout", type=float, default=H.dropout, show_default=True),
+        click.option("--standardise/--no-standardise", default=H.standardise, show_default=True,
+                     help="per-channel standardisation of the maps with training statistics (off: the paper's raw maps)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def parse_folds(value: str | None, features) -> tuple:
+    """--folds: "all" (every fold of the store), "1,3", or None/"" (no folds)."""
+    from cache.features_store import FeaturesStore
+    from pipeline.folds import store_folds
+
+    if not value:
+        return ()
+    if value.strip().lower() == "all":
+        with FeaturesStore(features, "r") as store:
+            return tuple(store_folds(store))
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: use 'all' or fold numbers such as 1,3") from exc
+
+
 @main.command()
 @click.argument("features", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="run folder")
-@click.option("--spatial", type=click.Choice(SPATIAL), default=H.spatial, show_default=True)
-@click.option("--pooling", type=click.Choice(POOLING), default=H.pooling, show_default=True)
-@click.option("--heads", type=int, default=H.heads, show_default=True, help="R attention heads")
-@click.option("--hidden", type=int, default=H.hidden, show_default=True, help="U hidden units of the attention")
-@click.option("--reg", type=float, default=H.reg, show_default=True, help="weight of ||AA^T - I||_F^2")
-@click.option("--lstm-hidden", type=int, default=H.lstm_hidden, show_default=True)
-@click.option("--shift-clusters", type=int, default=H.shift_clusters, show_default=True)
-@click.option("--dropout", type=float, default=H.dropout, show_default=True)
+@heads_options
 @train_options
+@click.option("--fold", type=int, default=None,
+              help="a dataset with folds: train on fold K's train part (selection on a held-out part of it)")
 @click.option("--resume", is_flag=True, help="continue RUN_DIR/last.pt")
 def heads(features, out_dir, resume, **kwargs):
     """Train spatial attention + temporal softmax pooling heads on FEATURES.h5.
 
-    Example: emo-train heads runs/features.h5 --out runs/heads
+    Example: emo-train heads runs/features.h5 --out runs/heads   (DFEW fold 1: add --fold 1)
     """
     try:
         train_cfg = split_train_options(kwargs)
@@ -91,6 +122,8 @@ def heads(features, out_dir, resume, **kwargs):
     click.echo(f"selection: {result['selection']}; device {result['device']}; store in memory: {result['in_memory']}")
     click.echo(f"checkpoints: {result['checkpoint_best']} (selected), {result['checkpoint_last']} (last);"
                f" log {result['log_csv']}")
+    if result.get("warning"):
+        click.echo(f"warning: {result['warning']}", err=True)
 
 
 @main.command()
@@ -100,21 +133,50 @@ def heads(features, out_dir, resume, **kwargs):
 @click.option("--rows", default=",".join(AblationConfig.rows), show_default=True,
               help="comma-separated row keys of Tables 1-2")
 @click.option("--eval-split", default=AblationConfig.eval_split, show_default=True)
+@click.option("--fold", type=int, default=None, help="a dataset with folds: run on fold K (train -> test part)")
+@click.option("--folds", "folds_text", default=None, help="'all' or e.g. 1,3: run every row on each fold")
 @train_options
-def ablate(features, out_dir, seeds, rows, eval_split, **kwargs):
-    """Run the rows of Tables 1-2 over N seeds; write a Markdown table beside the paper's numbers.
+def ablate(features, out_dir, seeds, rows, eval_split, fold, folds_text, **kwargs):
+    """Run the rows of Tables 1-2 over N seeds (and folds); write a Markdown table beside the paper's numbers.
 
-    Example: emo-train ablate runs/features.h5 --out runs/ablate --seeds 3
+    Example: emo-train ablate runs/features.h5 --out runs/ablate --seeds 3   (DFEW: --folds all)
     """
     try:
         train_cfg = split_train_options(kwargs)
+        folds = parse_folds(folds_text, features) or ((fold,) if fold is not None else ())
         cfg = AblationConfig(seeds=seeds, rows=tuple(r.strip() for r in rows.split(",") if r.strip()),
-                             eval_split=eval_split)
+                             eval_split=eval_split, folds=folds)
         result = run_ablation(features, out_dir, cfg, train_cfg)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(result["markdown"])
     click.echo(f"table: {result['table_md']}; every run: {result['runs_csv']}")
+
+
+@main.command()
+@click.argument("features", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="cross-validation folder")
+@click.option("--folds", "folds_text", default="all", show_default=True, help="'all' or e.g. 1,3")
+@click.option("--eval-frames", default="all", show_default=True, help="test frames: 'all' present, or a number")
+@click.option("--test-split", default=None, help="a dataset without folds (FERV39k): one run, --train-split ->"
+              " this split, e.g. Test")
+@heads_options
+@train_options
+def cv(features, out_dir, folds_text, eval_frames, test_split, **kwargs):
+    """Cross-validate over the folds of FEATURES.h5: per fold, train on its train part and test on its test
+    part; write cv.csv, cv.md and confusion_sum.png. Rerunning skips finished folds.
+
+    Example: emo-train cv runs/dfew/features.h5 --out runs/dfew/cv
+    """
+    from pipeline.cv import run_cv
+    from pipeline.evaluate import EvalConfig
+
+    train_cfg = split_train_options(kwargs)
+    frames = 0 if eval_frames.lower() == "all" else int(eval_frames)
+    result = run_cv(features, out_dir, train_cfg, kwargs, EvalConfig(frames=frames, device=train_cfg.device),
+                    parse_folds(folds_text, features), test_split=test_split)
+    click.echo(result["markdown"])
+    click.echo(f"wrote {result['cv_csv']}, {result['cv_md']}, {result['confusion_png']}")
 
 
 main.add_command(finetune)  # end-to-end fine-tuning lives in its own module (also a torchrun entry point)

@@ -10,12 +10,14 @@ import csv
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from cache.errors import ConfigError
 from cache.features_store import FeaturesStore
+from pipeline.folds import select_ids
 from pipeline.evaluate import EvalConfig, evaluate
 from pipeline.train import TrainConfig, heads_config_for_store, train_heads
 
@@ -48,27 +50,31 @@ class AblationConfig:
     seeds: int = 3                            # runs per row; the paper reports one number, we report mean ± std
     rows: tuple = tuple(ROWS)                 # every distinct row of Tables 1-2 (TP and TP+SA 2/1 appear in both)
     eval_split: str = "Val"                   # the paper's tables are on AFEW's validation split
+    folds: tuple = ()                         # a dataset with folds: run every (row, seed) on each of these
+                                              # folds (train part -> test part); () = the split protocol
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown or self.seeds < 1:
-            raise ValueError(f"AblationConfig: unknown rows {unknown} (known: {list(ROWS)}) or seeds={self.seeds} < 1")
+            raise ConfigError(f"AblationConfig: unknown rows {unknown} (known: {list(ROWS)}) or seeds={self.seeds} < 1")
 
 
-def run_row(features_path, out_dir: Path, key: str, seed: int, train_cfg: TrainConfig, split: str) -> dict:
-    """Train (or resume, or reuse) one (row, seed) and evaluate its selected checkpoint."""
-    run_dir = out_dir / key / f"seed{seed}"
-    report = run_dir / f"eval_{split.lower()}"
+def run_row(features_path, out_dir: Path, key: str, seed: int, train_cfg: TrainConfig, split: str,
+            fold: Optional[int] = None) -> dict:
+    """Train (or resume, or reuse) one (row, seed[, fold]) and evaluate its selected checkpoint on the split,
+    or on the fold's test part."""
+    run_dir = out_dir / key / f"seed{seed}" / (f"fold{fold}" if fold is not None else "")
+    report = run_dir / (f"eval_fold{fold}_test" if fold is not None else f"eval_{split.lower()}")
     if (report / "metrics.json").exists():
         metrics = json.loads((report / "metrics.json").read_text())
     else:
-        cfg = replace(train_cfg, seed=seed)
+        cfg = replace(train_cfg, seed=seed, fold=fold)
         heads_cfg = heads_config_for_store(features_path, **ROWS[key].heads)
         result = train_heads(features_path, run_dir, cfg, heads_cfg, resume=(run_dir / "last.pt").exists())
         metrics = evaluate(features_path, result["checkpoint_best"], split, report,
-                           EvalConfig(device=train_cfg.device), progress=False)
-    return {"row": key, "seed": seed, "accuracy": metrics["accuracy"], "uar": metrics["uar"],
-            "num_clips": metrics["num_clips"], "report": str(report)}
+                           EvalConfig(device=train_cfg.device), progress=False, fold=fold)
+    return {"row": key, "seed": seed, "fold": "" if fold is None else fold, "accuracy": metrics["accuracy"],
+            "uar": metrics["uar"], "num_clips": metrics["num_clips"], "report": str(report)}
 
 
 def summarise_runs(runs: Sequence[dict]) -> dict:
@@ -81,10 +87,12 @@ def summarise_runs(runs: Sequence[dict]) -> dict:
     return table
 
 
-def markdown_tables(summary: dict, split: str) -> str:
-    """Tables 1 and 2 as Markdown, ours (mean ± std over seeds) beside the paper's accuracy."""
+def markdown_tables(summary: dict, split: str, folds: Sequence[int] = ()) -> str:
+    """Tables 1 and 2 as Markdown, ours (mean ± std over seeds, and folds) beside the paper's accuracy."""
     fmt = (lambda m, s: f"{m:.1f} ± {s:.1f}")
-    lines = [f"Ours: mean ± std over seeds of the selected checkpoint, on split {split!r}. "
+    where = (f"over seeds x folds {', '.join(map(str, folds))} (each fold's test part)" if folds
+             else f"over seeds, on split {split!r}")
+    lines = [f"Ours: mean ± std {where} of the selected checkpoint. "
              "Paper: AFEW validation accuracy (Aminbeidokhti et al. 2019).", "",
              "**Table 1: spatial attention**", "",
              "| Model | # Att. | Reg. | ACC % (ours) | UAR % (ours) | seeds | ACC % (paper) |",
@@ -119,20 +127,23 @@ def ablate(features_path, out_dir, cfg: AblationConfig = AblationConfig(),
     """
     out_dir = Path(out_dir)
     with FeaturesStore(features_path, "r") as store:
-        if not store.complete_ids(cfg.eval_split):
-            raise ValueError(f"{features_path}: no clip in split {cfg.eval_split!r} to evaluate the rows on")
+        for fold in cfg.folds:
+            select_ids(store, fold=fold, part="test")  # a fold the store lacks is refused here, before any run
+        if not cfg.folds and not store.complete_ids(cfg.eval_split):
+            raise ConfigError(f"{features_path}: no clip in split {cfg.eval_split!r} to evaluate the rows on")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablation_config.json").write_text(json.dumps(
         {"ablation": asdict(cfg), "train": asdict(train_cfg), "features": str(features_path)}, indent=2))
-    jobs = [(key, seed) for key in cfg.rows for seed in range(train_cfg.seed, train_cfg.seed + cfg.seeds)]
-    runs = [run_row(features_path, out_dir, key, seed, train_cfg, cfg.eval_split)
-            for key, seed in tqdm(jobs, desc="ablation", unit="run")]
+    jobs = [(key, seed, fold) for key in cfg.rows for seed in range(train_cfg.seed, train_cfg.seed + cfg.seeds)
+            for fold in (cfg.folds or (None,))]
+    runs = [run_row(features_path, out_dir, key, seed, train_cfg, cfg.eval_split, fold)
+            for key, seed, fold in tqdm(jobs, desc="ablation", unit="run")]
     with open(out_dir / "runs.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(runs[0]))
         writer.writeheader()
         writer.writerows(runs)
     summary = summarise_runs(runs)
-    markdown = markdown_tables(summary, cfg.eval_split)
+    markdown = markdown_tables(summary, cfg.eval_split, cfg.folds)
     (out_dir / "table.md").write_text(markdown)
     return {"runs": runs, "summary": summary, "markdown": markdown,
             "table_md": str(out_dir / "table.md"), "runs_csv": str(out_dir / "runs.csv")}

@@ -1,10 +1,12 @@
-"""Find the clips of a dataset (AFEW, generic <split>/<label>/<clip>, or a CSV) and check them.
+"""Find the clips of a dataset and check them. The layouts (AFEW, generic <split>/<label>/<clip>, CSV, DFEW,
+FERV39k, MAFW, CK+, annotation lists) live in ``pipeline.layouts``, one function and one registry entry each.
 
-Clip ids are ``f"{split}/{label}/{filename}"``; labels are canonical class names.
+Clip ids are ``f"{split}/{label}/{name}"`` (``name`` may hold "/", e.g. ``All/Happy/S005/001`` for CK+);
+labels are canonical class names. A dataset with folds gives every clip the split ``All`` and its fold
+membership in ``Clip.folds`` ({fold: "train" | "test"}), so one store serves every fold.
 """
 from __future__ import annotations
 
-import csv
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +14,9 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from pipeline.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DecodeError, list_frame_images,
-                             probe_video)
+from cache.errors import UserError
+from pipeline.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DecodeError, count_video_frames, is_short,
+                             list_frame_images, probe_video)
 
 AFEW_CLASSES = ("Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise")
 CLASSES_FILE = "classes.txt"   # optional, one class per line: a dataset naming its own class order
@@ -21,20 +24,40 @@ KNOWN_SPLITS = {"train": "Train", "val": "Val", "valid": "Val", "validation": "V
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", CLASSES_FILE}
 
 
+FOLD_SPLIT = "All"  # the split of every clip of a dataset with folds: fold membership is in Clip.folds
+
+
 @dataclass(frozen=True)
 class Clip:
     """One labelled clip: a video file or a folder of frame images."""
-    clip_id: str   # "split/label/filename", unique in a dataset
+    clip_id: str   # "split/label/name", unique in a dataset whatever the fold
     path: Path
     label: str     # canonical class name
-    split: str     # "Train", "Val", "Test" or the folder's own name
+    split: str     # "Train", "Val", "Test", the folder's own name, or "All" for a dataset with folds
     kind: str      # "video" | "frames"
+    folds: tuple = ()  # ((fold, "train" | "test"), ...) sorted by fold; () for a dataset without folds
+
+    def folds_attr(self) -> Optional[str]:
+        """The ``folds`` clip attribute of the stores: JSON {"1": "train", "2": "test", ...}, or None."""
+        import json
+        return json.dumps({str(k): part for k, part in self.folds}, sort_keys=True) if self.folds else None
+
+    def store_attrs(self) -> dict:
+        """The clip attributes every store records from the dataset side (label, split, kind, folds)."""
+        attrs = {"label": self.label, "split": self.split, "source": str(self.path), "kind": self.kind}
+        if self.folds:
+            attrs["folds"] = self.folds_attr()
+        return attrs
+
+
+class DatasetError(UserError):
+    """A dataset, or a file of it, cannot be read as the layout asks; the message names the file."""
 
 
 @dataclass(frozen=True)
 class Problem:
     """Something wrong in a dataset, naming the file it is about."""
-    severity: str  # "error": the clip cannot be used; "warning": worth a look, nothing lost
+    severity: str  # "error": the clip cannot be used; "warning": worth a look; "info": counted, by design
     path: str
     message: str
 
@@ -46,10 +69,11 @@ class Problem:
 class DatasetScan:
     """What scan_dataset found: usable clips, problems, and the class order."""
     source: Path
-    layout: str                     # "folders" | "csv"
+    layout: str                     # a name in pipeline.layouts.LAYOUTS: "afew", "folders", "csv", "dfew", ...
     class_names: tuple[str, ...]
     clips: list[Clip] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # layout options, e.g. {"fold_count": 10} for CK+
 
     @property
     def errors(self) -> list[Problem]:
@@ -62,14 +86,28 @@ class DatasetScan:
             table[clip.split][clip.label] += 1
         return dict(table)
 
+    @property
+    def folds(self) -> list[int]:
+        """The fold numbers of the dataset, sorted ([] without folds)."""
+        return sorted({k for clip in self.clips for k, _ in clip.folds})
+
+    def fold_counts(self) -> dict[int, Counter]:
+        """Clips per fold and part: {1: Counter({"train": 12, "test": 3}), ...}."""
+        table: dict[int, Counter] = defaultdict(Counter)
+        for clip in self.clips:
+            for k, part in clip.folds:
+                table[k][part] += 1
+        return dict(sorted(table.items()))
+
 
 def canonical_split(name: str) -> str:
     """"train"/"TRAIN" -> "Train", "val" -> "Val"; other names are kept as they are."""
     return KNOWN_SPLITS.get(name.lower(), name)
 
 
-def resolve_class_names(source: Path, class_names: Optional[Sequence[str]]) -> tuple[str, ...]:
-    """Explicit names win, then ``classes.txt`` beside the data, then AFEW's order."""
+def resolve_class_names(source: Path, class_names: Optional[Sequence[str]],
+                        layout_classes: Optional[Sequence[str]] = None) -> tuple[str, ...]:
+    """Explicit names win, then ``classes.txt`` beside the data, then the layout's own, then AFEW's order."""
     if class_names:
         return tuple(class_names)
     listed = Path(source) / CLASSES_FILE if Path(source).is_dir() else Path(source).parent / CLASSES_FILE
@@ -77,7 +115,7 @@ def resolve_class_names(source: Path, class_names: Optional[Sequence[str]]) -> t
         names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
         if names:
             return tuple(names)
-    return AFEW_CLASSES
+    return tuple(layout_classes) if layout_classes else AFEW_CLASSES
 
 
 def clip_kind(path: Path) -> Optional[str]:
@@ -89,44 +127,56 @@ def clip_kind(path: Path) -> Optional[str]:
     return None
 
 
-def scan_dataset(source: Path, class_names: Optional[Sequence[str]] = None) -> DatasetScan:
+def scan_dataset(source: Path, class_names: Optional[Sequence[str]] = None, layout: Optional[str] = None,
+                 **options) -> DatasetScan:
     """List a dataset's clips without decoding them.
 
     Arguments:
-        source: a folder laid out as ``<split>/<label>/<clip>`` (AFEW is ``Train|Val/<Emotion>/*.avi``;
-            names match case-insensitively), or a CSV file with a ``path,label,split`` header
-            (paths relative to the CSV's folder).
-        class_names: the class order; None: ``classes.txt`` in the folder, else AFEW's.
+        source: a dataset folder or list file. Its layout is detected (see ``pipeline.layouts``):
+            AFEW ``Train|Val/<Emotion>/*.avi`` and the generic ``<split>/<label>/<clip>`` (names match
+            case-insensitively), a ``path,label,split`` CSV (paths relative to it), DFEW, FERV39k,
+            MAFW, CK+, or a ``frames_dir num_frames label`` annotation list.
+        class_names: the class order; None: ``classes.txt`` beside the data, else the layout's own
+            (DFEW, FERV39k, MAFW, CK+), else AFEW's.
+        layout: a layout name (``emo-cache check --layout``); None detects it.
+        options: layout options, e.g. ``fold_count=10`` for CK+.
     Returns:
         DatasetScan with the clips (sorted by id), problems (unknown labels, duplicate ids, stray
-        files, empty frame folders), and the class names.
+        files, empty frame folders, ...), the class names and, for datasets with folds, each clip's folds.
 
     >>> scan = scan_dataset(Path("data/demo"))
     >>> scan.clips[0].clip_id
     'Train/Happy/single_face.mp4'
     """
+    from pipeline.layouts import detect_layout, get_layout  # the registry imports this module
+
     source = Path(source)
-    names = resolve_class_names(source, class_names)
-    if source.is_file() and source.suffix.lower() == ".csv":
-        scan = DatasetScan(source, "csv", names)
-        _scan_csv(source, scan)
-    elif source.is_dir():
-        scan = DatasetScan(source, "folders", names)
-        _scan_folders(source, scan)
-    else:
-        raise FileNotFoundError(f"{source}: not a dataset folder or a .csv file; give the folder that"
-                                " holds Train/ and Val/ (or <split>/<label>/<clip>), or a path,label,split CSV")
+    if not source.exists():
+        raise DatasetError(f"{source}: no such dataset folder or list file")
+    entry = get_layout(layout, source) if layout else detect_layout(source)
+    layout_classes = entry.default_classes(source)
+    names = resolve_class_names(source, class_names, layout_classes)
+    given = class_names or layout_classes or names != AFEW_CLASSES
+    scan = DatasetScan(source, entry.name, names,
+                       options={**options, "class_source": "given" if given else "afew default"})
+    entry.scan(source, scan)
     _flag_duplicates(scan)
     scan.clips.sort(key=lambda c: c.clip_id)
     return scan
 
 
-def _label_for(name: str, names: tuple[str, ...]) -> Optional[str]:
+def label_for(name: str, names: tuple[str, ...]) -> Optional[str]:
+    """The canonical class name matching ``name`` case-insensitively, or None."""
     lookup = {n.lower(): n for n in names}
-    return lookup.get(name.strip().lower())
+    return lookup.get(str(name).strip().lower())
 
 
-def _add_clip(scan: DatasetScan, path: Path, label: str, split: str) -> None:
+_label_for = label_for
+
+
+def add_clip(scan: DatasetScan, path: Path, label: str, split: str, name: Optional[str] = None,
+             folds: tuple = ()) -> None:
+    """Add a clip (id ``split/label/name``; name defaults to the file name) or the problem that stops it."""
     kind = clip_kind(path)
     if kind == "frames" and not list_frame_images(path):
         scan.problems.append(Problem("error", str(path), "folder holds no frame images"
@@ -136,54 +186,10 @@ def _add_clip(scan: DatasetScan, path: Path, label: str, split: str) -> None:
         scan.problems.append(Problem("warning", str(path), "stray file: not a video"
                                      f" ({', '.join(VIDEO_EXTENSIONS)}) or a frame folder; ignored"))
         return
-    scan.clips.append(Clip(f"{split}/{label}/{path.name}", path, label, split, kind))
+    scan.clips.append(Clip(f"{split}/{label}/{name or path.name}", path, label, split, kind, tuple(sorted(folds))))
 
 
-def _scan_folders(root: Path, scan: DatasetScan) -> None:
-    for split_dir in sorted(root.iterdir()):
-        if not split_dir.is_dir():
-            if split_dir.name not in IGNORED_NAMES and split_dir.suffix.lower() != ".csv":
-                scan.problems.append(Problem("warning", str(split_dir), "stray file at the dataset root;"
-                                             " expected only <split>/ folders"))
-            continue
-        split = canonical_split(split_dir.name)
-        for label_dir in sorted(split_dir.iterdir()):
-            if not label_dir.is_dir():
-                if label_dir.name not in IGNORED_NAMES:
-                    scan.problems.append(Problem("warning", str(label_dir), "stray file in a split folder;"
-                                                 " expected only <label>/ folders"))
-                continue
-            label = _label_for(label_dir.name, scan.class_names)
-            if label is None:
-                scan.problems.append(Problem("error", str(label_dir), f"unknown label folder; known classes"
-                                             f" are {', '.join(scan.class_names)} (rename it, or list"
-                                             f" the classes in {CLASSES_FILE} or with --classes)"))
-                continue
-            for clip_path in sorted(label_dir.iterdir()):
-                if clip_path.name in IGNORED_NAMES:
-                    continue
-                _add_clip(scan, clip_path, label, split)
-
-
-def _scan_csv(csv_path: Path, scan: DatasetScan) -> None:
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"path", "label", "split"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{csv_path}: the CSV needs a header with path,label,split; it lacks"
-                             f" {', '.join(sorted(missing))}")
-        for line_no, row in enumerate(reader, start=2):
-            path = Path(row["path"])
-            path = path if path.is_absolute() else csv_path.parent / path
-            label = _label_for(row["label"] or "", scan.class_names)
-            where = f"{csv_path}:{line_no}"
-            if label is None:
-                scan.problems.append(Problem("error", where, f"unknown label {row['label']!r}; known classes"
-                                             f" are {', '.join(scan.class_names)}"))
-            elif not path.exists():
-                scan.problems.append(Problem("error", where, f"{path} does not exist"))
-            else:
-                _add_clip(scan, path, label, canonical_split((row["split"] or "").strip() or "Train"))
+_add_clip = add_clip
 
 
 def _flag_duplicates(scan: DatasetScan) -> None:
@@ -215,11 +221,20 @@ class CheckReport:
         lines = [f"dataset {self.scan.source} ({self.scan.layout} layout), classes: "
                  f"{', '.join(self.scan.class_names)}"]
         lines += format_counts(self.scan)
-        errors = sum(p.severity == "error" for p in self.problems)
-        lines.append(f"{len(self.problems)} problem(s): {errors} error(s),"
-                     f" {len(self.problems) - errors} warning(s)")
-        lines += [f"  {p}" for p in self.problems]
+        lines += format_fold_counts(self.scan)
+        notes = [p for p in self.problems if p.severity == "info"]
+        problems = [p for p in self.problems if p.severity != "info"]
+        errors = sum(p.severity == "error" for p in problems)
+        lines += [f"note: {p.path}: {p.message}" for p in notes]
+        lines.append(f"{len(problems)} problem(s): {errors} error(s), {len(problems) - errors} warning(s)")
+        lines += [f"  {p}" for p in problems]
         return "\n".join(lines)
+
+
+def format_fold_counts(scan: DatasetScan) -> list[str]:
+    """One line per fold: its train and test clip counts (nothing for a dataset without folds)."""
+    return [f"fold {k:>2}: train {c.get('train', 0):>6}  test {c.get('test', 0):>6}"
+            for k, c in scan.fold_counts().items()]
 
 
 def format_counts(scan: DatasetScan) -> list[str]:
@@ -234,35 +249,64 @@ def format_counts(scan: DatasetScan) -> list[str]:
     return rows
 
 
-def check_clip(clip: Clip) -> Optional[Problem]:
-    """Open a clip and decode its first frame; a Problem naming the file, or None when it reads."""
+def check_clip(clip: Clip, quick: bool = False) -> Optional[Problem]:
+    """Open a video and decode every frame (``quick``: the first only); a Problem naming the file, or None.
+
+    A video in which fewer frames decode than its container announces is truncated or damaged in the
+    middle; it is an error, since `faces` would store it short. Frame folders are listed, not decoded.
+    """
+    if clip.kind != "video":
+        return check_frame_folder(clip)
     try:
-        if clip.kind == "video":
-            probe_video(clip.path)
+        probe_video(clip.path)
+        if quick:
+            return None
+        decoded, total = count_video_frames(clip.path)
     except DecodeError as exc:
         return Problem("error", str(clip.path), str(exc).split(": ", 1)[-1])
+    if is_short(decoded, total):
+        return Problem("error", str(clip.path), f"only {decoded} of the {total} frames its container announces"
+                       " decode (truncated, or damaged in the middle); re-copy or re-encode it")
     return None
 
 
-def check_dataset(source: Path, class_names: Optional[Sequence[str]] = None, progress: bool = True) -> CheckReport:
-    """Scan a dataset and open every video, before hours are spent on it.
+def check_frame_folder(clip: Clip) -> Optional[Problem]:
+    """A warning when images of a frame folder cannot be read (headers only); `faces` keeps them as frames
+    without a face, so the clip stays usable."""
+    from pipeline.decode import image_size
+
+    images = list_frame_images(clip.path)
+    bad = [p for p in images if image_size(p) is None]
+    if not bad:
+        return None
+    return Problem("warning", str(clip.path), f"{len(bad)} of {len(images)} images cannot be read (first:"
+                   f" {bad[0].name}); they become frames without a face")
+
+
+def check_dataset(source: Path, class_names: Optional[Sequence[str]] = None, progress: bool = True,
+                  layout: Optional[str] = None, quick: bool = False, **options) -> CheckReport:
+    """Scan a dataset and decode every video, before hours are spent on it.
 
     Arguments:
-        source: dataset folder or CSV (see scan_dataset).
-        class_names: class order (None: classes.txt, else AFEW).
-        progress: show a tqdm bar while videos are opened.
+        source: dataset folder or list file (see scan_dataset).
+        class_names: class order (None: classes.txt, else the layout's, else AFEW).
+        progress: show a tqdm bar while videos are decoded.
+        layout: layout name; None detects it.
+        quick: decode only each video's first frame (misses truncated and damaged videos).
+        options: layout options (see scan_dataset).
     Returns:
-        CheckReport: clips per split x class and every problem (unknown label folders, duplicate ids,
-        stray files, empty, corrupt, unreadable or zero-frame videos), each naming its file.
+        CheckReport: clips per split x class (and per fold) and every problem (unknown label folders,
+        duplicate ids, stray files, empty, corrupt, truncated, unreadable or zero-frame videos), each
+        naming its file.
 
     >>> report = check_dataset(Path("data/demo"))
     >>> report.ok
     True
     """
-    scan = scan_dataset(source, class_names)
+    scan = scan_dataset(source, class_names, layout, **options)
     problems = list(scan.problems)
     for clip in tqdm(scan.clips, desc="check", unit="clip", disable=not progress):
-        problem = check_clip(clip)
+        problem = check_clip(clip, quick)
         if problem is not None:
             problems.append(problem)
     return CheckReport(scan, problems)

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import cv2
 import numpy as np
 
-from cache.errors import UserError
+from cache.errors import ConfigError, UserError
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -25,7 +25,41 @@ class Frame:
     """One decoded frame: its index in the source, its time and its pixels."""
     index: int              # position in the source video / sorted frame folder
     timestamp_ms: float     # index / fps * 1000
-    rgb: np.ndarray         # uint8 (H, W, 3) RGB
+    rgb: np.ndarray         # uint8 (H, W, 3) RGB; (1, 1, 3) zeros when not readable
+    readable: bool = True   # False: a frame-folder image that cannot be read; kept as a faceless row
+
+
+@dataclass
+class DecodeStats:
+    """What decoding one clip found, filled in by the frame iterators as they go (the decode side of the
+    faces store's ``decoded_frames`` / ``unreadable_frames`` attributes).
+
+    >>> stats = DecodeStats()
+    >>> frames = list(iter_frames(Path("data/samples/single_face.mp4"), stats=stats))
+    >>> stats.decoded, stats.reached_end
+    (72, True)
+    """
+    decoded: int = 0               # frames read from the source (kept or skipped), up to where decoding stopped
+    reached_end: bool = False      # True: decoding ran to the end of the stream, not stopped by max_frames
+    unreadable: list = field(default_factory=list)   # frame-folder indices whose image could not be read
+    size_changes: list = field(default_factory=list)  # indices where the frame size differs from the previous
+
+    def attrs(self) -> dict:
+        """Clip attributes for the faces store."""
+        return {"decoded_frames": int(self.decoded), "unreadable_frames": len(self.unreadable)}
+
+
+def is_short(decoded: int, total: int) -> bool:
+    """True when fewer frames decode than the container announces (a truncated or damaged video).
+
+    Container counts can be estimates (from the duration in mkv/webm; an mp4 edit list can hide a few
+    frames: the sample no_face.mp4 decodes 95 of the 98 it announces), so a shortfall of up to 3 frames or
+    5 % is tolerated. A truncated or corrupt video loses far more.
+
+    >>> is_short(25, 72), is_short(69, 72), is_short(95, 98)
+    (True, False, False)
+    """
+    return total - decoded > max(3, 0.05 * total)
 
 
 @dataclass(frozen=True)
@@ -42,10 +76,40 @@ def natural_key(path: Path) -> list:
     return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", path.name)]
 
 
+def is_image_file(path: Path) -> bool:
+    return Path(path).is_file() and Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
 def list_frame_images(folder: Path) -> list[Path]:
-    """Image files of a frame folder in natural order."""
-    return sorted((p for p in Path(folder).iterdir()
+    """Image files of a frame folder in natural order; a single image file is a one-frame folder."""
+    folder = Path(folder)
+    if is_image_file(folder):
+        return [folder]
+    return sorted((p for p in folder.iterdir()
                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=natural_key)
+
+
+def image_size(path: Path) -> Optional[tuple[int, int]]:
+    """(width, height) of an image from its header only (no pixels decoded); None when unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def folder_is_square(folder: Path) -> bool:
+    """True when every readable image of a frame folder is square (pre-aligned faces), read from the
+    headers; one non-square image makes the whole folder full frames. Unreadable images do not count.
+
+    >>> folder_is_square(Path("Faces/clip/"))  # doctest: +SKIP
+    True
+    """
+    sizes = [image_size(p) for p in list_frame_images(folder)]
+    sizes = [s for s in sizes if s is not None]
+    return bool(sizes) and all(w == h for w, h in sizes)
 
 
 def _open_capture(path: Path) -> cv2.VideoCapture:
@@ -107,8 +171,26 @@ def keep_frame(index: int, fps: float, fps_cap: Optional[float], every_nth: int,
     return slot if slot > last_slot else -1
 
 
+def count_video_frames(path: Path) -> tuple[int, int]:
+    """(frames that decode, frames the container announces) of a video: every packet is decoded
+    (``grab``, no colour conversion), so a truncated file or a corrupt middle shows as a shortfall.
+
+    >>> count_video_frames(Path("data/samples/single_face.mp4"))
+    (72, 72)
+    """
+    cap = _open_capture(path)
+    try:
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        decoded = 0
+        while cap.grab():
+            decoded += 1
+    finally:
+        cap.release()
+    return decoded, total
+
+
 def iter_frames(path: Path, fps_cap: Optional[float] = None, max_frames: Optional[int] = None,
-                every_nth: int = 1) -> Iterator[Frame]:
+                every_nth: int = 1, stats: Optional[DecodeStats] = None) -> Iterator[Frame]:
     """Yield a video's frames one at a time as uint8 RGB; skipped frames are grabbed, not decoded.
 
     Arguments:
@@ -116,6 +198,7 @@ def iter_frames(path: Path, fps_cap: Optional[float] = None, max_frames: Optiona
         fps_cap: keep at most this many frames per second of video (None: all).
         max_frames: stop after this many kept frames (None: to the end).
         every_nth: keep every Nth frame (1: all).
+        stats: filled in while decoding (frames read, whether the end was reached).
     Returns:
         an iterator of Frame; raises DecodeError naming the file if it cannot be opened or yields
         no frame at all.
@@ -123,25 +206,33 @@ def iter_frames(path: Path, fps_cap: Optional[float] = None, max_frames: Optiona
     >>> [f.index for f in iter_frames(Path("data/samples/single_face.mp4"), every_nth=10)][:3]
     [0, 10, 20]
     """
+    stats = stats if stats is not None else DecodeStats()
     cap = _open_capture(path)
     fps = _capture_fps(cap)  # the same rate probe_video reports, so timestamps match the clip's fps attr
     index, kept, last_slot = 0, 0, -1
     try:
         while max_frames is None or kept < max_frames:
             if not cap.grab():
+                stats.reached_end = True
                 break
             slot = keep_frame(index, fps, fps_cap, every_nth, last_slot)
             if slot >= 0:
                 ok, bgr = cap.retrieve()
                 if not ok or bgr is None:
+                    stats.reached_end = True
                     break
                 last_slot, kept = slot, kept + 1
+                stats.decoded = index + 1
                 yield Frame(index, index * 1000.0 / fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
             index += 1
+            stats.decoded = index
     finally:
         cap.release()
     if index == 0:
         raise DecodeError(f"{path}: no decodable frame (zero-frame or corrupt video); re-encode or remove it")
+
+
+UNREADABLE = np.zeros((1, 1, 3), np.uint8)  # pixels of a Frame whose image cannot be read
 
 
 def read_image_rgb(path: Path) -> np.ndarray:
@@ -153,24 +244,44 @@ def read_image_rgb(path: Path) -> np.ndarray:
 
 
 def iter_folder_frames(folder: Path, fps_cap: Optional[float] = None, max_frames: Optional[int] = None,
-                       every_nth: int = 1, fps: float = FOLDER_FPS) -> Iterator[Frame]:
+                       every_nth: int = 1, fps: float = FOLDER_FPS,
+                       stats: Optional[DecodeStats] = None) -> Iterator[Frame]:
     """Yield the images of a frame folder, in natural order, as Frames (same options as iter_frames).
+
+    An image that cannot be read does not drop the clip: it is yielded with ``readable=False`` (a
+    faceless row downstream) and counted in ``stats.unreadable``. A folder in which no image reads
+    raises DecodeError. Size changes between images are listed in ``stats.size_changes``.
 
     >>> next(iter_folder_frames(Path("clip_frames/"))).rgb.dtype
     dtype('uint8')
     """
+    stats = stats if stats is not None else DecodeStats()
     images = list_frame_images(folder)
     if not images:
         raise DecodeError(f"{folder}: frame folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    kept, last_slot = 0, -1
+    kept, last_slot, shape = 0, -1, None
     for index, image in enumerate(images):
         if max_frames is not None and kept >= max_frames:
             break
+        stats.decoded = index + 1
         slot = keep_frame(index, fps, fps_cap, every_nth, last_slot)
         if slot < 0:
             continue
         last_slot, kept = slot, kept + 1
-        yield Frame(index, index * 1000.0 / fps, read_image_rgb(image))
+        try:
+            rgb = read_image_rgb(image)
+        except DecodeError:
+            stats.unreadable.append(index)
+            yield Frame(index, index * 1000.0 / fps, UNREADABLE, readable=False)
+            continue
+        if shape is not None and rgb.shape != shape:
+            stats.size_changes.append(index)
+        shape = rgb.shape
+        yield Frame(index, index * 1000.0 / fps, rgb)
+    else:
+        stats.reached_end = True
+    if kept and len(stats.unreadable) == kept:
+        raise DecodeError(f"{folder}: none of its {kept} images can be read; re-export or remove them")
 
 
 @dataclass(frozen=True)
@@ -183,24 +294,26 @@ class DecodeConfig:
     folder_fps: float = FOLDER_FPS    # frame folders carry no rate; used for timestamps and the fps cap
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad field; never changes a value."""
+        """Raise ConfigError naming the bad field; never changes a value."""
         if self.fps_cap is not None and self.fps_cap <= 0:
-            raise ValueError(f"fps_cap={self.fps_cap}: must be > 0 (or None for no cap)")
+            raise ConfigError(f"fps_cap={self.fps_cap}: must be > 0 (or None for no cap)")
         if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"max_frames={self.max_frames}: must be >= 1 (or None for the whole clip)")
+            raise ConfigError(f"max_frames={self.max_frames}: must be >= 1 (or None for the whole clip)")
         if self.every_nth < 1:
-            raise ValueError(f"every_nth={self.every_nth}: must be >= 1")
+            raise ConfigError(f"every_nth={self.every_nth}: must be >= 1")
         if self.folder_fps <= 0:
-            raise ValueError(f"folder_fps={self.folder_fps}: must be > 0")
+            raise ConfigError(f"folder_fps={self.folder_fps}: must be > 0")
 
 
-def iter_clip_frames(path: Path, kind: str, cfg: DecodeConfig) -> Iterator[Frame]:
-    """Frames of a clip that is a video file (kind="video") or a folder of images (kind="frames").
+def iter_clip_frames(path: Path, kind: str, cfg: DecodeConfig, stats: Optional[DecodeStats] = None
+                     ) -> Iterator[Frame]:
+    """Frames of a clip that is a video file (kind="video") or a folder of images (kind="frames"; a
+    single image file is a one-frame folder). ``stats`` is filled in while the frames are consumed.
 
     >>> frames = iter_clip_frames(Path("data/samples/single_face.mp4"), "video", DecodeConfig(max_frames=8))
     """
     if kind == "video":
-        return iter_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth)
+        return iter_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth, stats)
     if kind == "frames":
-        return iter_folder_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth, cfg.folder_fps)
+        return iter_folder_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth, cfg.folder_fps, stats)
     raise ValueError(f"{path}: unknown clip kind {kind!r}; expected 'video' or 'frames'")

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.errors import UserError
+from cache.errors import ConfigError, StoreDamaged, StoreMismatch, UserError
 from cache.features_store import FeaturesStore
 from pipeline.clip_batches import sample_frames
+from pipeline.folds import select_ids
 from pipeline.heads import EmotionHeads, load_heads
-from pipeline.runtime import resolve_device
+from pipeline.runtime import Failure, FailureLog, resolve_device
 
 
 class NoFrames(UserError):
@@ -35,7 +36,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.frames < 0 or self.view < 0:
-            raise ValueError(f"EvalConfig: frames ({self.frames}) and view ({self.view}) must be >= 0")
+            raise ConfigError(f"EvalConfig: frames ({self.frames}) and view ({self.view}) must be >= 0")
 
 
 @torch.no_grad()
@@ -109,38 +110,43 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], class_n
 
 
 def predict_split(model: EmotionHeads, store: FeaturesStore, clip_ids: Sequence[str], cfg: EvalConfig,
-                  class_names: Sequence[str], progress: bool = True) -> tuple[list[dict], list[str]]:
-    """predict_video over clips; returns (one record per clip, failure lines for clips skipped)."""
+                  class_names: Sequence[str], progress: bool = True) -> tuple[list[dict], list[Failure]]:
+    """predict_video over clips; returns (one record per clip, a Failure per clip left out of the metrics).
+
+    A damaged clip (failed checksum, non-finite maps: StoreDamaged) is left out and named, never scored.
+    """
     records, failures = [], []
     index = {name.lower(): i for i, name in enumerate(class_names)}
     for k, cid in enumerate(tqdm(clip_ids, desc="evaluate", unit="clip", disable=not progress)):
         label = str(store.attrs(cid).get("label", ""))
         if label.lower() not in index:
-            failures.append(f"{cid}: label {label!r} is not one of the checkpoint's classes {list(class_names)}")
+            failures.append(Failure("eval", str(store.path), cid, f"label {label!r} is not one of the checkpoint's"
+                                    f" classes {list(class_names)}"))
             continue
-        maps, present = store.read_clip(cid, views=[cfg.view])
-        frames = (sample_frames(present, cfg.frames, np.random.default_rng([cfg.seed, k]))
-                  if cfg.frames else None)
         try:
+            maps, present = store.read_clip(cid, views=[cfg.view])
+            frames = (sample_frames(present, cfg.frames, np.random.default_rng([cfg.seed, k]))
+                      if cfg.frames else None)
             out = predict_video(model, maps, present, frames=frames)
-        except NoFrames as exc:
-            failures.append(f"{cid}: {exc}; left out of the metrics")
+        except (NoFrames, StoreDamaged) as exc:
+            failures.append(Failure("eval", str(store.path), cid, f"{exc}; left out of the metrics"))
             continue
         records.append({"clip_id": cid, "label": index[label.lower()], **out})
     return records, failures
 
 
 def evaluate(features_path, checkpoint, split: str = "Val", out_dir=None, cfg: EvalConfig = EvalConfig(),
-             progress: bool = True) -> dict:
-    """Evaluate a heads checkpoint on one split of a features store.
+             progress: bool = True, fold: Optional[int] = None) -> dict:
+    """Evaluate a heads checkpoint on one split of a features store, or on one fold's test part.
 
     Arguments:
         features_path: the features store (``emo-cache extract``).
         checkpoint: ``best.pt``/``last.pt`` from ``emo-train heads``; its provenance must match the store.
         split: split name, matched case-insensitively ("Val" for the paper's tables).
         out_dir: report folder (metrics.json, confusion.csv/.png, predictions.csv/.json,
-            eval_config.json, failures.log); None writes nothing and only returns.
+            eval_config.json, failures.jsonl); None writes nothing and only returns.
         cfg: EvalConfig (frames, seed, view, device).
+        fold: a dataset with folds: evaluate fold K's test part (``split`` is then ignored).
     Returns: the metrics dict (accuracy, uar, per_class_recall, confusion, ...) plus ``records``
         (per-clip predictions) and ``failures``.
 
@@ -152,35 +158,39 @@ def evaluate(features_path, checkpoint, split: str = "Val", out_dir=None, cfg: E
     with FeaturesStore(features_path, "r") as store:
         store.check_provenance(ckpt["provenance"])  # StoreMismatch names every differing key
         if [c.lower() for c in store.class_names] != [c.lower() for c in ckpt["class_names"]]:
-            raise ValueError(f"{features_path}: classes {store.class_names} differ from the checkpoint's"
-                             f" {ckpt['class_names']} ({checkpoint})")
-        clip_ids = store.complete_ids(split)
+            raise StoreMismatch(f"{features_path}: classes {store.class_names} differ from the checkpoint's"
+                                f" {ckpt['class_names']} ({checkpoint})")
+        clip_ids = select_ids(store, split=split, fold=fold, part="test")
+        if fold is not None:
+            split = f"fold {fold} test"
         if not clip_ids:
-            raise ValueError(f"{features_path}: no complete clip in split {split!r}; splits are matched"
-                             " case-insensitively against each clip's 'split' attribute")
+            raise ConfigError(f"{features_path}: no complete clip in {'the' if fold else 'split'} {split!r}; splits"
+                              " are matched case-insensitively against each clip's 'split' attribute")
         num_views = store.shape(clip_ids[0])[0]
         if cfg.view >= num_views:
-            raise ValueError(f"{features_path} caches {num_views} view(s); --view {cfg.view}"
-                             " does not exist (0 is the original)")
+            raise ConfigError(f"{features_path} caches {num_views} view(s); --view {cfg.view}"
+                              " does not exist (0 is the original)")
         records, failures = predict_split(model, store, clip_ids, cfg, ckpt["class_names"], progress)
     metrics = classification_metrics([r["label"] for r in records], [r["pred"] for r in records],
                                      ckpt["class_names"])
     metrics.update(split=split, checkpoint=str(checkpoint), features=str(features_path),
-                   skipped=len(failures), frames="all" if cfg.frames == 0 else cfg.frames)
+                   skipped=len(failures), frames="all" if cfg.frames == 0 else cfg.frames, fold=fold)
     if out_dir is not None:
         write_report(Path(out_dir), metrics, records, failures, ckpt["class_names"],
-                     {"eval": asdict(cfg), "split": split, "checkpoint": str(checkpoint),
+                     {"eval": asdict(cfg), "split": split, "fold": fold, "checkpoint": str(checkpoint),
                       "features": str(features_path)})
     return {**metrics, "records": records, "failures": failures}
 
 
-def write_report(out_dir: Path, metrics: dict, records: list[dict], failures: list[str],
+def write_report(out_dir: Path, metrics: dict, records: list[dict], failures: list[Failure],
                  class_names: Sequence[str], config: dict) -> None:
-    """Write metrics.json, confusion CSVs + PNG, predictions CSV + JSON, eval_config.json, failures.log."""
+    """Write metrics.json, confusion CSVs + PNG, predictions CSV + JSON, eval_config.json, failures.jsonl."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "eval_config.json").write_text(json.dumps(config, indent=2))
-    (out_dir / "failures.log").write_text("".join(line + "\n" for line in failures))
+    with FailureLog(out_dir / "failures.jsonl") as flog:
+        for failure in failures:
+            flog.add(failure)
     confusion = np.asarray(metrics["confusion"])
     write_confusion_csv(out_dir / "confusion.csv", confusion, class_names)
     write_confusion_csv(out_dir / "confusion_normalised.csv", row_normalise(confusion), class_names)
@@ -205,13 +215,22 @@ def write_confusion_csv(path: Path, matrix: np.ndarray, class_names: Sequence[st
             writer.writerow([name, *[f"{v:.6f}" if isinstance(v, float) else int(v) for v in row.tolist()]])
 
 
-def plot_confusion(confusion: np.ndarray, class_names: Sequence[str]):
-    """Figure with the counts (left) and the row-normalised recalls (right)."""
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], title: Optional[str] = None):
+    """Figure with the counts (left) and the row-normalised recalls (right).
+
+    The figure grows with the class count (11 for MAFW stay legible): about 0.75 inch per class and panel,
+    tick labels rotated, cell text smaller for many classes.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), constrained_layout=True)
+    n = len(class_names)
+    side = max(5.2, 0.75 * n + 1.5)
+    fontsize = 8 if n <= 8 else 7
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.5, side), constrained_layout=True)
+    if title:
+        fig.suptitle(title)
     for ax, matrix, title, fmt in ((axes[0], confusion, "counts", "{:d}"),
                                    (axes[1], row_normalise(confusion), "row-normalised (recall)", "{:.2f}")):
         image = ax.imshow(matrix, cmap="Blues", vmin=0)
@@ -222,7 +241,7 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str]):
         limit = matrix.max() / 2 if matrix.size else 0
         for (i, j), value in np.ndenumerate(matrix):
             ax.text(j, i, fmt.format(value.item()), ha="center", va="center",
-                    color="white" if value > limit else "black", fontsize=8)
+                    color="white" if value > limit else "black", fontsize=fontsize)
         fig.colorbar(image, ax=ax, shrink=0.8)
     return fig
 

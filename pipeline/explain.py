@@ -19,8 +19,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+from urllib.parse import quote
 
 import numpy as np
+
+from cache.errors import ConfigError, StoreMismatch, clip_filename
+
+# Clip ids and class names are user text: "$" in them must stay a dollar, not start matplotlib's mathtext.
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 
 @dataclass(frozen=True)
@@ -34,11 +40,11 @@ class ExplainConfig:
 
     def validate(self) -> None:
         if self.frames_shown < 1:
-            raise ValueError(f"frames_shown must be >= 1, got {self.frames_shown}")
+            raise ConfigError(f"frames_shown must be >= 1, got {self.frames_shown}")
         if self.frame_choice not in ("even", "top"):
-            raise ValueError(f"frame_choice must be 'even' or 'top', got {self.frame_choice!r}")
+            raise ConfigError(f"frame_choice must be 'even' or 'top', got {self.frame_choice!r}")
         if not 0.0 <= self.heat_floor < 1.0:
-            raise ValueError(f"heat_floor must be in [0, 1), got {self.heat_floor}")
+            raise ConfigError(f"heat_floor must be in [0, 1), got {self.heat_floor}")
 
     def figure_size_px(self, n_heads: int, n_columns: Optional[int] = None) -> tuple[int, int]:
         """(width, height) in pixels of a figure with ``n_heads`` attention rows and ``n_columns``
@@ -177,6 +183,15 @@ def explanation_figure(faces: np.ndarray, present: np.ndarray, frame_probs: np.n
     >>> fig = explanation_figure(faces, present, probs_f, weights, probs, names, attn)  # doctest: +SKIP
     >>> write_explanation("clip.png", fig)  # doctest: +SKIP
     """
+    import matplotlib
+
+    with matplotlib.rc_context(PLAIN_TEXT):
+        return _explanation_figure(faces, present, frame_probs, frame_weights, video_probs, class_names, attention,
+                                   title, true_label, head_names, frame_numbers, cfg)
+
+
+def _explanation_figure(faces, present, frame_probs, frame_weights, video_probs, class_names, attention, title,
+                        true_label, head_names, frame_numbers, cfg: ExplainConfig):
     from matplotlib.figure import Figure
 
     cfg.validate()
@@ -268,10 +283,12 @@ def figure_to_rgb(fig) -> np.ndarray:
     >>> figure_to_rgb(Figure(figsize=(2, 1), dpi=50)).shape
     (50, 100, 3)
     """
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)
-    canvas.draw()
+    with matplotlib.rc_context(PLAIN_TEXT):
+        canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
@@ -350,7 +367,7 @@ def _index_row(r: dict) -> str:
     label = r.get("label")
     correct = None if label is None else int(label == r["predicted"])
     verdict = {None: "?", 1: "right", 0: "wrong"}[correct]
-    fig = html.escape(str(r["figure"]), quote=True)
+    fig = html.escape(quote(str(r["figure"])), quote=True)  # file names hold "%": the URL must quote it again
     cells = [
         (r["video"], html.escape(str(r["video"]))),
         (label or "", html.escape(str(label or "—"))),
@@ -367,23 +384,24 @@ def _index_row(r: dict) -> str:
 
 
 def figure_name(video_id: str) -> str:
-    """File name of a video's figure: the id with path separators made safe.
+    """File name of a video's figure; injective over clip ids (``cache.errors.clip_filename``).
 
-    >>> figure_name("Val/Sad/000123.avi")
-    'Val__Sad__000123.avi.png'
+    >>> figure_name("Val/Sad/000123.avi"), figure_name("Val/Sad/a b.avi"), figure_name("Val/Sad/a_b.avi")
+    ('Val%2FSad%2F000123.avi.png', 'Val%2FSad%2Fa%20b.avi.png', 'Val%2FSad%2Fa_b.avi.png')
     """
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in video_id.replace("/", "__"))
-    return safe + ".png"
+    return clip_filename(video_id, ".png")
 
 
 # -- stage side (files) -----------------------------------------------------------------------
 def write_explanation(path, fig) -> Path:
     """Save a figure as PNG (Agg) and return its path."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig).print_png(str(path))
+    with matplotlib.rc_context(PLAIN_TEXT):  # tick labels are made at draw time
+        FigureCanvasAgg(fig).print_png(str(path))
     return path
 
 
@@ -435,12 +453,20 @@ def explain_evaluation(faces_path, records: Sequence[dict], class_names: Sequenc
             faces_fingerprint = feats.provenance.get("faces_fingerprint")
     with FacesStore(faces_path, "r") as store:
         if faces_fingerprint is not None and store.fingerprint != faces_fingerprint:
-            raise ValueError(f"{faces_path}: fingerprint {store.fingerprint[:12]}... is not the faces store the"
-                             f" features in {features_path} were made from ({faces_fingerprint[:12]}...);"
-                             " pass that one with --faces")
+            raise StoreMismatch(f"{faces_path}: is not the faces store the features in {features_path} were made"
+                                f" from (its settings differ: fingerprint {store.fingerprint[:12]}..., the features"
+                                f" name {faces_fingerprint[:12]}...); pass the faces store given to `emo-cache"
+                                f" extract` with --faces. This one's settings: {_settings_line(store.config)}")
         for rec in tqdm(records, desc="explain", unit="clip", disable=not progress):
             rows.append(_explain_record(store, rec, class_names, out_dir, cfg))
     return write_index(out_dir, rows, title=title, cfg=cfg)
+
+
+def _settings_line(config: dict, limit: int = 12) -> str:
+    from cache.common import flatten_settings
+
+    items = [f"{k}={v!r}" for k, v in sorted(flatten_settings(config).items()) if k != "class_names"]
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
 
 
 def _explain_record(store, rec: dict, class_names: Sequence[str], out_dir: Path, cfg: ExplainConfig) -> dict:

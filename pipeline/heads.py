@@ -11,6 +11,9 @@ Aminbeidokhti et al. 2019, Sec. 3.2-3.3 and 4.4 (equations and shapes in the REA
 Baselines from Tables 1-2: no attention (mean over L), SHIFT (attention clusters with the shifting
 operation, Long et al. 2018), AVG (Eq. 7), MAX and an LSTM over frame features.
 Every softmax, mean and max ignores frames whose mask is False (no face, or padding).
+
+Maps are standardised per channel first, ``(R - map_mean) / map_std``, with statistics of the training part
+(``map_statistics``) held as buffers, so they travel in the checkpoint and apply in eval and predict too.
 """
 from __future__ import annotations
 
@@ -19,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from cache.errors import ConfigError
 
 SPATIAL = ("sa", "mean", "shift")
 POOLING = ("tp", "avg", "max", "lstm")
@@ -40,6 +46,10 @@ class HeadsConfig:
     lstm_hidden: int = 128     # LSTM baseline state size; paper silent, same order as U
     shift_clusters: int = 2    # SHIFT row of Table 1 uses 2 clusters
     dropout: float = 0.0       # on frame descriptors before W_sm; the paper mentions none
+    standardise: bool = True   # per-channel (x - mean) / std of the maps, statistics from the training part
+                               # (buffers map_mean / map_std, saved in the checkpoint): maps of any scale
+                               # (random VGG16 ~0.03, fer ~1, others ~100) then train alike. False: the
+                               # paper's raw maps.
 
     def __post_init__(self) -> None:
         checks = {
@@ -50,7 +60,7 @@ class HeadsConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"HeadsConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
+            raise ConfigError(f"HeadsConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
                              f" (spatial in {SPATIAL}, pooling in {POOLING}, sizes >= 1, 0 <= dropout < 1)")
 
     @property
@@ -217,6 +227,9 @@ class EmotionHeads(nn.Module):
             "mean": lambda: None,
         }[cfg.spatial]()
         self.dropout = nn.Dropout(cfg.dropout)
+        # identity until set_map_statistics; old checkpoints without them load as the identity too
+        self.register_buffer("map_mean", torch.zeros(cfg.in_dim))
+        self.register_buffer("map_std", torch.ones(cfg.in_dim))
         if cfg.pooling == "lstm":
             self.lstm = nn.LSTM(cfg.frame_dim, cfg.lstm_hidden, batch_first=True)
             self.classifier = nn.Linear(cfg.lstm_hidden, cfg.num_classes)   # W_sm on the LSTM state
@@ -234,9 +247,16 @@ class EmotionHeads(nn.Module):
             return maps.mean(dim=2), None                                    # (B, F, D)
         return self.spatial(maps)
 
+    def set_map_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-channel (D,) statistics of the training maps; forward standardises with them."""
+        self.map_mean.copy_(torch.as_tensor(mean, dtype=self.map_mean.dtype))
+        self.map_std.copy_(torch.as_tensor(std, dtype=self.map_std.dtype))
+
     def forward(self, maps: torch.Tensor, mask: torch.Tensor) -> HeadsOutput:
         maps = maps.to(self.classifier.weight.dtype)
         mask = mask.to(torch.bool)
+        if maps.shape[-1] == self.cfg.in_dim:  # a wrong D is reported by describe_frames
+            maps = (maps - self.map_mean.to(maps.dtype)) / self.map_std.to(maps.dtype)  # (B, F, L, D)
         frames, attn = self.describe_frames(maps)
         penalty = (attention_penalty(attn, mask) if self.cfg.spatial == "sa"
                    else maps.new_zeros(()))
@@ -301,18 +321,55 @@ def load_heads(checkpoint_path, map_location="cpu") -> tuple[EmotionHeads, dict]
     >>> ckpt["class_names"][:2]
     ['Angry', 'Disgust']
     """
+    from pipeline.loop import CheckpointError, load_torch_file
+
     path = Path(checkpoint_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint; train one with `emo-train heads`")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    missing = [k for k in ("model", "heads_config", "class_names", "provenance") if k not in ckpt]
+        raise CheckpointError(f"{path}: no such checkpoint; train one with `emo-train heads`")
+    ckpt = load_torch_file(path, "checkpoint")
+    missing = [k for k in ("model", "heads_config", "class_names", "provenance") if k not in ckpt] \
+        if isinstance(ckpt, dict) else ["everything: it is not a dict"]
     if missing:
-        raise ValueError(f"{path}: not a heads checkpoint (missing {missing}); it must come from"
-                         " `emo-train heads`")
-    model = EmotionHeads(HeadsConfig(**ckpt["heads_config"]))
-    model.load_state_dict(ckpt["model"])
+        raise CheckpointError(f"{path}: not a heads checkpoint (missing {missing}); it must come from"
+                              " `emo-train heads` or `emo-train finetune`")
+    try:
+        model = EmotionHeads(HeadsConfig(**ckpt["heads_config"]))
+        absent, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its heads do not fit its own config ({str(exc).splitlines()[0]});"
+                              " the file is damaged or from another version") from exc
+    absent = [k for k in absent if k not in ("map_mean", "map_std")]  # older checkpoints: no standardisation
+    if absent or unexpected:
+        raise CheckpointError(f"{path}: its weights do not fit its heads config (missing {absent},"
+                              f" unexpected {unexpected}); the file is damaged or from another version")
     return model.eval(), ckpt
 
 
+def map_statistics(chunks, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of maps given in chunks of (..., D) arrays (float64 sums, any count).
+
+    A channel whose spread is below 1 % of the channels' mean spread (e.g. a ReLU channel that is always 0)
+    gets that floor as its std, so it cannot blow up at test time.
+
+    >>> m, s = map_statistics([np.array([[1.0, 10.0], [3.0, 10.0]])], 2)
+    >>> m.tolist(), [round(v, 3) for v in s.tolist()]
+    ([2.0, 10.0], [1.0, 0.01])
+    """
+    total = np.zeros(in_dim)
+    squares = np.zeros(in_dim)
+    count = 0
+    for chunk in chunks:
+        x = np.asarray(chunk, dtype=np.float64).reshape(-1, in_dim)
+        total += x.sum(0)
+        squares += np.square(x).sum(0)
+        count += len(x)
+    if count == 0:
+        return torch.zeros(in_dim), torch.ones(in_dim)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    floor = max(1e-2 * float(std.mean()), 1e-12)
+    return torch.from_numpy(mean).float(), torch.from_numpy(np.maximum(std, floor)).float()
+
+
 __all__ = ["HeadsConfig", "HeadsOutput", "SpatialAttention", "ClusterAttention", "EmotionHeads",
-           "attention_penalty", "softmax_pool", "average_pool", "max_pool", "load_heads"]
+           "attention_penalty", "softmax_pool", "average_pool", "max_pool", "load_heads", "map_statistics"]

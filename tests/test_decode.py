@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
+from cache.errors import ConfigError
 from pipeline.decode import (DecodeConfig, DecodeError, iter_clip_frames, iter_folder_frames, iter_frames,
                              keep_frame, probe_video)
 from fixtures_preprocess import write_bad_media, write_zero_frame_video
@@ -85,7 +86,143 @@ def test_empty_folder_raises(tmp_path):
 
 
 def test_decode_config_validation_names_field():
-    with pytest.raises(ValueError, match="every_nth"):
+    with pytest.raises(ConfigError, match="every_nth"):
         DecodeConfig(every_nth=0).validate()
-    with pytest.raises(ValueError, match="fps_cap"):
+    with pytest.raises(ConfigError, match="fps_cap"):
         DecodeConfig(fps_cap=-1).validate()
+
+
+# -- damage: truncated videos, corrupt images, mixed sizes (issue 12) ------------------------------------
+from pipeline.dataset import Clip, check_dataset  # noqa: E402
+from pipeline.decode import DecodeStats, count_video_frames, folder_is_square, is_short  # noqa: E402
+from dataset_trees import real_frames  # noqa: E402
+from fixtures_preprocess import write_mjpg_video  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def truncated_video(tmp_path_factory):
+    """A 30-frame MJPG AVI of real frames, and a copy cut to its first third (bytes)."""
+    folder = tmp_path_factory.mktemp("trunc")
+    frames = [bgr[:, :, ::-1] for bgr in real_frames(30, size=None)]
+    full = write_mjpg_video(folder / "full.avi", frames, fps=30)
+    data = full.read_bytes()
+    cut = folder / "Train" / "Happy" / "cut.avi"
+    cut.parent.mkdir(parents=True)
+    cut.write_bytes(data[: len(data) // 3])
+    return full, cut
+
+
+def test_count_frames_finds_a_video_cut_to_a_third(truncated_video):
+    full, cut = truncated_video
+    assert count_video_frames(full) == (30, 30)
+    decoded, total = count_video_frames(cut)
+    assert total == 30 and 5 <= decoded <= 12 and is_short(decoded, total)
+    probe_video(cut)  # the first frame still decodes: probing alone would call it fine
+
+
+def test_check_reports_the_truncated_video_by_name(truncated_video):
+    full, cut = truncated_video
+    report = check_dataset(cut.parents[2], progress=False)
+    assert not report.ok
+    [problem] = [p for p in report.problems if p.path == str(cut)]
+    assert problem.severity == "error" and "of the 30 frames its container announces decode" in problem.message
+    assert check_dataset(cut.parents[2], progress=False, quick=True).ok  # --quick decodes one frame only
+
+
+def test_corrupt_middle_is_found(tmp_path, truncated_video):
+    full, _ = truncated_video
+    data = bytearray(full.read_bytes())
+    n = len(data)
+    data[n // 3: n // 2] = np.random.default_rng(0).integers(0, 256, n // 2 - n // 3, dtype=np.uint8).tobytes()
+    bad = tmp_path / "mid.avi"
+    bad.write_bytes(bytes(data))
+    decoded, total = count_video_frames(bad)
+    assert is_short(decoded, total), (decoded, total)
+
+
+def test_stats_record_decoded_frames(truncated_video):
+    full, cut = truncated_video
+    stats = DecodeStats()
+    kept = list(iter_frames(cut, every_nth=2, stats=stats))
+    assert stats.reached_end and stats.decoded == count_video_frames(cut)[0]
+    assert [f.index for f in kept] == list(range(0, stats.decoded, 2))
+    capped = DecodeStats()
+    list(iter_frames(full, max_frames=5, stats=capped))
+    assert capped.decoded == 5 and not capped.reached_end  # stopped on purpose: not damage
+
+
+def test_folder_with_corrupt_image_and_size_change(tmp_path):
+    frames = real_frames(4, size=(64, 36))
+    for i, bgr in enumerate(frames):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), bgr if i < 3 else cv2.resize(bgr, (32, 18)))
+    (tmp_path / "f1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    stats = DecodeStats()
+    out = list(iter_folder_frames(tmp_path, stats=stats))
+    assert [f.readable for f in out] == [True, False, True, True]
+    assert out[1].rgb.shape == (1, 1, 3) and stats.unreadable == [1] and stats.size_changes == [3]
+    assert stats.attrs() == {"decoded_frames": 4, "unreadable_frames": 1}
+    for name in ("f0.png", "f2.png", "f3.png"):
+        (tmp_path / name).write_bytes(b"nope")
+    with pytest.raises(DecodeError, match="none of its 4 images can be read"):
+        list(iter_folder_frames(tmp_path))
+
+
+def test_prealigned_is_decided_on_every_image(tmp_path):
+    frame = real_frames(1, size=None)[0]                       # 640x360
+    square = frame[:, 140:500]                                 # 360x360 face crop
+    cv2.imwrite(str(tmp_path / "0001.jpg"), square)
+    cv2.imwrite(str(tmp_path / "0002.jpg"), square)
+    assert folder_is_square(tmp_path)
+    cv2.imwrite(str(tmp_path / "0003.jpg"), frame)             # one full frame among square ones
+    assert not folder_is_square(tmp_path)
+
+
+# -- the faces side records the damage (pipeline/preprocess.py, pipeline/faces.py) ---------------------
+def test_truncated_video_is_recorded_not_stored_as_complete(truncated_video, tmp_path):
+    from pipeline.preprocess import PreprocessConfig, damage_note, preprocess_dataset, process_clip
+
+    full, cut = truncated_video
+    arrays, attrs = process_clip(Clip("Train/Happy/cut.avi", cut, "Happy", "Train", "video"), PreprocessConfig())
+    decoded = count_video_frames(cut)[0]
+    assert len(arrays["present"]) == decoded
+    assert attrs["decoded_frames"] == decoded and attrs["total_frames"] == 30 and attrs["truncated"] is True
+    assert damage_note(attrs).startswith(f"only {decoded} of 30 frames decode")
+    _, whole = process_clip(Clip("Train/Happy/full.avi", full, "Happy", "Train", "video"),
+                            PreprocessConfig(decode=DecodeConfig(max_frames=5)))
+    assert whole["truncated"] is False and damage_note(whole) == ""
+    summary = preprocess_dataset(cut.parents[2], tmp_path / "faces.h5", PreprocessConfig(), workers=1,
+                                 progress=False)
+    line = next(row for row in summary.format().splitlines() if row.startswith("Train/Happy/cut.avi"))
+    assert f"WARNING only {decoded} of 30 frames decode" in line
+
+
+def test_corrupt_image_is_a_faceless_frame_not_a_dropped_clip(tmp_path):
+    from pipeline.preprocess import PreprocessConfig, process_clip
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i, bgr in enumerate(real_frames(4, size=None)):
+        cv2.imwrite(str(folder / f"{i:03d}.jpg"), bgr)
+    (folder / "002.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    arrays, attrs = process_clip(Clip("Test/Happy/clip", folder, "Happy", "Test", "frames"), PreprocessConfig())
+    assert arrays["present"].tolist() == [True, True, False, True]
+    assert arrays["how"][2] == 0 and not arrays["faces"][2].any()
+    assert attrs["unreadable_frames"] == 1 and attrs["decoded_frames"] == 4
+
+
+def test_size_change_restarts_tracking(tmp_path):
+    from pipeline.faces import HOW_TRACKED
+    from pipeline.preprocess import PreprocessConfig, is_prealigned, process_clip
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    frames = real_frames(8, size=None)
+    for i, bgr in enumerate(frames):   # frames 4..7 at half size: the face moves to half the coordinates
+        cv2.imwrite(str(folder / f"{i:03d}.png"), bgr if i < 4 else cv2.resize(bgr, (320, 180)))
+    clip = Clip("Test/Happy/mixed", folder, "Happy", "Test", "frames")
+    assert not is_prealigned(clip, PreprocessConfig().face)
+    arrays, _ = process_clip(clip, PreprocessConfig())
+    assert arrays["present"].all()                      # no face lost after the change
+    assert arrays["how"][1] == HOW_TRACKED              # tracked within a size...
+    assert arrays["how"][4] != HOW_TRACKED              # ...but detected afresh at the change
+    assert np.nanmax(arrays["box"][4:, 2]) <= 320 + 1   # boxes in the new frame's coordinates

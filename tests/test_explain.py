@@ -2,9 +2,12 @@
 import re
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
+
+from cache import ConfigError, StoreMismatch
 
 from pipeline.explain import (ExplainConfig, attention_heat, choose_frames, explanation_figure,
                               figure_name, figure_to_rgb, frame_class_probs, index_html, overlay_heat,
@@ -162,12 +165,48 @@ def test_index_lists_every_video_and_links_existing_figures(tmp_path):
     assert parser.rows == 3
     for r in rows:
         assert r["video"] in text
-    assert sorted(parser.links) == sorted(r["figure"] for r in rows)
+    assert sorted(unquote(link) for link in parser.links) == sorted(r["figure"] for r in rows)
     for link in parser.links:
-        assert (tmp_path / link).stat().st_size > 1000
+        assert (tmp_path / unquote(link)).stat().st_size > 1000
     assert "1/2 correct" in text
     assert re.search(r'data-numeric="1" onclick="sortBy\(3\)">confidence', text)
     assert (tmp_path / "explain_config.json").exists()
+
+
+def test_dollar_signs_in_ids_and_class_names_stay_text(tmp_path):
+    """matplotlib reads "$...$" as mathtext; an id like "a$b$$.avi" must neither crash nor lose its dollars."""
+    clip = planted_clip(n_frames=6, absent=())
+    clip["class_names"] = ["$x", "a$b$c", *CLASSES[2:]]
+    vid = "Val/Sad/$odd$ $$name\\$.avi"
+    fig = explanation_figure(**clip, title=vid, true_label="a$b$c", cfg=ExplainConfig(frames_shown=2))
+    path = write_explanation(tmp_path / ("figures/" + figure_name(vid)), fig)
+    assert path.stat().st_size > 1000
+    assert vid in fig._suptitle.get_text()
+    assert figure_to_rgb(fig).std() > 0
+
+
+def test_figure_names_never_collide_and_index_links_resolve(tmp_path):
+    ids = ["Val/Sad/a b.avi", "Val/Sad/a_b.avi", "x/v.avi", "y/v.avi", "Val/Sad/100%#?.avi", "Val/Sad/..avi"]
+    names = [figure_name(v) for v in ids]
+    assert len(set(names)) == len(ids) and all("/" not in n and not n.startswith(".") for n in names)
+    clip = planted_clip(n_frames=4, absent=())
+    rows = []
+    for vid in ids:
+        name = "figures/" + figure_name(vid)
+        write_explanation(tmp_path / name, explanation_figure(**clip, cfg=ExplainConfig(frames_shown=1)))
+        rows.append({"video": vid, "label": None, "predicted": "Sad", "confidence": 0.5, "figure": name})
+    parser = _Links()
+    parser.feed(write_index(tmp_path, rows).read_text())
+    assert len(parser.links) == len(ids)
+    for link, row in zip(parser.links, rows):   # a browser unquotes an href once: that must be the file
+        assert "#" not in link and "?" not in link
+        assert unquote(link) == row["figure"] and (tmp_path / unquote(link)).is_file()
+
+
+def test_bad_explain_settings_are_config_errors():
+    for bad in (dict(frames_shown=0), dict(frame_choice="best"), dict(heat_floor=1.0)):
+        with pytest.raises(ConfigError):
+            ExplainConfig(**bad).validate()
 
 
 def test_index_escapes_ids():
@@ -215,11 +254,11 @@ def test_explain_evaluation_over_a_split(tmp_path):
     parser.feed(page.read_text())
     assert parser.rows == 3 and len(parser.links) == 3
     for link in parser.links:
-        assert (tmp_path / "explain" / link).stat().st_size > 10_000
+        assert (tmp_path / "explain" / unquote(link)).stat().st_size > 10_000
     n_right = sum(r["label"] == r["pred"] for r in metrics["records"])
     assert f"{n_right}/3 correct" in page.read_text()
     other = make_tiny_faces_store(tmp_path / "other.h5", frames=5)   # another config: another fingerprint
-    with pytest.raises(ValueError, match="is not the faces store the features in .* were made from"):
+    with pytest.raises(StoreMismatch, match="is not the faces store the features in .* were made from"):
         explain_evaluation(other, metrics["records"], TINY_CLASSES, tmp_path / "x", features_path=feats)
 
 

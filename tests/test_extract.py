@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache import FacesStore, FeaturesStore, StoreMismatch
+from cache import ConfigError, FacesStore, FeaturesStore, StoreFull, StoreMismatch
 from cli.cache_extract import extract
 from pipeline.extract import ExtractConfig, FeatureExtractor, extract_features
 
@@ -177,7 +177,7 @@ def test_bad_arguments_stop_before_any_work(tmp_path, samples_dir):
     make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=1)
     for bad, msg in (({"seed": None}, "seed"), ({"views": 3}, "views"), ({"precision": "int8"}, "precision"),
                      ({"weights": ""}, "weights"), ({"batch_size": 0}, "batch_size")):
-        with pytest.raises(ValueError, match=msg):
+        with pytest.raises(ConfigError, match=msg):
             extract_features(tmp_path / "faces.h5", tmp_path / "feats.h5", cfg(**bad))
     assert not (tmp_path / "feats.h5").exists()
 
@@ -187,7 +187,7 @@ def test_refuses_when_the_disk_cannot_hold_the_output(tmp_path, samples_dir, mon
     make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=1)
     lines = []
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(OSError, match="only 0.00 GiB are free"):
+    with pytest.raises(StoreFull, match="only 0.00 GiB are free"):
         extract_features(tmp_path / "faces.h5", tmp_path / "feats.h5", cfg(), log=lines.append)
     assert any("planned" in line and "bytes/frame" not in line for line in lines)
     assert any("6 frames x 4096 bytes/frame" in line for line in lines)
@@ -197,13 +197,13 @@ def test_refuses_when_the_disk_cannot_hold_the_output(tmp_path, samples_dir, mon
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
-    from cache.features_store import FeaturesStore
+    from cache.features_store import ClipWriter
     from pipeline.extract import ExtractConfig, extract_features
-    original = FeaturesStore.write_clip
-    def write_and_tell(self, clip_id, *a, **kw):
-        original(self, clip_id, *a, **kw)
-        print("WROTE", clip_id, flush=True)
-    FeaturesStore.write_clip = write_and_tell
+    original = ClipWriter.commit
+    def commit_and_tell(self, *a, **kw):
+        original(self, *a, **kw)
+        print("WROTE", self.clip_id, flush=True)
+    ClipWriter.commit = commit_and_tell
     extract_features(sys.argv[1], sys.argv[2], ExtractConfig(weights="random", seed=0, input_size=32,
                                                              batch_size=4, views=2), log=lambda m: None)
 """)
@@ -290,7 +290,8 @@ def test_unreadable_clip_is_logged_and_the_run_carries_on(tmp_path, samples_dir,
         return original(self, clip_id)
     monkeypatch.setattr(FacesStore, "read_present", broken_read_present)  # the plan and the reader both meet it
     summary = extract_features(tmp_path / "faces.h5", tmp_path / "feats.h5", cfg())
-    assert summary["failures"] == [{"clip_id": bad, "error": "cannot read faces: Can't read data (inflate() failed)"}]
+    assert summary["failures"] == [{"stage": "extract", "file": str(tmp_path / "faces.h5"), "clip_id": bad,
+                                    "reason": "cannot read faces: Can't read data (inflate() failed)"}]
     assert summary["clips_written"] == 3
     logged = [json.loads(line) for line in (tmp_path / "feats.h5.failures.jsonl").read_text().splitlines()]
     assert logged == summary["failures"]

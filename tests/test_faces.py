@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cache.faces_store import FRAME_DATASETS
+from cache.errors import ConfigError
 from pipeline.decode import Frame, iter_folder_frames, iter_frames, read_image_rgb
 from pipeline.faces import (ALIGN_POINTS, HOW_DETECTOR, HOW_EQUALIZED, HOW_MISSING,
                             HOW_PREALIGNED, HOW_TRACKED, HOW_UPSAMPLED, MEAN_FACE_X, MEAN_FACE_Y, FaceConfig,
@@ -178,7 +179,7 @@ def test_empty_clip_has_every_array(aligner):
 
 
 def test_face_config_validation_names_field():
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ConfigError, match="mode"):
         FaceConfig(mode="quick").validate()
-    with pytest.raises(ValueError, match="predictor_path"):
+    with pytest.raises(ConfigError, match="predictor_path"):
         FaceConfig(predictor_path=str(Path("/nonexistent.dat"))).validate()

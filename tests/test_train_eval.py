@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from cache.common import StoreMismatch
+from cache.errors import ConfigError
 from cache.features_store import FeaturesStore
 from cli import emo_eval, emo_train
 from pipeline.evaluate import EvalConfig, evaluate, predict_video
@@ -87,7 +88,7 @@ def test_resume_continues_exactly_where_it_stopped(store_path, trained, tmp_path
     out, cfg, _ = trained
     heads_cfg = heads_config_for_store(store_path, hidden=8)
     train_heads(store_path, tmp_path / "r", replace(cfg, epochs=2), heads_cfg)
-    with pytest.raises(FileExistsError, match="resume"):
+    with pytest.raises(ConfigError, match="resume"):
         train_heads(store_path, tmp_path / "r", cfg, heads_cfg)
     train_heads(store_path, tmp_path / "r", cfg, heads_cfg, resume=True)
     straight, resumed = (torch.load(p / "last.pt", weights_only=True) for p in (out, tmp_path / "r"))
@@ -95,7 +96,7 @@ def test_resume_continues_exactly_where_it_stopped(store_path, trained, tmp_path
         assert torch.equal(value, resumed["model"][key]), key
     drop = (lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows])
     assert drop(straight["history"]) == drop(resumed["history"])
-    with pytest.raises(ValueError, match="heads_config.reg"):
+    with pytest.raises(ConfigError, match="heads_config.reg"):
         train_heads(store_path, tmp_path / "r", replace(cfg, epochs=5), replace(heads_cfg, reg=0.5), resume=True)
 
 
@@ -111,7 +112,7 @@ def test_streaming_the_store_trains_exactly_like_holding_it_in_memory(store_path
 
 
 def test_config_that_does_not_fit_the_store_stops_before_training(store_path, tmp_path):
-    with pytest.raises(ValueError, match="D=8"):
+    with pytest.raises(ConfigError, match="D=8"):
         train_heads(store_path, tmp_path / "x", FAST, HeadsConfig(in_dim=16, num_classes=3))
     assert not (tmp_path / "x").exists()
 
@@ -161,7 +162,7 @@ def test_evaluation_metrics_and_report_on_a_hand_checkable_case(hand_case, tmp_p
     assert m["confusion"] == [[2, 1, 0], [0, 1, 0], [0, 1, 1]]
     assert m["accuracy"] == pytest.approx(4 / 6) and m["uar"] == pytest.approx((2 / 3 + 1 + 1 / 2) / 3)
     assert m["per_class_recall"] == pytest.approx({"Angry": 2 / 3, "Disgust": 1.0, "Fear": 0.5})
-    assert m["skipped"] == 1 and "Val/Fear/f2" in (tmp_path / "report" / "failures.log").read_text()
+    assert m["skipped"] == 1 and "Val/Fear/f2" in (tmp_path / "report" / "failures.jsonl").read_text()
     # p(f|S) and p(c|S) of a0 by Eq. 5-6: cells e^5, 1, 1 (frame 0) and e^3, 1, 1 (frame 1)
     z = math.exp(5) + math.exp(3) + 4
     a0 = json.loads((tmp_path / "report" / "predictions.json").read_text())[0]
@@ -236,7 +237,7 @@ def test_ablation_runs_rows_over_seeds_and_writes_the_table(store_path, tmp_path
     again = ablate(store_path, tmp_path / "abl", cfg, replace(FAST, epochs=1))  # finished runs are reused
     assert again["runs"] == result["runs"]
     assert (tmp_path / "abl" / "tp" / "seed0" / "last.pt").stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match="unknown rows"):
+    with pytest.raises(ConfigError, match="unknown rows"):
         AblationConfig(rows=("tp", "nope"))
 
 
@@ -272,5 +273,66 @@ def test_grid_crop_augmentation_trains_on_windows_of_the_cached_grid(store_path,
                    for w in windows.values())
     result = train_heads(store_path, tmp_path / "crop", cfg, heads_config_for_store(store_path, hidden=8))
     assert result["last"]["holdout_acc"] is not None               # held-out clips use the whole grid
-    with pytest.raises(ValueError, match="crop_cells"):
+    with pytest.raises(ConfigError, match="crop_cells"):
         TrainConfig(crop_cells=-1)
+
+
+# -- heads on features of any scale; divergence; unreadable checkpoints ------------------------------------
+SCALED = SyntheticConfig(train_clips=60, val_clips=6, frames=6, evidence_frames=2, grid=3, dim=8, num_classes=3,
+                         seed=0)
+SCALE_CFG = TrainConfig(epochs=8, batch_size=8, prefetch=0, holdout_fraction=0.25)
+
+
+def _train_at(scale, tmp_path, standardise=True, cfg=SCALE_CFG):
+    path = write_synthetic_store(tmp_path / f"s{scale}.h5", replace(SCALED, scale=scale))["path"]
+    return train_heads(path, tmp_path / f"run{scale}{standardise}", cfg,
+                       heads_config_for_store(path, hidden=8, standardise=standardise))
+
+
+def test_standardised_heads_learn_alike_on_maps_scaled_by_1e_3_and_1e3(tmp_path):
+    base = _train_at(8.0, tmp_path)                    # the synthetic default scale: conv5-like norms
+    for scale in (8e-3, 8e3):                          # 1e-3 and 1e3 times that
+        result = _train_at(scale, tmp_path)
+        assert result["selected"]["holdout_acc"] == base["selected"]["holdout_acc"] == 1.0
+        assert result["last"]["loss"] == pytest.approx(base["last"]["loss"], rel=1e-3)  # standardisation: scale-free
+        assert result["warning"] is None
+    heads, ckpt = load_heads(tmp_path / "run8000.0True" / "best.pt")
+    assert float(heads.map_std.mean()) > 100 and ckpt["heads_config"]["standardise"]  # the statistics travel
+
+
+def test_raw_tiny_maps_stall_at_the_majority_class_and_the_run_says_what_to_try(tmp_path):
+    with pytest.warns(UserWarning, match="never beat the majority class"):
+        result = _train_at(8e-3, tmp_path, standardise=False)   # the paper's raw maps at random-VGG16 scale
+    assert result["selected"]["holdout_acc"] == pytest.approx(1 / 3)
+    assert "--lr" in result["warning"] and "backbone weights" in result["warning"]
+    sane = _train_at(8.0, tmp_path, standardise=False)          # the paper's setting where the scale is sane
+    assert sane["selected"]["holdout_acc"] == 1.0 and sane["warning"] is None
+
+
+def test_a_diverging_learning_rate_stops_at_the_first_non_finite_loss(store_path, tmp_path):
+    from pipeline.loop import Diverged
+
+    cfg = replace(FAST, lr=1e30, epochs=3)
+    with pytest.raises(Diverged, match=r"epoch 1, step \d+: the loss is nan.*lower --lr"):
+        train_heads(store_path, tmp_path / "nan", cfg, heads_config_for_store(store_path, hidden=8, standardise=False))
+    assert not (tmp_path / "nan" / "last.pt").exists()          # nothing non-finite was saved
+    res = CliRunner().invoke(emo_train.main, ["heads", store_path, "--out", str(tmp_path / "cli"), "--lr", "1e30",
+                                              "--no-standardise", "--epochs", "3", "--batch-size", "8", "--holdout", "0.2"])
+    assert res.exit_code == 1 and "not finite" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a checkpoint at all"])
+def test_truncated_or_foreign_checkpoints_are_one_line_user_errors(trained, tmp_path, content):
+    from cache.errors import UserError
+
+    out, _, _ = trained
+    whole = (out / "best.pt").read_bytes()
+    for name, data in (("cut.pt", whole[:len(whole) // 2]), ("other.pt", content)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match="cannot be read as a checkpoint") as info:
+            load_heads(tmp_path / name)
+        assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")   # an object, not plain tensors
+    with pytest.raises(UserError, match="not a plain checkpoint") as info:
+        load_heads(tmp_path / "pickled.pt")
+    assert "weights_only" not in str(info.value)

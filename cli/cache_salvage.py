@@ -1,0 +1,27 @@
+"""`emo-cache salvage STORE`: copy a damaged store's readable complete clips into a fresh file in its place."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cache.common import salvage as salvage_store
+from cli.common import UserErrorCommand
+
+
+@click.command(cls=UserErrorCommand)
+@click.argument("store", metavar="STORE.h5", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def salvage(store: Path) -> None:
+    """Salvage STORE.h5 (a faces or features store) after a crash, a full disk or damaged bytes.
+
+    Every complete clip whose data reads back whole (checksums, no truncation, finite maps) is copied into
+    a fresh STORE.h5; the original file is kept unchanged beside it as STORE.h5.damaged-<time>. Then rerun
+    the stage that builds the store: it skips the kept clips and redoes the dropped ones.
+    """
+    report = salvage_store(store)
+    for clip_id, why in report.dropped:
+        click.echo(f"dropped {clip_id}: {why}")
+    click.echo(f"{report.path}: salvaged {report.kind}, {len(report.kept)} clip(s) kept, {len(report.dropped)}"
+               f" dropped; the original file is kept as {report.damaged_copy}")
+    if report.dropped:
+        click.echo(f"rerun `{report.stage}` with the same settings to redo the dropped clips")
