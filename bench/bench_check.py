@@ -67,7 +67,7 @@ def build(root: Path) -> tuple[list[Path], int]:
 
 
 def run_check(root: Path, quick: bool) -> tuple[float, str]:
-    cmd = [str(REPO / ".venv" / "bin" / "emo-cache"), "check", str(root)] + (["--quick"] if quick else [])
+    cmd = [str(REPO / ".venv" / "bin" / "emo-cache"), "check", str(root), "--workers", "1"] + (["--quick"] if quick else [])
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     return time.perf_counter() - start, out.stdout

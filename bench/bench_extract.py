@@ -9,7 +9,8 @@ naive fp32 maps; agreement of a linear head fitted on the fp32 maps); achieved G
 fp32 and bf16 matmul peaks measured in this run; bytes/frame and read speed without and with lzf;
 fer-minixception's faces/s next to VGG16's; item 6 of issue 9: float16 vs uint8 maps (bytes/frame, read speed,
 map error, share of clips whose trained-heads prediction is unchanged), the GB DFEW needs under each choice,
-and the peak RSS of whole extract processes on a 500- and a 3000-frame clip (chunked reads). Targets: >= 4x naive, >= 50 % of the bf16 peak, rel err <= 1e-2.
+and the peak RSS of whole extract processes on a 500- and a 3000-frame clip (chunked reads).
+Targets: >= 4x naive, >= 50 % of the bf16 peak, rel err <= 1e-2.
 The 4x target assumes bf16 matrix units (AMX); on a CPU with AVX512-BF16 only (e.g. AMD EPYC), bf16
 convolutions peak at about twice fp32's, which bounds the speed-up near 2x: the oneDNN 3x3-conv peaks
 printed here show that bound for the machine at hand.
@@ -291,14 +292,16 @@ def cut_into_clips(maps: dict) -> dict:
     return out
 
 
-def write_dtype_store(path: Path, clips: dict, map_dtype: str) -> float:
-    """Write the clips with one map dtype; returns the file's bytes per frame."""
+def write_dtype_store(path: Path, clips: dict, map_dtype: str) -> tuple[float, float]:
+    """Write the clips with one map dtype; (data bytes per frame, whole-file bytes per frame)."""
     names = sorted({cid.split("/")[1] for cid in clips})
+    frames = sum(m.shape[1] for m in clips.values())
     with FeaturesStore(path, "a", provenance={"bench": "map_dtype"}, class_names=names) as store:
         for cid, m in clips.items():
             store.write_clip(cid, m, np.ones(m.shape[1], bool), {"label": cid.split("/")[1], "split": "Train"},
                              map_dtype=map_dtype)
-    return path.stat().st_size / sum(m.shape[1] for m in clips.values())
+        data = sum(store.storage_bytes(cid) for cid in clips)
+    return data / frames, path.stat().st_size / frames
 
 
 def read_speed(path: Path, rounds: int = 3) -> tuple[float, float]:
@@ -361,11 +364,13 @@ def print_map_dtype_figures(tmp: Path, maps_by_backbone: dict) -> None:
         fro = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
         same, dprob, n, acc = heads_agreement(tmp, paths["float16"], paths["uint8"], name)
         for d in ("float16", "uint8"):
-            print(f"  {name:17s} {d:7s}: {size[d] / 1024:6.1f} KiB/frame, read {speed[d][0]:7.0f} frames/s whole clips,"
-                  f" {speed[d][1]:6.0f} frames/s sampled")
-        print(f"  {name:17s} uint8/float16 bytes {size['uint8'] / size['float16']:.2f}x; map error vs float16: max"
-              f" relative {rel:.1e}, Frobenius relative {fro:.1e} (target <= 2e-2); trained heads (train acc"
-              f" {acc:.0%}): prediction unchanged on {same:.0%} of {n} clips (target >= 99%), max |dp(c|S)| {dprob:.3f}")
+            print(f"  {name:17s} {d:7s}: {size[d][0] / 1024:6.2f} KiB/frame of data ({size[d][1] / 1024:6.2f} with"
+                  f" the file's per-clip metadata, {SUB_FRAMES}-frame clips), read {speed[d][0]:6.0f} frames/s whole"
+                  f" clips, {speed[d][1]:5.0f} frames/s sampled")
+        ratio = size["uint8"][0] / size["float16"][0]
+        print(f"  {name:17s} uint8/float16 data bytes {ratio:.2f}x; map error vs float16: max relative {rel:.1e},"
+              f" Frobenius relative {fro:.1e} (target <= 2e-2); trained heads (train acc {acc:.0%}): prediction"
+              f" unchanged on {same:.0%} of {n} clips (target >= 99%), max |dp(c|S)| {dprob:.3f}")
 
 
 def print_dfew_sizes() -> None:

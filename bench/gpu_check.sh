@@ -46,7 +46,7 @@ echo "gpu_check: device $DEVICE, python $PYTHON, work folder $WORK, clips $CLIPS
 # step NAME COMMAND...: run with a time limit, log to $WORK/NAME.log, record status, seconds and FIGURE lines.
 step() {
     local name=$1; shift
-    local t0 t1 rc figures
+    local t0 t1 rc figures status
     echo "== $name: $*"
     export -f $(declare -F | awk '{print $3}')  # the shell functions below, for timeout's bash -c
     t0=$(date +%s.%N)
@@ -55,7 +55,9 @@ step() {
     t1=$(date +%s.%N)
     grep -v '^FIGURE ' "$WORK/$name.log" | grep -v '%|' | tail -n 8
     figures=$(grep '^FIGURE ' "$WORK/$name.log" | sed 's/^FIGURE //' | paste -sd ';' -)
-    if [ $rc -eq 0 ]; then status=ok; elif [ $rc -eq 124 ]; then status="TIMEOUT(${LIMIT}s)"; else status="FAIL(rc=$rc)"; fi
+    status="FAIL(rc=$rc)"
+    [ $rc -eq 0 ] && status=ok
+    [ $rc -eq 124 ] && status="TIMEOUT(${LIMIT}s)"
     if [ $rc -ne 0 ]; then
         figures="${figures:+$figures; }$(grep -v '%|' "$WORK/$name.log" | grep -v '^\s*$' | tail -n 1 | cut -c1-160)"
     fi
@@ -235,14 +237,14 @@ step heads heads
 finetune() {
     emo_train finetune "$WORK/faces.h5" --out "$WORK/finetune" --weights random --epochs 1 --precision fp16 \
         --device "$DEVICE" --workers 2 --batch-clips 4 --frames-per-clip 8 || return
-    [ -f "$WORK/finetune/log.csv" ] && echo "FIGURE log: $(tail -n 1 "$WORK/finetune/log.csv" | cut -c1-100)"
+    [ -f "$WORK/finetune/log.csv" ] && echo "FIGURE log.csv $(head -n 1 "$WORK/finetune/log.csv" | cut -d, -f1-3) = $(tail -n 1 "$WORK/finetune/log.csv" | cut -d, -f1-3)"
 }
 if [ "$DEVICE" = cpu ]; then
     echo "finetune: fp16 with GradScaler needs CUDA; the CPU dry run uses --precision fp32"
     finetune() {
         emo_train finetune "$WORK/faces.h5" --out "$WORK/finetune" --weights random --epochs 1 --precision fp32 \
             --device cpu --workers 0 --batch-clips 2 --frames-per-clip 4 --crop 64 || return
-        [ -f "$WORK/finetune/log.csv" ] && echo "FIGURE log: $(tail -n 1 "$WORK/finetune/log.csv" | cut -c1-100)"
+        [ -f "$WORK/finetune/log.csv" ] && echo "FIGURE log.csv $(head -n 1 "$WORK/finetune/log.csv" | cut -d, -f1-3) = $(tail -n 1 "$WORK/finetune/log.csv" | cut -d, -f1-3)"
     }
 fi
 step finetune finetune
@@ -268,7 +270,8 @@ print(f"FIGURE API fallback (no dlib): {cid} -> {scorer.class_names[out['pred']]
       f" {len(faces) / seconds:.0f} frames/s on {scorer.extractor.device}")
 EOF
 predict() {
-    if [ -z "${GPU_CHECK_NO_DLIB:-}" ] && "$PYTHON" -c 'import dlib; from pipeline.faces import load_aligner; load_aligner()' 2>/dev/null; then
+    local has_aligner='import dlib; from pipeline.faces import load_aligner; load_aligner()'
+    if [ -z "${GPU_CHECK_NO_DLIB:-}" ] && "$PYTHON" -c "$has_aligner" 2>/dev/null; then
         emo_predict data/samples/single_face.mp4 --checkpoint "$WORK/heads/best.pt" --device "$DEVICE" \
             --out "$WORK/predict" --batch-size "$BATCH" || return
         echo "FIGURE $(head -c 300 "$WORK/predict/predictions.csv" | sed -n 2p | cut -c1-100)"

@@ -14,6 +14,8 @@ from typing import Iterable
 
 import numpy as np
 
+from cache.errors import ConfigError
+
 CODECS = ("raw", "png", "jpeg")
 PNG_LEVEL = 1  # zlib level 1: ~3x faster than the default 3 at a few % more bytes (bench_codecs.py)
 
@@ -21,9 +23,10 @@ PNG_LEVEL = 1  # zlib level 1: ~3x faster than the default 3 at a few % more byt
 @dataclass(frozen=True)
 class Codec:
     """How chips are stored. ``raw``: uint8 arrays (HDF5 compression optional); ``png``: lossless images;
-    ``jpeg``: lossy images at ``quality`` (libjpeg's 4:2:0 chroma, as most face datasets ship)."""
+    ``jpeg``: lossy images (4:2:0 chroma) with separate luma and chroma qualities."""
     name: str = "raw"     # raw | png | jpeg
-    quality: int = 90     # JPEG quality 1..100 (jpeg only)
+    quality: int = 100    # JPEG luma quality 1..100 (jpeg only): 100 keeps the backbones' maps within 2e-2
+    chroma: int = 75      # JPEG chroma quality: colour matters less to the maps and costs fewer bytes
 
     @property
     def encoded(self) -> bool:
@@ -37,7 +40,9 @@ class Codec:
         if self.name == "png":
             ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
         elif self.name == "jpeg":
-            ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(self.quality)])
+            ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(self.quality),
+                                                 cv2.IMWRITE_JPEG_LUMA_QUALITY, int(self.quality),
+                                                 cv2.IMWRITE_JPEG_CHROMA_QUALITY, int(self.chroma)])
         else:
             raise ValueError(f"codec {self.name!r} does not encode")
         if not ok:
@@ -63,24 +68,29 @@ class Codec:
 
     def validate(self) -> None:
         if self.name not in CODECS:
-            raise ValueError(f"codec={self.name!r}: use one of {', '.join(CODECS)}")
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"jpeg_quality={self.quality}: use 1..100")
+            raise ConfigError(f"codec={self.name!r}: use one of {', '.join(CODECS)}")
+        if not 1 <= self.quality <= 100 or not 1 <= self.chroma <= 100:
+            raise ConfigError(f"jpeg_quality={self.quality}, jpeg_chroma_quality={self.chroma}: use 1..100")
+
+    @property
+    def label(self) -> str:
+        return f"jpeg{self.quality}/{self.chroma}" if self.name == "jpeg" else self.name
 
 
 def codec_of_config(config: dict) -> Codec:
     """The codec a faces store's root config records; a store without one (older stores) is raw."""
-    return Codec(config.get("codec", "raw"), int(config.get("jpeg_quality", 90)))
+    return Codec(config.get("codec", "raw"), int(config.get("jpeg_quality", 100)),
+                 int(config.get("jpeg_chroma_quality", 75)))
 
 
 # Rough bytes per 256 px frame of each codec (bench_codecs.py on the sample faces), scaled by chip area,
 # used to estimate a run's disk space before it starts. PNG and JPEG vary with content, so they are upper-ish.
-BYTES_PER_256PX = {"raw": 256 * 256 * 3, "png": 120_000, "jpeg": 24_000}
+BYTES_PER_256PX = {"raw": 256 * 256 * 3, "png": 100_000, "jpeg": 40_000}
 
 
 def bytes_per_frame(codec: Codec, size: int) -> int:
     """Estimated stored bytes of one ``size`` px chip plus its per-frame metadata (~600 bytes)."""
     base = BYTES_PER_256PX[codec.name]
-    if codec.name == "jpeg":  # bytes grow roughly with quality above ~75
-        base = int(base * max(0.5, (codec.quality + 10) / 100))
+    if codec.name == "jpeg":  # 40 KB at luma 100; about a third of that at 90 (bench_codecs.py)
+        base = int(base * max(0.25, 1 - (100 - codec.quality) * 0.07))
     return int(base * (size / 256) ** 2) + 600

@@ -196,9 +196,9 @@ def _open_error(path: Path, exc: OSError, mode: str) -> StoreError:
                           " HDF5_USE_FILE_LOCKING=FALSE (the store's own .lock file still keeps one writer)")
     if is_lock_error(exc):
         host, pid = lock_holder(path) if lock_path(path).exists() else ("?", "?")
-        who = f"pid {pid} on host {host}" if pid != "?" else "another process"
-        return StoreLocked(f"{path}: {who} has this store open for writing (HDF5 file lock); wait for it to"
-                           " finish, or stop it and rerun")
+        who = f"pid {pid} on host {host} (its writer)" if pid != "?" else "another process (a reader or a writer)"
+        return StoreLocked(f"{path}: {who} has this store open (HDF5 file lock); wait for it to finish, or stop"
+                           " it and rerun")
     if isinstance(exc, PermissionError) or "errno = 13" in text or "errno = 30" in text \
             or "Permission denied" in text or "Read-only file system" in text:
         return StoreError(f"{path}: not {'writable' if mode != 'r' else 'readable'} ({text}); check its"
@@ -532,8 +532,7 @@ def salvage(path: Path, log=print) -> SalvageReport:
         try:
             fmt = src.attrs.get("format")
             kind, stage = STORE_KINDS.get(fmt, ("store", "the stage that built it"))
-            report = SalvageReport(path, path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"),
-                                   kind, stage)
+            report = SalvageReport(path, _unused_name(path, f".damaged-{time.strftime('%Y%m%d-%H%M%S')}"), kind, stage)
             _copy_good_clips(src, tmp, real_size, report)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -551,6 +550,15 @@ def salvage(path: Path, log=print) -> SalvageReport:
         return report
     finally:
         lock.release()
+
+
+def _unused_name(path: Path, suffix: str) -> Path:
+    """``path`` + ``suffix``, with -2, -3, ... added when that name is taken: a kept file is never replaced."""
+    candidate, n = path.with_name(path.name + suffix), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}{suffix}-{n}")
+    return candidate
 
 
 def _copy_good_clips(src: h5py.File, tmp: Path, real_size: int, report: SalvageReport) -> None:

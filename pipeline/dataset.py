@@ -284,7 +284,7 @@ def check_frame_folder(clip: Clip) -> Optional[Problem]:
 
 
 def check_dataset(source: Path, class_names: Optional[Sequence[str]] = None, progress: bool = True,
-                  layout: Optional[str] = None, quick: bool = False, **options) -> CheckReport:
+                  layout: Optional[str] = None, quick: bool = False, workers: int = 1, **options) -> CheckReport:
     """Scan a dataset and decode every video, before hours are spent on it.
 
     Arguments:
@@ -293,6 +293,7 @@ def check_dataset(source: Path, class_names: Optional[Sequence[str]] = None, pro
         progress: show a tqdm bar while videos are decoded.
         layout: layout name; None detects it.
         quick: decode only each video's first frame (misses truncated and damaged videos).
+        workers: clips decoded in parallel (joblib processes); 1 decodes in this process.
         options: layout options (see scan_dataset).
     Returns:
         CheckReport: clips per split x class (and per fold) and every problem (unknown label folders,
@@ -304,9 +305,11 @@ def check_dataset(source: Path, class_names: Optional[Sequence[str]] = None, pro
     True
     """
     scan = scan_dataset(source, class_names, layout, **options)
-    problems = list(scan.problems)
-    for clip in tqdm(scan.clips, desc="check", unit="clip", disable=not progress):
-        problem = check_clip(clip, quick)
-        if problem is not None:
-            problems.append(problem)
-    return CheckReport(scan, problems)
+    if workers > 1 and len(scan.clips) > workers:
+        from joblib import Parallel, delayed
+
+        found = Parallel(n_jobs=workers, return_as="generator")(delayed(check_clip)(c, quick) for c in scan.clips)
+    else:
+        found = (check_clip(c, quick) for c in scan.clips)
+    found = tqdm(found, total=len(scan.clips), desc="check", unit="clip", disable=not progress)
+    return CheckReport(scan, list(scan.problems) + [p for p in found if p is not None])

@@ -156,7 +156,9 @@ def evaluate(features_path, checkpoint, split: str = "Val", out_dir=None, cfg: E
     model, ckpt = load_heads(checkpoint)
     model.to(resolve_device(cfg.device))
     with FeaturesStore(features_path, "r") as store:
-        store.check_provenance(ckpt["provenance"])  # StoreMismatch names every differing key
+        store.check_provenance(ckpt["provenance"], want="the checkpoint has",  # names every differing key
+                               action=f"{checkpoint} was trained on features made otherwise: evaluate it on the"
+                                      " features store it was trained on, or train heads on this one")
         if [c.lower() for c in store.class_names] != [c.lower() for c in ckpt["class_names"]]:
             raise StoreMismatch(f"{features_path}: classes {store.class_names} differ from the checkpoint's"
                                 f" {ckpt['class_names']} ({checkpoint})")

@@ -448,9 +448,12 @@ def explain_evaluation(faces_path, records: Sequence[dict], class_names: Sequenc
     out_dir = Path(out_dir)
     rows = []
     faces_fingerprint = None
+    source_rows: dict = {}  # clip id -> the faces-store frames its feature rows hold (--frames-per-clip)
     if features_path is not None:
         with FeaturesStore(features_path, "r") as feats:
             faces_fingerprint = feats.provenance.get("faces_fingerprint")
+            if feats.provenance.get("frames_per_clip") is not None:
+                source_rows = {rec["clip_id"]: feats.source_rows(rec["clip_id"]) for rec in records}
     with FacesStore(faces_path, "r") as store:
         if faces_fingerprint is not None and store.fingerprint != faces_fingerprint:
             raise StoreMismatch(f"{faces_path}: is not the faces store the features in {features_path} were made"
@@ -458,7 +461,7 @@ def explain_evaluation(faces_path, records: Sequence[dict], class_names: Sequenc
                                 f" name {faces_fingerprint[:12]}...); pass the faces store given to `emo-cache"
                                 f" extract` with --faces. This one's settings: {_settings_line(store.config)}")
         for rec in tqdm(records, desc="explain", unit="clip", disable=not progress):
-            rows.append(_explain_record(store, rec, class_names, out_dir, cfg))
+            rows.append(_explain_record(store, rec, class_names, out_dir, cfg, source_rows.get(rec["clip_id"])))
     return write_index(out_dir, rows, title=title, cfg=cfg)
 
 
@@ -469,10 +472,13 @@ def _settings_line(config: dict, limit: int = 12) -> str:
     return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
 
 
-def _explain_record(store, rec: dict, class_names: Sequence[str], out_dir: Path, cfg: ExplainConfig) -> dict:
+def _explain_record(store, rec: dict, class_names: Sequence[str], out_dir: Path, cfg: ExplainConfig,
+                    source_rows: Optional[np.ndarray] = None) -> dict:
     cid = rec["clip_id"]
     meta = store.read_meta(cid)
-    faces = store.read_faces(cid)
+    faces = store.read_faces(cid, source_rows)  # source_rows None: every frame
+    if source_rows is not None:  # the features keep only some frames (--frames-per-clip): show those
+        meta = {k: v[source_rows] for k, v in meta.items()}
     used = np.zeros(len(meta["present"]), bool)
     used[np.asarray(rec["frames"], dtype=np.int64)] = True  # frames the model saw (present ones)
     label = class_names[rec["label"]] if rec.get("label") is not None else None

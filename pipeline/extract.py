@@ -424,7 +424,7 @@ def extract_store(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Cal
         prov = fx.provenance(faces.fingerprint)
         class_names = list(faces.config.get("class_names", []))
         with FeaturesStore(out_path, "a", provenance=prov, class_names=class_names, log=log,
-                           shard=cfg.shard) as store:
+                           shard=cfg.shard, faces_config=faces.config) as store:
             save_resolved_config(out_path, cfg, prov)
             all_ids = faces.complete_ids()
             if shard is not None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from cache.errors import ConfigError
-from pipeline.backbones import VGG16_BLOCK_STARTS, Backbone, BackboneSpec, get_backbone, vgg16_state  # noqa: F401
+from pipeline.backbones import VGG16_BLOCK_STARTS, Backbone, BackboneSpec, get_backbone  # noqa: F401 (re-export)
 from pipeline.clip_batches import sample_frames
 from pipeline.loop import (check_finite, check_resume, load_torch_file, run_epochs, save_checkpoint, sgd_step,
                            sgdr, warn_if_majority)
@@ -633,7 +633,8 @@ class FinetuneTask:
             labels = torch.as_tensor(labels, device=self.device)
             out = self.model(faces, mask)
             total, ce, penalty = self.core.heads.loss(out, labels)
-            check_finite(total, epoch, step, self.opt.param_groups[-1]["lr"], self.env.world_size)
+            check_finite(total, epoch, step, self.opt.param_groups[0]["lr"], self.env.world_size,
+                         option="--lr-backbone (or --lr-heads)" if len(self.opt.param_groups) > 1 else "--lr-heads")
             sgd_step(total, self.opt, self.sched, epoch + (step + 1) / steps, scaler=self.scaler)
             n = len(labels)
             correct = (out.log_probs.argmax(1) == labels).sum().item()

@@ -353,7 +353,7 @@ def map_statistics(chunks, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     >>> m, s = map_statistics([np.array([[1.0, 10.0], [3.0, 10.0]])], 2)
     >>> m.tolist(), [round(v, 3) for v in s.tolist()]
-    ([2.0, 10.0], [1.0, 0.01])
+    ([2.0, 10.0], [1.0, 0.005])
     """
     total = np.zeros(in_dim)
     squares = np.zeros(in_dim)

@@ -345,6 +345,8 @@ def _mafw_fold_lists(root: Path) -> list[Path]:
     peers = find_under(root, ("MAFW_set_1_train.txt", "annotation/MAFW_set_1_train.txt"))
     if peers is not None:
         return sorted(peers.parent.glob("MAFW_set_*_*.txt"))
+    if _mafw_single_labels(root) is None:  # the release's label file first: no deep walk of other datasets
+        return []
     found = []
     for depth in ("set_*/*.txt", "*/set_*/*.txt", "*/*/set_*/*.txt", "*/*/*/set_*/*.txt"):
         found += [p for p in root.glob(depth) if fold_part(p.parent.name)[0] is not None and fold_part(p.name)[1]]
@@ -357,9 +359,7 @@ def _mafw_single_labels(root: Path) -> Optional[Path]:
 
 
 def _is_mafw(source: Path) -> bool:
-    if not source.is_dir() or not _mafw_fold_lists(source):
-        return False
-    return bool(list(_mafw_fold_lists(source)[0].parent.glob("MAFW_*"))) or _mafw_single_labels(source) is not None
+    return source.is_dir() and bool(_mafw_fold_lists(source))
 
 
 @register_layout("mafw", _is_mafw, MAFW_CLASSES,

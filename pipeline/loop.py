@@ -137,7 +137,8 @@ def sgdr(optimizer: torch.optim.Optimizer, restart_epochs: int, restart_mult: in
     return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=restart_epochs, T_mult=restart_mult)
 
 
-def check_finite(loss: torch.Tensor, epoch: int, step: int, lr: float, world_size: int = 1) -> None:
+def check_finite(loss: torch.Tensor, epoch: int, step: int, lr: float, world_size: int = 1,
+                 option: str = "--lr") -> None:
     """Raise ``Diverged`` when ``loss`` (on any process, under DDP) is NaN or infinite."""
     bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0, device=loss.device)
     if world_size > 1:
@@ -146,8 +147,8 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int, lr: float, world_siz
     if float(bad) > 0:
         raise Diverged(f"epoch {epoch + 1}, step {step + 1}: the loss is {float(loss.detach()):g} (not finite);"
                        f" training stopped before it reached the weights. The learning rate ({lr:g}) is too high"
-                       " for these features: pass a lower --lr (e.g. ten times lower), or check the store for"
-                       " non-finite values. Checkpoints of finished epochs are kept.")
+                       f" for these features: pass a lower {option} (e.g. ten times lower), or check the store"
+                       " for non-finite values. Checkpoints of finished epochs are kept.")
 
 
 def sgd_step(loss: torch.Tensor, optimizer, scheduler, position: float, params=None, grad_clip: float = 0.0,

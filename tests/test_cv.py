@@ -17,7 +17,7 @@ from pipeline.synthetic import SyntheticConfig, make_clip, make_patterns
 FOLDS, CLIPS = 5, 50
 SYN = SyntheticConfig(num_classes=3, frames=6, evidence_frames=2, grid=2, evidence_positions=1, dim=16,
                       absent_frames=1)
-FAST = ["--epochs", "3", "--batch-size", "8", "--frames", "4", "--in-memory", "always", "--prefetch", "0",
+FAST = ["--epochs", "2", "--batch-size", "8", "--frames", "4", "--in-memory", "always", "--prefetch", "0",
         "--device", "cpu"]
 
 
@@ -103,7 +103,7 @@ def test_cv_end_to_end_and_resumable(store, tmp_path):
     (out / "fold_3" / "fold_result.json").unlink()   # as if the run had been killed during fold 3
     again = run_cv(store, out, folds=None, progress=False,
                    train_cfg=__import__("pipeline.train", fromlist=["TrainConfig"]).TrainConfig(
-                       epochs=3, batch_size=8, frames_per_clip=4, in_memory="always", prefetch=0, device="cpu"))
+                       epochs=2, batch_size=8, frames_per_clip=4, in_memory="always", prefetch=0, device="cpu"))
     assert all((out / f"fold_{k}" / "fold_result.json").stat().st_mtime_ns == stamps[k] for k in (1, 2, 4, 5))
     assert again["summary"]["war"][0] == pytest.approx(war.mean(), abs=1e-6)
 

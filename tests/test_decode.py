@@ -226,3 +226,15 @@ def test_size_change_restarts_tracking(tmp_path):
     assert arrays["how"][1] == HOW_TRACKED              # tracked within a size...
     assert arrays["how"][4] != HOW_TRACKED              # ...but detected afresh at the change
     assert np.nanmax(arrays["box"][4:, 2]) <= 320 + 1   # boxes in the new frame's coordinates
+
+
+def test_check_with_workers_finds_the_same(truncated_video, samples_dir):
+    full, cut = truncated_video
+    for name in ("single_face.mp4", "carphone_pristine.mp4", "no_face.mp4"):
+        (cut.parent / name).write_bytes((samples_dir / name).read_bytes())
+    one = check_dataset(cut.parents[2], progress=False)
+    two = check_dataset(cut.parents[2], progress=False, workers=2)
+    assert [str(p) for p in two.problems] == [str(p) for p in one.problems]
+    assert [p.path for p in one.problems if p.severity == "error"] == [str(cut)]
+    for name in ("single_face.mp4", "carphone_pristine.mp4", "no_face.mp4"):
+        (cut.parent / name).unlink()

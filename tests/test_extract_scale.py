@@ -242,3 +242,61 @@ def test_a_disk_that_fills_stops_cleanly_and_a_rerun_finishes(tmp_path, samples_
         np.testing.assert_array_equal(at_full[cid][0], whole[cid][0])
     assert report["rerun"] == {"clips_skipped": len(committed), "clips_written": len(clips) - len(committed)}
     assert_same_stores(tmp_path / "resumed.h5", tmp_path / "whole.h5")
+
+
+def test_cli_scale_options_match_the_import_api(tmp_path, samples_dir):
+    from click.testing import CliRunner
+    from cli.cache_extract import extract
+    make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=4, frames=7)
+    result = CliRunner().invoke(extract, [str(tmp_path / "faces.h5"), "--out", str(tmp_path / "cli.h5"),
+                                          "--weights", "random", "--seed", "0", "--input-size", "32",
+                                          "--batch-size", "4", "--frames-per-clip", "3", "--map-dtype", "uint8",
+                                          "--shard", "1/2"])
+    assert result.exit_code == 0, result.output
+    assert "(shard 1/2)" in result.output and "maps uint8" in result.output
+    extract_features(tmp_path / "faces.h5", tmp_path / "api.h5",
+                     cfg(frames_per_clip=3, map_dtype="uint8", shard="1/2"), **QUIET)
+    assert_same_stores(tmp_path / "cli.h5", tmp_path / "api.h5")
+    bad = CliRunner().invoke(extract, [str(tmp_path / "faces.h5"), "--out", str(tmp_path / "x.h5"), "--weights",
+                                       "random", "--seed", "0", "--shard", "2/2"])
+    assert bad.exit_code == 2 and "--shard '2/2'" in bad.output and not (tmp_path / "x.h5").exists()
+    same = CliRunner().invoke(extract, [str(tmp_path / "faces.h5"), "--out", str(tmp_path / "faces.h5"),
+                                        "--weights", "random", "--seed", "0"])
+    assert same.exit_code == 1 and "is the faces store this run reads" in same.output
+
+
+def test_explain_shows_the_faces_of_the_kept_rows(tmp_path, samples_dir, monkeypatch):
+    """With --frames-per-clip the feature rows are a subset of the faces-store frames; the figure must show
+    those frames, not the clip's first ones."""
+    import pipeline.explain as explain
+    clips = make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=1, frames=9)
+    extract_features(tmp_path / "faces.h5", tmp_path / "feats.h5", cfg(frames_per_clip=3), **QUIET)
+    cid = next(iter(clips))
+    with FeaturesStore(tmp_path / "feats.h5") as store:
+        rows = store.source_rows(cid)
+    assert rows.tolist() == [0, 5, 8]  # present frames 0, 2, 3, 5, 6, 7, 8 -> linspace picks 0, 5, 8
+    shown = {}
+
+    def capture(faces, used, *args, **kwargs):
+        shown["faces"], shown["frames"] = faces, kwargs["frame_numbers"]
+        raise RuntimeError("captured")
+    monkeypatch.setattr(explain, "explanation_figure", capture)
+    record = {"clip_id": cid, "label": 0, "pred": 0, "probs": np.full(7, 1 / 7), "frames": np.arange(3),
+              "frame_probs": np.full((3, 7), 1 / 21), "frame_weights": np.full(3, 1 / 3), "attention": None}
+    with pytest.raises(RuntimeError, match="captured"):
+        explain.explain_evaluation(tmp_path / "faces.h5", [record], list("ABCDEFG"), tmp_path / "ex",
+                                   features_path=tmp_path / "feats.h5")
+    np.testing.assert_array_equal(shown["faces"], clips[cid]["faces"][rows])
+    np.testing.assert_array_equal(shown["frames"], rows)
+
+
+def test_chunked_reads_decode_an_encoded_faces_store(tmp_path, samples_dir):
+    """A png faces store (lossless) gives the maps of the raw store, read chunk by chunk."""
+    make_faces_store(tmp_path / "raw.h5", samples_dir, n_clips=3, frames=9)
+    make_faces_store(tmp_path / "png.h5", samples_dir, n_clips=3, frames=9, config_extra={"codec": "png"})
+    extract_features(tmp_path / "raw.h5", tmp_path / "raw_f.h5", cfg(batch_size=4), **QUIET)
+    extract_features(tmp_path / "png.h5", tmp_path / "png_f.h5", cfg(batch_size=4), **QUIET)
+    raw, png = read_all(tmp_path / "raw_f.h5"), read_all(tmp_path / "png_f.h5")
+    assert sorted(raw) == sorted(png) and len(raw) == 3
+    for cid in raw:
+        np.testing.assert_array_equal(raw[cid][0], png[cid][0])

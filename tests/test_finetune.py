@@ -176,3 +176,12 @@ def test_cli_reports_a_mismatched_resume_without_work(tiny, tmp_path):
     assert res.exit_code == 1 and "crop: checkpoint has 32, this run asks for 16" in res.output
     assert "Traceback" not in res.output
     assert (tmp_path / "run" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_a_diverging_learning_rate_stops_fine_tuning_with_a_message(tiny, tmp_path):
+    from pipeline.loop import Diverged
+
+    faces, weights = tiny
+    with pytest.raises(Diverged, match=r"epoch \d+, step \d+: the loss is (nan|inf).*lower --lr"):
+        finetune(faces, tmp_path / "run", tiny_cfg(weights, epochs=3, lr_heads=1e30, batch_clips=1),
+                 log=lambda *a: None)

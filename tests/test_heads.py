@@ -184,3 +184,24 @@ def test_config_errors_name_the_field_and_wrong_channels_are_refused():
         HeadsConfig(pooling="mean")
     with pytest.raises(ValueError, match="D=9 channels"):
         make_model("sa", "tp")(torch.randn(1, 2, 3, 9), torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_standardisation_buffers_apply_in_forward_and_travel_in_the_state_dict():
+    from pipeline.heads import map_statistics
+
+    torch.manual_seed(0)
+    maps, mask = 1e3 * torch.rand(2, 5, 4, 6) + 50, torch.ones(2, 5, dtype=torch.bool)
+    mean, std = map_statistics([maps.numpy()], 6)
+    torch.testing.assert_close(mean, maps.reshape(-1, 6).double().mean(0).float())
+    torch.testing.assert_close(std, maps.reshape(-1, 6).double().std(0, unbiased=False).float())
+    scaled = EmotionHeads(HeadsConfig(in_dim=6, num_classes=3, hidden=4))
+    plain = EmotionHeads(HeadsConfig(in_dim=6, num_classes=3, hidden=4))
+    plain.load_state_dict(scaled.state_dict())
+    scaled.set_map_statistics(mean, std)
+    torch.testing.assert_close(scaled(maps, mask).log_probs, plain((maps - mean) / std, mask).log_probs)
+    assert torch.equal(EmotionHeads(scaled.cfg).state_dict()["map_mean"], torch.zeros(6))  # identity by default
+    reloaded = EmotionHeads(scaled.cfg)
+    reloaded.load_state_dict(scaled.state_dict())
+    assert torch.equal(reloaded.map_std, std)
+    _, floored = map_statistics([torch.tensor([[1.0, 10.0], [3.0, 10.0]]).numpy()], 2)
+    assert floored.tolist() == pytest.approx([1.0, 0.005])       # a constant channel: 1 % of the mean spread (0.5)

@@ -196,3 +196,21 @@ def test_mafw_release_layout(tmp_path):
     problems = sorted(p.message for p in scan.problems)
     assert problems[0].startswith("cannot use '00077.mp4': no label for clip 00077")
     assert problems[1].startswith("unknown label 'bored'")
+
+
+def test_faces_store_records_folds_once_and_extract_keeps_them(tmp_path):
+    from cache import FacesStore
+    from pipeline.extract import clip_attrs
+    from pipeline.preprocess import PreprocessConfig, preprocess_dataset
+
+    root, _ = dfew_tree(tmp_path / "dfew", clips=5)
+    summary = preprocess_dataset(root, tmp_path / "faces.h5", PreprocessConfig(), workers=1, progress=False,
+                                 layout="dfew")
+    assert summary.written == 5
+    scan = scan_dataset(root)
+    with FacesStore(tmp_path / "faces.h5") as store:
+        for clip in scan.clips:
+            attrs = store.attrs(clip.clip_id)
+            assert attrs["split"] == "All" and json.loads(attrs["folds"]) == json.loads(clip.folds_attr())
+            assert attrs["decoded_frames"] == 3 and attrs["truncated"] is False
+            assert clip_attrs(attrs)["folds"] == attrs["folds"]

@@ -113,7 +113,7 @@ def test_cli_exits_1_when_nothing_could_be_predicted(run):
 def test_bad_arguments_stop_before_work(tmp_path):
     res = CliRunner().invoke(emo_predict, ["x.mp4", "--checkpoint", str(tmp_path / "missing.pt"),
                                            "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "missing.pt is not a file" in res.output
+    assert res.exit_code == 1 and "missing.pt is not a file" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="needs trained heads"):
         PredictConfig(backbone="vgg16").validate()

@@ -8,18 +8,17 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache import (FacesStore, FeaturesStore, StoreDamaged, StoreError, StoreFull, StoreLocked, StoreMismatch,
+from cache import (FacesStore, FeaturesStore, StoreDamaged, StoreError, StoreLocked, StoreMismatch,
                    clip_key)
 from cache.common import salvage
 from cli.emo_cache import main as emo_cache
-from conftest import (CLIPS, REPO, build_faces_store, build_features_store, chunk_byte_offset, face_arrays,
+from faultkit import (CLIPS, REPO, build_faces_store, build_features_store, chunk_byte_offset, face_arrays,
                       file_bytes, maps_of, mounted_tmpfs, overwrite, truncate)
 
 FACES_CONFIG = {"size": 32, "max_frames": None}
@@ -32,7 +31,8 @@ def assert_clips_equal(path, clip_ids, frames=12, size=32):
     if fmt == "emotion-faces/1":
         with FacesStore(path) as store:
             for cid in clip_ids:
-                np.testing.assert_array_equal(store.read_faces(cid), face_arrays(frames, size, CLIPS.index(cid))["faces"])
+                expected = face_arrays(frames, size, CLIPS.index(cid))["faces"]
+                np.testing.assert_array_equal(store.read_faces(cid), expected)
     else:
         with FeaturesStore(path) as store:
             for cid in clip_ids:
@@ -193,7 +193,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     from cache import FacesStore
     sys.path.insert(0, "tests/faults")
-    from conftest import face_arrays
+    from faultkit import face_arrays
     with FacesStore(sys.argv[1], "a", config={"size": 32, "max_frames": None}) as store:
         store.write_clip(sys.argv[2], face_arrays(12, 32, int(sys.argv[3])), {"label": "Happy"})
         print("written", flush=True)
@@ -240,7 +240,7 @@ FILLER = textwrap.dedent("""
     import sys
     from cache import FacesStore
     sys.path.insert(0, "tests/faults")
-    from conftest import CLIPS, face_arrays
+    from faultkit import CLIPS, face_arrays
     with FacesStore(sys.argv[1], "a", config={"size": 32, "max_frames": None}) as store:
         for i in range(600):
             store.write_clip(f"{CLIPS[i % 6]}.{i}", face_arrays(12, 32, i % 6), {"label": "Happy"})
@@ -266,3 +266,11 @@ def test_full_disk_stops_cleanly_keeps_committed_clips_and_a_rerun_with_space_fi
             seed = CLIPS.index(cid.rsplit(".", 1)[0])
             np.testing.assert_array_equal(store.read_faces(cid), face_arrays(12, 32, seed)["faces"])
         store.write_clip("Train/Happy/after.mp4", face_arrays(12, 32, 0), {"label": "Happy"})
+
+
+def test_two_salvages_in_one_second_keep_both_originals(tmp_path):
+    path = build_faces_store(tmp_path / "faces.h5", CLIPS[:2])
+    first, second = salvage(path), salvage(path)
+    assert first.damaged_copy != second.damaged_copy
+    assert first.damaged_copy.exists() and second.damaged_copy.exists()
+    assert second.kept == sorted(CLIPS[:2])

@@ -1,0 +1,248 @@
+"""The faces stage at scale (issue 9): codecs, the chunked clip writer, part files of several workers,
+--shard, space checks and a full disk, and a torch-free start-up."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache import ConfigError, FacesStore, StoreFull, StoreMismatch
+from cache.codecs import Codec
+from pipeline.decode import DecodeConfig, iter_frames
+from pipeline.faces import CHUNK_FRAMES, FaceConfig, align_clip_chunks, align_clip_frames, load_aligner
+from pipeline.preprocess import PARTS_SUFFIX, PreprocessConfig, preprocess_dataset
+from pipeline.runtime import select_shard
+from fixtures_preprocess import copy_sample
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = PreprocessConfig(decode=DecodeConfig(max_frames=12))
+
+
+def smooth_chips(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 (n, size, size, 3) smooth images (JPEG-friendly, like faces), distinct per frame."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        a, b, c = rng.uniform(0.5, 3, 3)
+        img = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * xx * yy + a)], -1)
+        out.append(((img + 1) * 127.5).astype(np.uint8))
+    return np.stack(out)
+
+
+def clip_arrays(faces: np.ndarray) -> dict:
+    n = len(faces)
+    return {"faces": faces, "frame_index": np.arange(n, dtype=np.int32), "timestamp_ms": np.arange(n) * 40.0,
+            "present": np.ones(n, bool), "box": np.zeros((n, 4)), "landmarks": np.zeros((n, 68, 2)),
+            "score": np.ones(n), "how": np.ones(n, np.uint8)}
+
+
+def store_config(codec: str, **extra) -> dict:
+    return {"face": {"size": 64}, "class_names": ["A"], **({"codec": codec} if codec != "raw" else {}), **extra}
+
+
+@pytest.mark.parametrize("codec", ["raw", "png", "jpeg"])
+def test_codec_round_trip_and_frame_selection(tmp_path, codec):
+    faces = smooth_chips(20)
+    path = tmp_path / "f.h5"
+    with FacesStore(path, "a", config=store_config(codec)) as store:
+        store.write_clip("Train/A/a.avi", clip_arrays(faces), {"label": "A"})
+    with FacesStore(path) as store:
+        assert store.codec.name == codec
+        back = store.read_faces("Train/A/a.avi")
+        pick = np.array([7, 2, 2, 19, 0])
+        assert np.array_equal(store.read_faces("Train/A/a.avi", pick), back[pick])  # any order, repeats
+        assert np.array_equal(store.read_faces("Train/A/a.avi", np.array([0, 19])), back[[0, 19]])  # sparse
+    assert back.shape == faces.shape and back.dtype == np.uint8
+    err = np.abs(back.astype(int) - faces)
+    if codec == "jpeg":
+        assert 0 < err.max() <= 12 and err.mean() < 1.5  # lossy, but close at luma quality 100
+    else:
+        assert err.max() == 0  # raw and png are lossless
+
+
+def test_encoded_store_is_smaller(tmp_path):
+    faces = smooth_chips(16, size=128)
+    sizes = {}
+    for codec in ("raw", "jpeg"):
+        with FacesStore(tmp_path / f"{codec}.h5", "a", config=store_config(codec, face={"size": 128})) as store:
+            store.write_clip("Train/A/a.avi", clip_arrays(faces), {"label": "A"})
+        sizes[codec] = (tmp_path / f"{codec}.h5").stat().st_size
+    assert sizes["jpeg"] * 3 < sizes["raw"]
+
+
+def test_a_store_is_never_extended_with_another_codec(tmp_path):
+    path = tmp_path / "f.h5"
+    FacesStore(path, "a", config=store_config("jpeg")).close()
+    with pytest.raises(StoreMismatch, match="codec: store has 'jpeg', this run asks for 'png'"):
+        FacesStore(path, "a", config=store_config("png"))
+
+
+def test_chunked_writer_commits_whole(tmp_path):
+    faces = smooth_chips(10)
+    path = tmp_path / "f.h5"
+    with FacesStore(path, "a", config=store_config("png")) as store:
+        writer = store.begin_clip("Train/A/long.avi", 64)
+        for lo in range(0, 10, 4):  # 4 + 4 + 2 rows
+            writer.append({k: v[lo:lo + 4] for k, v in clip_arrays(faces).items()})
+        assert not store.is_complete("Train/A/long.avi")  # written but not committed: invisible
+        writer.commit({"label": "A"})
+        unfinished = store.begin_clip("Train/A/killed.avi", 64)
+        unfinished.append(clip_arrays(faces[:3]))          # never committed, as after a kill
+    with FacesStore(path) as store:
+        assert store.complete_ids() == ["Train/A/long.avi"]
+        assert np.array_equal(store.read_faces("Train/A/long.avi"), faces)
+        assert np.array_equal(store.read_meta("Train/A/long.avi")["frame_index"], np.arange(10))
+
+
+def test_align_chunks_concatenate_to_whole_clip(samples_dir):
+    aligner, cfg = load_aligner(), FaceConfig()
+    frames = list(iter_frames(samples_dir / "single_face.mp4", max_frames=CHUNK_FRAMES + 5))
+    chunks = list(align_clip_chunks(frames, aligner, cfg))
+    assert [len(c["present"]) for c in chunks] == [CHUNK_FRAMES, 5]
+    whole = align_clip_frames(frames, aligner, cfg)
+    for name in whole:
+        assert np.array_equal(np.concatenate([c[name] for c in chunks]), whole[name], equal_nan=True), name
+
+
+@pytest.fixture(scope="module")
+def four_clips(samples_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("four") / "ds"
+    for i, label in enumerate(("Angry", "Happy", "Sad", "Fear")):
+        copy_sample(samples_dir, "single_face.mp4", root / "Train" / label / f"c{i}.mp4")
+    return root
+
+
+def read_all(path):
+    with FacesStore(path) as store:
+        return store.config, {cid: ({**store.read_meta(cid), "faces": store.read_faces(cid)}, store.attrs(cid))
+                              for cid in store.complete_ids()}
+
+
+def assert_same(a, b):
+    (ca, clips_a), (cb, clips_b) = read_all(a), read_all(b)
+    assert ca == cb and sorted(clips_a) == sorted(clips_b)
+    for cid in clips_a:
+        for name, arr in clips_a[cid][0].items():
+            assert np.array_equal(arr, clips_b[cid][0][name], equal_nan=arr.dtype.kind == "f"), (cid, name)
+        assert clips_a[cid][1] == clips_b[cid][1]
+
+
+@pytest.fixture(scope="module")
+def one_worker(four_clips, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w1") / "faces.h5"
+    preprocess_dataset(four_clips, out, CFG, workers=1, progress=False)
+    return out
+
+
+def test_two_workers_write_part_files_and_match_one(four_clips, one_worker, tmp_path):
+    out = tmp_path / "faces.h5"
+    summary = preprocess_dataset(four_clips, out, CFG, workers=2, progress=False)
+    assert summary.written == 4 and not summary.failures
+    assert not out.with_name(out.name + PARTS_SUFFIX).exists()  # part files are folded in and removed
+    assert_same(out, one_worker)
+
+
+def test_shards_partition_the_clips_and_merge_to_one_run(four_clips, one_worker, tmp_path):
+    from cache.merge import merge_stores
+
+    shards = [tmp_path / f"faces.{k}.h5" for k in range(2)]
+    ids = []
+    for k, path in enumerate(shards):
+        summary = preprocess_dataset(four_clips, path, CFG, workers=1, progress=False, shard=f"{k}/2")
+        with FacesStore(path) as store:
+            ids.append(store.complete_ids())
+        assert summary.written == len(ids[-1])
+    all_ids = [f"Train/{label}/c{i}.mp4" for i, label in enumerate(("Angry", "Happy", "Sad", "Fear"))]
+    assert sorted(ids[0] + ids[1]) == sorted(all_ids) and not set(ids[0]) & set(ids[1])
+    assert ids[0] == sorted(select_shard(all_ids, 0, 2))
+    result = merge_stores(tmp_path / "merged.h5", shards, log=lambda *_: None)
+    assert result["copied"] == 4
+    assert_same(tmp_path / "merged.h5", one_worker)
+    again = merge_stores(tmp_path / "merged.h5", shards, log=lambda *_: None)  # resumable: nothing to copy
+    assert again["copied"] == 0 and again["skipped"] == 4
+
+
+def test_space_is_checked_before_any_work(four_clips, tmp_path, monkeypatch):
+    import pipeline.preprocess as pre
+
+    monkeypatch.setattr(pre.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5))
+    out = tmp_path / "faces.h5"
+    with pytest.raises(StoreFull, match=r"faces\.h5: the 4 clips still to do hold about 48 frames.*GiB"):
+        preprocess_dataset(four_clips, out, CFG, workers=1, progress=False)
+    with FacesStore(out) as store:
+        assert store.complete_ids() == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs (needs root and mount rights; skipped with the reason otherwise)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip() or proc.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_stops_cleanly_and_a_rerun_finishes(four_clips, one_worker, small_disk, workers, monkeypatch):
+    import pipeline.preprocess as pre
+
+    monkeypatch.setattr(pre, "check_space", lambda *a: 0)  # let it start, so the disk fills midway
+    cfg = replace(CFG, codec="raw")                       # 12 frames x 192 KiB = 2.3 MB per clip
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (24 * 2**20 - 5 * 2**20))  # leaves room for about two clips
+    out = small_disk / "faces.h5"
+    with pytest.raises(StoreFull, match=str(out)):
+        preprocess_dataset(four_clips, out, cfg, workers=workers, progress=False)
+    with FacesStore(out) as store:
+        kept = store.complete_ids()
+        for cid in kept:  # committed clips are whole
+            assert store.read_faces(cid).shape == (12, 256, 256, 3)
+    assert len(kept) < 4
+    assert not out.with_name(out.name + PARTS_SUFFIX).exists()
+    filler.unlink()
+    summary = preprocess_dataset(four_clips, out, cfg, workers=workers, progress=False)
+    assert summary.skipped == len(kept) and summary.written == 4 - len(kept)
+    ref_clips = read_all(one_worker)[1]
+    clips = read_all(out)[1]
+    assert sorted(clips) == sorted(ref_clips)
+    for cid in clips:  # same frames and faces found as the jpeg reference (chips differ only by the codec)
+        assert np.array_equal(clips[cid][0]["present"], ref_clips[cid][0]["present"])
+
+
+def test_multi_worker_sigkill_then_rerun_matches_uninterrupted(four_clips, one_worker, tmp_path):
+    cmd = [sys.executable, "-c", "from cli.cache_faces import faces; faces()", str(four_clips), "--out",
+           str(tmp_path / "killed.h5"), "--workers", "2", "--quiet", "--max-frames", "12"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    parts = tmp_path / ("killed.h5" + PARTS_SUFFIX)
+    deadline = time.time() + 120
+    while not (parts.exists() and any(parts.glob("*.h5"))) and time.time() < deadline:
+        time.sleep(0.01)  # a worker has started writing its part file
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert not parts.exists()
+    assert_same(tmp_path / "killed.h5", one_worker)
+
+
+def test_faces_cli_and_help_never_import_torch():
+    code = "import cli.emo_cache, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_jpeg_codec_quality_is_validated():
+    with pytest.raises(ConfigError, match="jpeg_quality=0"):
+        Codec("jpeg", 0).validate()
+    with pytest.raises(ConfigError, match="compression='lzf' applies to raw chips only"):
+        replace(CFG, compression="lzf").validate()
