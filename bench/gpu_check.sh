@@ -35,7 +35,7 @@ if [ "$DEVICE" = cpu ]; then   # a dry run of every step: tiny sizes, minutes on
     CLIPS=${CLIPS:-7} FRAMES=${FRAMES:-6} BENCH_FACES=${BENCH_FACES:-16} BATCH=${BATCH:-8} SIZE=${SIZE:-64}
     LIMIT=${STEP_LIMIT:-300}
 else                            # one H200: every step in seconds to a minute
-    CLIPS=${CLIPS:-28} FRAMES=${FRAMES:-32} BENCH_FACES=${BENCH_FACES:-2048} BATCH=${BATCH:-64} SIZE=${SIZE:-256}
+    CLIPS=${CLIPS:-28} FRAMES=${FRAMES:-32} BENCH_FACES=${BENCH_FACES:-2048} BATCH=${BATCH:-256} SIZE=${SIZE:-256}
     LIMIT=${STEP_LIMIT:-150}
 fi
 export CLIPS FRAMES BENCH_FACES BATCH SIZE WORK PYTHON DEVICE REPO
@@ -186,11 +186,13 @@ def conv_flops(fx) -> float:
 
 
 results = {}
-for precision in ("fp32", "bf16", "fp16"):
-    if dev == "cpu" and precision == "fp16":
-        continue  # no fast fp16 kernels on CPU
+for precision in ("fp32", "tf32", "bf16", "fp16"):  # fp32 first, strict (no TF32): the reference
+    if dev == "cpu" and precision in ("fp16", "tf32"):
+        continue  # no fast fp16 kernels and no TF32 on CPU
+    if dev == "cuda":  # cuDNN convs use TF32 by default; the reference must not
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     fx = FeatureExtractor(ExtractConfig(weights="random", seed=0, input_size=size, batch_size=batch,
-                                        precision=precision, device=dev))
+                                        precision="fp32" if precision == "tf32" else precision, device=dev))
     fx.maps(faces[:2 * batch])  # warm-up: cudnn autotuning, allocator
     sync()
     t = time.perf_counter()
@@ -201,7 +203,10 @@ for precision in ("fp32", "bf16", "fp16"):
     results[precision] = (maps[0].astype(np.float32), n / seconds, flops)
 ref = results["fp32"][0]
 for precision, (maps, fps, flops) in results.items():
-    peak_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    peak_dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+                  "fp16": torch.float16}[precision]
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     peak = matmul_peak(peak_dtype)
     achieved = fps * flops / 1e12
     err = np.abs(maps - ref).max() / np.abs(ref).max()

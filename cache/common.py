@@ -514,6 +514,36 @@ def _clip_problem(grp: h5py.Group, real_size: int) -> Optional[str]:
     return None
 
 
+def check_store(path: Path) -> list[tuple[str, str]]:
+    """(clip id, problem) for every clip of ``path`` that would not survive a salvage; changes nothing.
+
+    Reads every data set of every clip in full (checksums, truncation, non-finite maps, crc32 of encoded
+    chips), so it costs one read of the store.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such store")
+    src, real_size, padded = _open_damaged(path)
+    problems = [("(the file)", f"truncated at {real_size} bytes")] if padded is not None else []
+    try:
+        try:
+            keys = list(src.keys())
+        except (OSError, RuntimeError) as exc:
+            return problems + [("(the file)", f"its clip index cannot be read ({exc})")]
+        for key in keys:
+            try:
+                problem = _clip_problem(src[key], real_size)
+            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+                problem = f"unreadable ({exc})"
+            if problem is not None:
+                problems.append((key_to_id(key), problem))
+    finally:
+        src.close()
+        if padded is not None:
+            padded.close()
+    return problems
+
+
 def salvage(path: Path, log=print) -> SalvageReport:
     """Copy every readable, complete clip of ``path`` into a fresh file that takes its place.
 

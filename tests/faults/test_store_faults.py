@@ -274,3 +274,14 @@ def test_two_salvages_in_one_second_keep_both_originals(tmp_path):
     assert first.damaged_copy != second.damaged_copy
     assert first.damaged_copy.exists() and second.damaged_copy.exists()
     assert second.kept == sorted(CLIPS[:2])
+
+
+def test_salvage_check_lists_damaged_clips_and_changes_nothing(tmp_path):
+    path = build_features_store(tmp_path / "feats.h5")
+    healthy = CliRunner().invoke(emo_cache, ["salvage", "--check", str(path)])
+    assert healthy.exit_code == 0 and "0 problem(s)" in healthy.output
+    overwrite(path, chunk_byte_offset(path, CLIPS[3], "maps", 1) + 8, b"\x00" * 16)
+    before = file_bytes(path)
+    res = CliRunner().invoke(emo_cache, ["salvage", "--check", str(path)])
+    assert res.exit_code == 1 and f"{CLIPS[3]}: " in res.output and "1 problem(s)" in res.output, res.output
+    assert file_bytes(path) == before and not list(tmp_path.glob("feats.h5.damaged-*"))
