@@ -50,6 +50,7 @@ FRAME_DATASETS = {
     "faces": np.uint8, "frame_index": np.int32, "timestamp_ms": np.float32, "present": np.bool_,
     "box": np.float32, "landmarks": np.float32, "score": np.float32, "how": np.uint8,
 }
+ENCODED_FACES = "encoded_faces"  # optional key of written arrays: the chips already encoded with the store's codec
 ROW_SHAPES = {"box": (4,), "landmarks": (68, 2)}  # per-frame shape of the meta datasets (others scalar)
 META_CHUNK = 256      # rows per chunk of the meta datasets (a few KiB each)
 ENCODED_CHUNK = 64    # rows per chunk of an encoded faces dataset (pointers into HDF5's heap)
@@ -158,7 +159,7 @@ class FacesStore(ClipStore):
             rows = [read_checked(ds, int(i)) for i in unique]
         verify_crc32(ds.parent, unique, rows, self.path, clip_id)
         try:
-            chips = np.stack([self.codec.decode(r) for r in rows])       # (U, S, S, 3)
+            chips = np.stack(decode_rows(self.codec, rows))              # (U, S, S, 3)
         except ValueError as exc:
             raise damaged(self.path, f"a face chip does not decode ({exc})", clip_id) from None
         return chips[np.searchsorted(unique, frames)]
@@ -228,14 +229,18 @@ class FacesClipWriter:
                                        compression=compression if name == "faces" else None)
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
-        """Append rows: every FRAME_DATASETS key, with equal row counts; ``faces`` as uint8 (n, S, S, 3)."""
+        """Append rows: every FRAME_DATASETS key, with equal row counts; ``faces`` as uint8 (n, S, S, 3), and
+        optionally ``encoded_faces`` (object (n,) of uint8 rows in the store's codec) to store those bytes."""
         n = len(arrays["present"])
         for name in FRAME_DATASETS:
             if len(arrays[name]) != n:
                 raise ValueError(f"clip {self.clip_id}: {name} has {len(arrays[name])} rows, present has {n}")
         if n == 0:
             return
-        faces = self.codec.encode_many(arrays["faces"]) if self.codec.encoded else arrays["faces"]
+        if self.codec.encoded:  # chips encoded by the caller (process_clip, for a lossy codec) are kept as they are
+            faces = arrays[ENCODED_FACES] if ENCODED_FACES in arrays else self.codec.encode_many(arrays["faces"])
+        else:
+            faces = arrays["faces"]
         self.store.ensure_space(self.clip_id, sum(np.asarray(a).nbytes for a in arrays.values()))  # before HDF5 writes
         try:
             for name, dtype in FRAME_DATASETS.items():
@@ -271,6 +276,25 @@ class FacesClipWriter:
         if is_disk_full(exc):
             raise self.store.disk_full(exc, self.clip_id) from None
         raise exc
+
+
+_DECODE_POOL: dict = {}  # pid -> thread pool, made on first use (a forked child makes its own)
+
+
+def decode_rows(codec: Codec, rows) -> list[np.ndarray]:
+    """Decode encoded chips, on a few threads for many rows (OpenCV releases the GIL while decoding), so a
+    GPU extraction is not held up by JPEG decoding on one core (2 threads: 1.05 -> 0.52 ms per chip)."""
+    if len(rows) < 16:
+        return [codec.decode(r) for r in rows]
+    import os
+
+    pool = _DECODE_POOL.get(os.getpid())
+    if pool is None:  # keyed by pid: a pool inherited through fork has no threads and would hang
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _DECODE_POOL[os.getpid()] = ThreadPoolExecutor(max(1, min(4, len(os.sched_getaffinity(0)))),
+                                                              thread_name_prefix="faces-decode")
+    return list(pool.map(codec.decode, rows, chunksize=8))
 
 
 def write_vlen_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:

@@ -27,6 +27,7 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from cache import HOW, FacesStore, StoreFull
+from cache.faces_store import ENCODED_FACES
 from cache.codecs import Codec, bytes_per_frame
 from cache.errors import ConfigError, clip_filename
 from cache.merge import copy_clip
@@ -135,7 +136,8 @@ def process_clip(clip: Clip, cfg: PreprocessConfig) -> tuple[dict[str, np.ndarra
     """process_clip_chunks for one clip in memory; no store involved.
 
     Returns:
-        (arrays, attrs): the whole clip's faces-store arrays and its clip attributes.
+        (arrays, attrs): the whole clip's faces-store arrays and its clip attributes. With a lossy codec
+        (jpeg) ``faces`` are the chips as the store gives them back, and ``encoded_faces`` their bytes.
 
     >>> clip = Clip("Train/Happy/single_face.mp4", Path("data/samples/single_face.mp4"), "Happy", "Train", "video")
     >>> arrays, attrs = process_clip(clip, PreprocessConfig())
@@ -144,6 +146,12 @@ def process_clip(clip: Clip, cfg: PreprocessConfig) -> tuple[dict[str, np.ndarra
     """
     chunks, clip_attrs = process_clip_chunks(clip, cfg)
     arrays = concat_chunks(chunks, cfg.face.size)
+    codec = cfg.store_codec
+    if codec.name == "jpeg" and len(arrays["faces"]):
+        # lossy: hand back the chips exactly as the store gives them back, and their bytes for writing them,
+        # so maps computed here (emo-predict) equal those of `emo-cache extract` on the stored faces
+        arrays[ENCODED_FACES] = codec.encode_many(arrays["faces"])
+        arrays["faces"] = np.stack([codec.decode(row) for row in arrays[ENCODED_FACES]])
     return arrays, clip_attrs()
 
 

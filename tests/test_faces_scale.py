@@ -192,6 +192,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.filterwarnings("ignore:.*tasks which were still being processed")  # cancelled on purpose
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_disk_stops_cleanly_and_a_rerun_finishes(four_clips, one_worker, small_disk, workers, monkeypatch):
     import pipeline.preprocess as pre
