@@ -25,16 +25,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.runtime import cpu_flags
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 VIDEOS = ["single_face.mp4", "WolfgangLanger_Pexels.mp4", "carphone_pristine.mp4", "face_noface.mov",
           "noface_face.mov", "no_face.mp4"]
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
-    return " ".join(sorted(f for f in flags if f in ("avx2", "amx_bf16", "amx_tile") or f.startswith("avx512")))
 
 
 def build(root: Path) -> tuple[list[Path], int]:

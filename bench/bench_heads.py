@@ -31,6 +31,7 @@ from pipeline.clip_batches import ClipSource, prefetch  # noqa: E402
 from pipeline.dataset import AFEW_CLASSES  # noqa: E402
 from pipeline.heads import HeadsConfig  # noqa: E402
 from pipeline.train import TrainConfig, build_training, epoch_batches, train_epoch  # noqa: E402
+from pipeline.runtime import cpu_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 
@@ -125,6 +126,7 @@ def main() -> int:
     heads_cfg = HeadsConfig(in_dim=args.dim, num_classes=7)
     l = args.grid ** 2
     step_shape = (cfg.batch_size, cfg.frames_per_clip, l, args.dim)
+    print(f"cpu flags: {cpu_flags()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; heads: TP+SA, "
           f"{heads_cfg.heads} heads, U={heads_cfg.hidden}")
     step = compute_only(heads_cfg, cfg, args.steps, step_shape)

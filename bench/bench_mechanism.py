@@ -21,6 +21,7 @@ from cache.features_store import FeaturesStore  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.synthetic import SyntheticConfig, evidence_scores, read_evidence, write_synthetic_store  # noqa: E402
 from pipeline.train import TrainConfig, heads_config_for_store, train_heads  # noqa: E402
+from pipeline.runtime import cpu_flags  # noqa: E402
 
 MODELS = {
     "TP+SA (paper)": {"spatial": "sa", "pooling": "tp"},
@@ -55,6 +56,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
         store = write_synthetic_store(root / "synthetic.h5", data)["path"]
+        print(f"cpu flags: {cpu_flags()}")
         print(f"data: {data.num_classes} classes, {data.train_clips}/{data.val_clips} train/val clips, "
               f"F={data.frames} ({data.evidence_frames} evidence, {data.absent_frames} absent), "
               f"L={data.grid ** 2} ({data.evidence_positions} evidence positions), D={data.dim}")

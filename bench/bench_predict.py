@@ -38,6 +38,7 @@ from pipeline.fer_backbone import default_fer_weights  # noqa: E402
 from pipeline.heads import EmotionHeads, HeadsConfig  # noqa: E402
 from pipeline.predict import AFEW_CLASSES, PredictConfig, load_scorer, predict_videos  # noqa: E402
 from pipeline.preprocess import PreprocessConfig, preprocess_dataset  # noqa: E402
+from pipeline.runtime import cpu_flags  # noqa: E402
 
 STAGES = ("decode_align", "features", "heads")
 
@@ -172,6 +173,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.video.is_file():
         sys.exit(f"{args.video}: no such video; run `make sample-data`")
+    print(f"cpu flags: {cpu_flags()}")
     print(f"torch threads {torch.get_num_threads()}; video {args.video} ({probe_video(args.video)})")
     with tempfile.TemporaryDirectory() as tmp:
         part_training_free(args.video, Path(tmp) / "fer", args.max_frames, args.repeats)

@@ -47,6 +47,7 @@ from pipeline.dataset import AFEW_CLASSES
 from pipeline.decode import iter_frames
 from pipeline.faces import FaceConfig, align_clip_frames, alignment_matrix, box_iou, load_aligner, transform_points
 from pipeline.preprocess import PreprocessConfig, preprocess_dataset
+from pipeline.runtime import cpu_flags
 
 VIDEOS = ("single_face.mp4", "WolfgangLanger_Pexels.mp4", "face_noface.mov", "noface_face.mov", "no_face.mp4",
           "carphone_pristine.mp4")
@@ -143,16 +144,6 @@ for path in sorted(Path(sys.argv[1]).rglob("*.mp4")):
             rows.append([0, 0, 0, 0, 0])
 np.save(sys.argv[2], np.array(rows, np.float32))
 """
-
-
-def cpu_flags() -> str:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    wanted = sorted(f for f in flags if f == "avx2" or f.startswith("avx512") or f.startswith("amx"))
-    return " ".join(wanted) or "none of avx2/avx512/amx"
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:

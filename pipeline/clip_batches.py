@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -152,14 +152,3 @@ def estimate_bytes(store: FeaturesStore, clip_ids: Sequence[str]) -> int:
     """Bytes the clips' float16 maps take in memory (from metadata only)."""
     return int(sum(2 * np.prod(store.shape(cid)) for cid in clip_ids))
 
-
-def available_memory_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None

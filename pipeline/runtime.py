@@ -145,6 +145,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def cpu_flags() -> str:
+    """The CPU features that decide this project's speed (avx2, avx512*, amx*), for benchmark headers."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags:")
+    wanted = sorted(f for f in line.split(":", 1)[1].split()
+                    if f == "avx2" or f.startswith("avx512") or f.startswith("amx"))
+    return " ".join(wanted) or "none of avx2/avx512/amx"
+
+
 # -- settings that must fit the machine ------------------------------------------------------------
 def available_memory() -> int:
     """Bytes of memory available to new work (MemAvailable on Linux; physical free pages elsewhere)."""

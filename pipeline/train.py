@@ -17,12 +17,12 @@ from tqdm import tqdm
 
 from cache.errors import ConfigError
 from cache.features_store import FeaturesStore
-from pipeline.clip_batches import (ClipSource, available_memory_bytes, estimate_bytes, pad_clips,
+from pipeline.clip_batches import (ClipSource, estimate_bytes, pad_clips,
                                    prefetch)
 from pipeline.backbones import crop_map_grid
 from pipeline.evaluate import NoFrames, classification_metrics, predict_video
 from pipeline.folds import select_ids
-from pipeline.runtime import resolve_device
+from pipeline.runtime import available_memory, resolve_device
 from pipeline.heads import EmotionHeads, HeadsConfig, map_statistics
 from pipeline.loop import (LOG_FIELDS, check_finite, check_resume, load_torch_file, run_epochs,  # noqa: F401
                            save_checkpoint, select_row, selection_score as _selection_score, sgd_step, sgdr,
@@ -200,8 +200,7 @@ def choose_in_memory(store: FeaturesStore, clip_ids: Sequence[str], cfg: TrainCo
     if cfg.in_memory != "auto":
         return cfg.in_memory == "always"
     need = estimate_bytes(store, clip_ids)
-    free = available_memory_bytes()
-    return need <= cfg.max_memory_gb * 1e9 and (free is None or need <= free / 2)
+    return need <= cfg.max_memory_gb * 1e9 and need <= available_memory() / 2
 
 
 def heads_config_for_store(features_path, **fields) -> HeadsConfig:
