@@ -58,7 +58,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_torch_file(path, what: str = "checkpoint", error: type = CheckpointError):
     """``torch.load(path, weights_only=True)`` with a one-line ``error`` for a file that is not a plain one.
 
-    Nothing in the file is executed (weights only); torch's advice to retry with ``weights_only=False`` is
+    Nothing in the file is executed (weights only); torch's advice to retry with weights-only loading switched off is
     never passed on, because that would run whatever code the file holds.
 
     Arguments:
