@@ -19,7 +19,7 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence, TextIO
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -37,8 +37,8 @@ from pipeline.decode import (DecodeConfig, DecodeStats, folder_is_square, is_sho
                              list_frame_images, probe_video)
 from pipeline.faces import (CHUNK_FRAMES, FaceConfig, align_clip_chunks, concat_chunks, load_aligner,
                             resize_prealigned_chunks)
-from pipeline.runtime import (check_memory_fits, failure_log_path, parse_shard, select_shard, usable_cores,
-                              warn_oversubscribed)
+from pipeline.runtime import (Failure, FailureLog, check_memory_fits, failure_log_path, parse_shard, select_shard,
+                              usable_cores, warn_oversubscribed)
 
 HOW_NAMES = {code: name for name, code in HOW.items()}
 BACKENDS = ("loky", "dask")
@@ -267,7 +267,7 @@ class PreprocessSummary:
     total: int                      # clips in the dataset (plus unusable entries found by the scan)
     written: int                    # clips committed by this run
     skipped: int                    # clips already complete from an earlier run
-    failures: list[dict]            # {"file", "clip_id", "reason"} for this run
+    failures: list[Failure]         # this run's, also in the failure log
     clip_coverage: list[dict]       # per clip: clip_id, label, frames, present, coverage, how counts
     class_coverage: list[dict]      # per class: clips, frames, present, coverage
     max_fail_fraction: float
@@ -296,7 +296,7 @@ class PreprocessSummary:
                      f" {len(self.failures)} failed of {self.total}"
                      + (f" (see {self.failure_log})" if self.failures else ""))
         for failure in self.failures[:10]:  # name the files here, not only in the log
-            lines.append(f"failed {failure['file']}: {failure['reason']}")
+            lines.append(f"failed {failure.file}: {failure.reason}")
         if len(self.failures) > 10:
             lines.append(f"... and {len(self.failures) - 10} more in {self.failure_log}")
         if not self.ok:
@@ -373,8 +373,8 @@ def check_settings_fit(cfg: PreprocessConfig, workers: int, backend: str) -> Non
                               " dlib's shape_predictor_68_face_landmarks.dat") from None
 
 
-def problem_failure(problem: Problem) -> dict:
-    return {"stage": "faces", "file": problem.path, "clip_id": None, "reason": problem.message}
+def problem_failure(problem: Problem) -> Failure:
+    return Failure("faces", problem.path, None, problem.message)
 
 
 def planned_frames(clip: Clip, cfg: DecodeConfig) -> int:
@@ -450,10 +450,10 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
     failures = [problem_failure(p) for p in scan.errors]
     parts_dir = out_path.with_name(out_path.name + PARTS_SUFFIX)
     with FacesStore(out_path, "a", config=store_config, code_version=__version__, log=tqdm.write,
-                    shard=shard) as store, open(log_path, "w") as log:
+                    shard=shard) as store, FailureLog(log_path) as log:
         save_run_config(out_path, store_config, cfg, source, workers, backend, scheduler, shard)
         for failure in failures:
-            log.write(json.dumps(failure) + "\n")
+            log.add(failure)
         todo = sorted((c for c in clips if not store.is_complete(c.clip_id)), key=clip_cost, reverse=True)
         check_space(out_path, todo, cfg)
         shutil.rmtree(parts_dir, ignore_errors=True)  # parts of a killed run: we hold the store's lock
@@ -474,7 +474,7 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
                              cfg.max_fail_fraction)
 
 
-def commit_results(store: FacesStore, results: Iterable[ClipResult], log: TextIO) -> list[dict]:
+def commit_results(store: FacesStore, results: Iterable[ClipResult], log: FailureLog) -> list[Failure]:
     """The single writer: copy each finished part file's clip in and commit it whole (clips written in
     place are committed already); log each failed clip (flushed at once); stop on a full disk."""
     failures = []
@@ -487,11 +487,7 @@ def commit_results(store: FacesStore, results: Iterable[ClipResult], log: TextIO
                     copy_clip(part, store, result.clip.clip_id)
                 result.part.unlink()
             continue
-        failure = {"stage": "faces", "file": str(result.clip.path), "clip_id": result.clip.clip_id,
-                   "reason": result.error}
-        failures.append(failure)
-        log.write(json.dumps(failure) + "\n")
-        log.flush()
+        failures.append(log.add(Failure("faces", str(result.clip.path), result.clip.clip_id, result.error)))
     return failures
 
 

@@ -70,7 +70,7 @@ def test_store_contents_and_failures(reference, dataset):
     assert attrs["label"] == "Happy" and attrs["split"] == "Train" and attrs["fps"] == 30.0
     assert attrs["total_frames"] == 72 and attrs["complete"]
     assert not clips["Val/Sad/noface_face.mov"][0]["present"].any()  # the face enters after frame 95
-    reasons = {Path(f["file"]).name: f["reason"] for f in summary.failures}
+    reasons = {Path(f.file).name: f.reason for f in summary.failures}
     assert set(reasons) == {"corrupt.mp4", "empty.avi", "notes.avi"}
     assert "empty file" in reasons["empty.avi"] and "cannot be opened" in reasons["notes.avi"]
     assert "cannot be opened" in reasons["corrupt.mp4"]
