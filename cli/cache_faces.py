@@ -26,11 +26,13 @@ FACE_DEFAULTS, DECODE_DEFAULTS, RUN_DEFAULTS = FaceConfig(), DecodeConfig(), Pre
 @click.option("--layout", type=click.Choice(list(LAYOUTS)), default=None,
               help="Dataset layout (default: detected).")
 @click.option("--quick", is_flag=True, help="Decode only each video's first frame (misses truncated videos).")
-@click.option("--workers", default=2, show_default=True, help="Videos decoded in parallel.")
-def check(data: Path, classes: str | None, layout: str | None, quick: bool, workers: int) -> None:
+@click.option("--workers", type=int, default=None,
+              help="Videos decoded in parallel (default: the cores this process may use).")
+def check(data: Path, classes: str | None, layout: str | None, quick: bool, workers: int | None) -> None:
     """Report clips per split x class (and per fold) and every problem (each naming its file); every video is
     decoded to the end, so a truncated or damaged one is an error. Exit 1 on errors."""
-    report = check_dataset(data, split_classes(classes), layout=layout, quick=quick, workers=workers)
+    report = check_dataset(data, split_classes(classes), layout=layout, quick=quick,
+                           workers=usable_cores() if workers is None else workers)
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)

@@ -4,20 +4,12 @@ import pytest
 
 from cache import FacesStore, FeaturesStore, StoreError, StoreMismatch
 from cache.common import diff_settings, flatten_settings
+from faults.faultkit import face_arrays as noise_clip
 
 
-def face_arrays(n: int, size: int = 8, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "faces": rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
-        "frame_index": np.arange(n, dtype=np.int32),
-        "timestamp_ms": np.arange(n, dtype=np.float32) * 40,
-        "present": rng.random(n) > 0.3,
-        "box": rng.random((n, 4)).astype(np.float32),
-        "landmarks": rng.random((n, 68, 2)).astype(np.float32),
-        "score": rng.random(n).astype(np.float32),
-        "how": rng.integers(0, 6, n).astype(np.uint8),
-    }
+def face_arrays(n: int) -> dict:
+    """A clip of noise chips with about 30 % of its frames without a face."""
+    return noise_clip(n, missing=0.3)
 
 
 def test_faces_store_round_trip(tmp_path):

@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
-def face_arrays(n: int, size: int = 8, seed: int = 0) -> dict:
-    """The per-frame arrays of a faces-store clip: ``n`` frames of ``size``-px noise chips."""
+def face_arrays(n: int, size: int = 8, seed: int = 0, missing: float = 0.0) -> dict:
+    """The per-frame arrays of a faces-store clip: ``n`` frames of ``size``-px noise chips, a random
+    ``missing`` share of them without a face (``present`` False, ``how`` 0)."""
     rng = np.random.default_rng(seed)
-    return {
+    arrays = {
         "faces": rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
         "frame_index": np.arange(n, dtype=np.int32),
         "timestamp_ms": np.arange(n, dtype=np.float32) * 40,
@@ -38,6 +39,10 @@ def face_arrays(n: int, size: int = 8, seed: int = 0) -> dict:
         "score": rng.random(n).astype(np.float32),
         "how": np.ones(n, np.uint8),
     }
+    if missing:
+        arrays["present"] = rng.random(n) >= missing
+        arrays["how"] = arrays["present"].astype(np.uint8)
+    return arrays
 
 
 CLIPS = [f"Train/Happy/{i}.mp4" for i in range(6)]
