@@ -705,8 +705,23 @@ class ClipStore:
             self._f.close()
         self._f = None
 
+    def disk_full(self, exc: BaseException, what: str, needed_bytes: int | None = None) -> StoreFull:
+        """The one StoreFull error for a disk that filled while this store wrote ``what`` (a clip, a close)."""
+        need = f"; about {needed_bytes / 2**30:.2f} GiB more are needed" if needed_bytes else ""
+        return StoreFull(f"{self.path}: the disk filled while writing {what} ({exc}){need}. The clips committed"
+                         " so far are kept: free space (or move the store to a larger disk) and rerun the same"
+                         " command to finish.")
+
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close; when the body already failed (a full disk, say), a failing close does not hide its error."""
+        try:
+            self.close()
+        except OSError as close_error:
+            if exc_type is not None:
+                return
+            if is_disk_full(close_error):
+                raise self.disk_full(close_error, "the store's metadata on close") from None
+            raise

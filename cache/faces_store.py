@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from cache.codecs import Codec, codec_of_config
-from cache.common import (CRC_DATASET, ClipStore, StoreError, StoreFull, StoreMismatch, canonical_json,
+from cache.common import (CRC_DATASET, ClipStore, StoreError, StoreMismatch, canonical_json,
                           create_checked_dataset, crc32_rows, damaged, diff_settings, group_names, is_disk_full,
                           key_to_id, open_for_append, open_h5, read_checked, read_rows, sha256_text, verify_crc32)
 
@@ -188,12 +188,6 @@ class FacesStore(ClipStore):
         writer.append(arrays)
         writer.commit(attrs)
 
-    def disk_full(self, exc: BaseException, clip_id: str) -> StoreFull:
-        """The StoreFull to raise when ``exc`` says the disk filled while writing ``clip_id``."""
-        return StoreFull(f"{self.path}: the disk filled while writing clip {clip_id!r} ({exc}). The clips committed"
-                         " so far are kept: free space (or move the store to a larger disk) and rerun the same"
-                         " command to finish.")
-
 
 class FacesClipWriter:
     """Writes one clip's rows in pieces; ``commit`` writes the attributes, then the ``complete`` mark.
@@ -274,7 +268,7 @@ class FacesClipWriter:
 
     def _raise(self, exc: OSError):
         if is_disk_full(exc):
-            raise self.store.disk_full(exc, self.clip_id) from None
+            raise self.store.disk_full(exc, f"clip {self.clip_id!r}") from None
         raise exc
 
 

@@ -24,8 +24,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from cache.common import (ClipStore, StoreError, StoreFull, StoreMismatch, canonical_json, diff_settings,
-                          create_checked_dataset, group_names, is_disk_full, key_to_id, open_for_append, open_h5,
+from cache.common import (ClipStore, StoreError, StoreMismatch, canonical_json, diff_settings,
+                          create_checked_dataset, group_names, key_to_id, open_for_append, open_h5,
                           read_checked, read_rows, to_attr)
 
 FORMAT = "emotion-features/1"
@@ -219,24 +219,6 @@ class FeaturesStore(ClipStore):
         writer = self.begin_clip(clip_id, v, np.arange(f) if rows is None else rows, l, d, compression, map_dtype)
         writer.write(0, maps)
         writer.commit(present, attrs)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        """Close; when the body already failed (a full disk, say), a failing close does not hide its error."""
-        try:
-            self.close()
-        except OSError as close_error:
-            if exc_type is not None:
-                return
-            if is_disk_full(close_error):
-                raise StoreFull(f"{self.path}: the disk filled while closing the store ({close_error}); the"
-                                " clips committed so far are kept: free space and rerun the same command") from None
-            raise
-
-    def disk_full(self, exc: BaseException, clip_id: str, needed_bytes: int) -> StoreFull:
-        """The StoreFull error to raise when ``exc`` says the disk filled while writing ``clip_id``."""
-        return StoreFull(f"{self.path}: the disk filled while writing clip {clip_id!r}; about"
-                         f" {needed_bytes / 2**30:.2f} GiB more are needed. The clips committed so far are kept:"
-                         " free space (or move the store to a larger disk) and rerun the same command to finish.")
 
 
 class ClipWriter:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cache.common import ClipStore, StoreError, StoreFull, StoreMismatch, diff_settings, is_disk_full, open_h5
+from cache.common import ClipStore, StoreError, StoreMismatch, diff_settings, is_disk_full, open_h5
 from cache.faces_store import FORMAT as FACES_FORMAT
 from cache.faces_store import FacesStore
 from cache.features_store import FORMAT as FEATURES_FORMAT
@@ -38,8 +38,7 @@ def copy_clip(src: ClipStore, dst: ClipStore, clip_id: str) -> None:
         dst._commit(out, clip_id, attrs)
     except OSError as exc:
         if is_disk_full(exc):
-            raise StoreFull(f"{dst.path}: the disk filled while copying clip {clip_id!r} in ({exc}). The clips"
-                            " committed so far are kept: free space and rerun the same command to finish.") from None
+            raise dst.disk_full(exc, f"clip {clip_id!r} (copying it in)") from None
         raise
 
 

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import click
 
-from cache import StoreError
 from cache.codecs import CODECS
 from cli.common import UserErrorCommand, split_classes
 from pipeline.dataset import check_dataset
 from pipeline.decode import DecodeConfig
 from pipeline.faces import FaceConfig
 from pipeline.layouts import LAYOUTS
-from pipeline.preprocess import PreprocessConfig, check_run_arguments, preprocess_dataset
+from pipeline.preprocess import PreprocessConfig, preprocess_dataset
 from pipeline.runtime import usable_cores
 
 FACE_DEFAULTS, DECODE_DEFAULTS, RUN_DEFAULTS = FaceConfig(), DecodeConfig(), PreprocessConfig()
@@ -95,16 +94,8 @@ def faces(data: Path, out: Path, workers: int, backend: str, scheduler: str | No
                            compression=None if compression == "none" else compression,
                            max_fail_fraction=max_fail_fraction, codec=codec, jpeg_quality=jpeg_quality,
                            jpeg_chroma_quality=jpeg_chroma_quality)
-    workers = usable_cores() if workers is None else workers
-    try:
-        check_run_arguments(data, cfg, workers, backend, scheduler)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from exc
-    try:
-        summary = preprocess_dataset(data, out, cfg, workers=workers, backend=backend, scheduler=scheduler,
-                                     progress=not quiet, layout=layout, shard=shard)
-    except StoreError as exc:  # another run's store, or one locked by a running writer: say so, no traceback
-        raise click.ClickException(str(exc)) from exc
+    summary = preprocess_dataset(data, out, cfg, workers=workers, backend=backend, scheduler=scheduler,
+                                 progress=not quiet, layout=layout, shard=shard)  # checks its arguments first
     click.echo(summary.format())
     if not summary.ok:
         sys.exit(1)

@@ -3,7 +3,6 @@ import click
 
 from cli.common import UserErrorGroup
 
-from cache.common import StoreError
 from cli.train_finetune import finetune
 from pipeline.ablate import AblationConfig, ablate as run_ablation
 from pipeline.heads import HeadsConfig, POOLING, SPATIAL
@@ -47,7 +46,6 @@ def train_options(fn):
     return fn
 
 
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, StoreError)  # shown as one line, no traceback
 
 
 def split_train_options(kwargs: dict) -> TrainConfig:
@@ -109,12 +107,9 @@ def heads(features, out_dir, resume, **kwargs):
 
     Example: emo-train heads runs/features.h5 --out runs/heads   (DFEW fold 1: add --fold 1)
     """
-    try:
-        train_cfg = split_train_options(kwargs)
-        heads_cfg = heads_config_for_store(features, **kwargs)
-        result = train_heads(features, out_dir, train_cfg, heads_cfg, resume=resume)
-    except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from exc
+    train_cfg = split_train_options(kwargs)
+    heads_cfg = heads_config_for_store(features, **kwargs)
+    result = train_heads(features, out_dir, train_cfg, heads_cfg, resume=resume)
     for name in ("last", "selected"):
         row = result[name]
         click.echo(f"{name:>8}: epoch {row['epoch']}  held-out acc {row['holdout_acc']}  UAR {row['holdout_uar']}"
@@ -141,14 +136,11 @@ def ablate(features, out_dir, seeds, rows, eval_split, fold, folds_text, **kwarg
 
     Example: emo-train ablate runs/features.h5 --out runs/ablate --seeds 3   (DFEW: --folds all)
     """
-    try:
-        train_cfg = split_train_options(kwargs)
-        folds = parse_folds(folds_text, features) or ((fold,) if fold is not None else ())
-        cfg = AblationConfig(seeds=seeds, rows=tuple(r.strip() for r in rows.split(",") if r.strip()),
-                             eval_split=eval_split, folds=folds)
-        result = run_ablation(features, out_dir, cfg, train_cfg)
-    except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from exc
+    train_cfg = split_train_options(kwargs)
+    folds = parse_folds(folds_text, features) or ((fold,) if fold is not None else ())
+    cfg = AblationConfig(seeds=seeds, rows=tuple(r.strip() for r in rows.split(",") if r.strip()),
+                         eval_split=eval_split, folds=folds)
+    result = run_ablation(features, out_dir, cfg, train_cfg)
     click.echo(result["markdown"])
     click.echo(f"table: {result['table_md']}; every run: {result['runs_csv']}")
 

@@ -637,9 +637,6 @@ register_backbone(BackboneSpec(
     finetune_lr=1e-4, finetune_crop=224 / 256, weights_help="a torchvision resnet18 state dict"))
 assert tuple(REGISTRY) == NAMES, "pipeline/backbone_names.py must list the registered backbones"
 
-BACKBONES = REGISTRY  # the old name
-DEFAULT_INPUT_SIZE = {name: spec.input_size for name, spec in REGISTRY.items()}
-
 
 def get_backbone(name: str) -> BackboneSpec:
     """The registry entry of ``name``; ConfigError naming the choices otherwise."""

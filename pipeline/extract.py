@@ -41,7 +41,7 @@ from pipeline.backbones import Backbone, build_backbone
 from pipeline.runtime import (Failure, FailureLog, cpu_has_bf16, failure_log_path, parse_shard, resolve_device,
                               select_shard)
 
-from pipeline.extract_config import COMPRESSIONS, DEVICES, MAP_DTYPES, PRECISIONS, ExtractConfig  # noqa: F401
+from pipeline.extract_config import ExtractConfig
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_MAX = 65504.0  # maps are stored as float16; larger values would become inf
@@ -327,7 +327,7 @@ def write_clips(store: FeaturesStore, cfg: ExtractConfig, L: int, D: int, lock: 
                     job.writer.commit(job.present, clip_attrs(job.attrs))
                     tally.committed(job)
         except OSError as exc:
-            errors.append(store.disk_full(exc, job.clip_id, tally.remaining) if is_disk_full(exc) else exc)
+            errors.append(store.disk_full(exc, f"clip {job.clip_id!r}", tally.remaining) if is_disk_full(exc) else exc)
         except Exception as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
             errors.append(exc)
 

@@ -381,7 +381,7 @@ def load_backbone(cfg: FinetuneConfig, side: int) -> tuple[Backbone, dict]:
     """
     entry = cfg.entry
     input_size, crop = entry.train_input(side)
-    weights = "default" if cfg.weights == "default" else cfg.weights
+    weights = cfg.weights
     backbone = entry.builder(weights, seed=cfg.seed if weights == "random" else None,
                              input_size=input_size, crop=crop)
     backbone.net.train().requires_grad_(True)

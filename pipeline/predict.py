@@ -301,6 +301,12 @@ class VideoResult:
         return float(self.attrs["fps"])
 
     @property
+    def key(self) -> str:
+        """The video's output name, chosen once per run over all inputs (video_keys): the last part of its
+        clip id ``predict/unknown/<key>``, so frames/, figures/ and the stores agree even when others fail."""
+        return self.attrs["clip_id"].rsplit("/", 1)[1]
+
+    @property
     def video_seconds(self) -> float:
         """Seconds of video covered by the decoded frames (first to last kept frame + one)."""
         idx = self.arrays["frame_index"]
@@ -471,9 +477,8 @@ def _write_outputs(out_dir: Path, results, failures, scorer, cfg: PredictConfig,
         for failure in failures:
             flog.add(failure)
     rows = []
-    keys = video_keys(r.path for r in results)
     for r in results:
-        key = keys[str(r.path)]
+        key = r.key
         frame_rows = _frames_csv_rows(r, names)
         with open(out_dir / "frames" / f"{key}.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(frame_rows[0]))
@@ -504,13 +509,12 @@ def _write_explanations(out_dir: Path, results, scorer) -> Path:
 
     cfg = ExplainConfig()
     rows = []
-    keys = video_keys(r.path for r in results)
     for r in results:
         p = r.prediction
         fig = explanation_figure(r.arrays["faces"], r.arrays["present"], p["frame_probs"], p["frame_weights"],
                                  p["probs"], scorer.class_names, p.get("attention"), title=Path(r.path).name,
                                  head_names=scorer.head_names, frame_numbers=r.arrays["frame_index"], cfg=cfg)
-        name = "figures/" + keys[str(r.path)] + ".png"
+        name = "figures/" + r.key + ".png"
         write_explanation(out_dir / name, fig)
         rows.append({"video": r.path, "label": None, "predicted": scorer.class_names[p["pred"]],
                      "confidence": float(p["probs"].max()), "figure": name})

@@ -41,11 +41,9 @@ class FailureLog:
 
     def __init__(self, path: str | Path, mode: str = "w"):
         self.path = Path(path)
-        self.records: list[Failure] = []
         self._fh: Optional[TextIO] = open(self.path, mode)
 
     def add(self, failure: Failure) -> Failure:
-        self.records.append(failure)
         if self._fh is not None:
             self._fh.write(failure.json() + "\n")
             self._fh.flush()

@@ -24,9 +24,9 @@ from pipeline.evaluate import NoFrames, classification_metrics, predict_video
 from pipeline.folds import select_ids
 from pipeline.runtime import available_memory, resolve_device
 from pipeline.heads import EmotionHeads, HeadsConfig, map_statistics
-from pipeline.loop import (LOG_FIELDS, check_finite, check_resume, load_torch_file, run_epochs,  # noqa: F401
-                           save_checkpoint, select_row, selection_score as _selection_score, sgd_step, sgdr,
-                           warn_if_majority, write_log)
+from pipeline.loop import (check_finite, check_resume, load_torch_file, run_epochs,
+                           save_checkpoint, select_row, sgd_step, sgdr,
+                           warn_if_majority)
 
 # Fields that may change when a run is resumed: they do not change what is learnt.
 RESUMABLE = ("epochs", "device", "in_memory", "max_memory_gb", "prefetch")
@@ -293,11 +293,6 @@ def build_training(heads_cfg: HeadsConfig, cfg: TrainConfig, device: torch.devic
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     return model, optimizer, sgdr(optimizer, cfg.restart_epochs, cfg.restart_mult)
-
-
-def selection_score(row: dict, cfg: TrainConfig) -> tuple[float, float]:
-    """(held-out accuracy or UAR, -held-out NLL): higher is better; the NLL breaks ties."""
-    return _selection_score(row, cfg.selection_metric)
 
 
 def settings_of(run: dict) -> dict:

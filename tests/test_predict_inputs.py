@@ -64,3 +64,20 @@ def test_predict_folder_image_and_aligned_folder(inputs):
     assert rows[str(tmp / "aligned")]["frames"] == "4"
     h, w = cv2.imread(str(image)).shape[:2]
     assert h != w   # the still is a full photo: detected, not taken as an aligned face
+
+
+def test_output_names_do_not_depend_on_which_inputs_fail(tmp_path, samples_dir):
+    from pipeline.predict import video_keys
+
+    good, bad = tmp_path / "x" / "face.jpg", tmp_path / "y" / "broken.jpg"
+    good.parent.mkdir()
+    bad.parent.mkdir()
+    good.write_bytes((samples_dir / "single_face.jpg").read_bytes())
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(emo_predict, [str(good), str(bad), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    key = video_keys([good, bad])[str(good)]
+    assert key == "x%2Fface.jpg"                 # named over all inputs, not only those that succeeded
+    assert sorted(p.name for p in (out / "frames").iterdir()) == [key + ".csv"]
+    assert str(bad) in (out / "failures.jsonl").read_text()
