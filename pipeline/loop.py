@@ -98,19 +98,14 @@ def write_log(path: Path, history: Sequence[dict]) -> None:
 
 
 # -- resume -------------------------------------------------------------------------------------------
-def flatten_settings(settings: dict, free: Sequence[str] = ()) -> dict:
-    """{"train_config": {"lr": 0.1}} -> {"train_config.lr": 0.1}, leaving out the ``free`` (resumable) fields.
+def without_free(settings: dict, free: Sequence[str]) -> dict:
+    """``settings`` without the ``free`` (resumable) fields, at the top and inside each nested config dict.
 
-    >>> flatten_settings({"a": {"x": 1, "epochs": 3}, "b": 2}, free=("epochs",))
-    {'a.x': 1, 'b': 2}
+    >>> without_free({"a": {"x": 1, "epochs": 3}, "b": 2}, free=("epochs",))
+    {'a': {'x': 1}, 'b': 2}
     """
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and key.endswith("config"):
-            out.update({f"{key}.{k}": v for k, v in value.items() if k not in free})
-        elif key not in free:
-            out[key] = value
-    return out
+    return {k: ({kk: vv for kk, vv in v.items() if kk not in free} if isinstance(v, dict) else v)
+            for k, v in settings.items() if k not in free}
 
 
 def resume_diffs(saved: dict, asked: dict, free: Sequence[str] = ()) -> list[str]:
@@ -119,8 +114,7 @@ def resume_diffs(saved: dict, asked: dict, free: Sequence[str] = ()) -> list[str
     >>> resume_diffs({"train_config": {"lr": 0.1}}, {"train_config": {"lr": 0.01}})
     ['train_config.lr: checkpoint has 0.1, this run asks for 0.01']
     """
-    lines = diff_settings(flatten_settings(saved, free), flatten_settings(asked, free))
-    return [line.replace(": store has ", ": checkpoint has ", 1) for line in lines]
+    return diff_settings(without_free(saved, free), without_free(asked, free), have="checkpoint has")
 
 
 def check_resume(path: Path, saved: dict, asked: dict, free: Sequence[str], what_to_do: str) -> None:
