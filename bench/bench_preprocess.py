@@ -41,13 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import FacesStore
+from emotion_attention.cache import FacesStore
 
-from pipeline.dataset import AFEW_CLASSES
-from pipeline.decode import iter_frames
-from pipeline.faces import FaceConfig, align_clip_frames, alignment_matrix, box_iou, load_aligner, transform_points
-from pipeline.preprocess import PreprocessConfig, preprocess_dataset
-from pipeline.runtime import cpu_flags
+from emotion_attention.pipeline.configs import AFEW_CLASSES
+from emotion_attention.pipeline.data.decode import iter_frames
+from emotion_attention.pipeline.configs import FaceConfig
+from emotion_attention.pipeline.faces.align import (align_clip_frames, alignment_matrix, box_iou, load_aligner, transform_points)
+from emotion_attention.pipeline.configs import PreprocessConfig
+from emotion_attention.pipeline.stages.faces import preprocess_dataset
+from emotion_attention.pipeline.core.runtime import cpu_flags
 
 VIDEOS = ("single_face.mp4", "WolfgangLanger_Pexels.mp4", "face_noface.mov", "noface_face.mov", "no_face.mp4",
           "carphone_pristine.mp4")
@@ -125,7 +127,7 @@ WHOLE_VIDEOS = ("WolfgangLanger_Pexels.mp4", "single_face.mp4")
 NAIVE_SCRIPT = """
 import sys, cv2, dlib, numpy as np
 from pathlib import Path
-from pipeline.faces import default_predictor_path
+from emotion_attention.pipeline.faces.align import default_predictor_path
 detector, predictor = dlib.get_frontal_face_detector(), dlib.shape_predictor(str(default_predictor_path()))
 rows = []
 for path in sorted(Path(sys.argv[1]).rglob("*.mp4")):
@@ -204,7 +206,7 @@ def bench_whole(samples: Path, copies: int, dask: bool, naive: bool = True) -> N
     paths = [samples / name for name in WHOLE_VIDEOS]
     cores = sorted(os.sched_getaffinity(0))
     one, two = ["taskset", "-c", str(cores[0])], ["taskset", "-c", ",".join(map(str, cores[:2]))]
-    cli = [sys.executable, "-c", "from cli.emo_cache import main; main()", "faces"]
+    cli = [sys.executable, "-c", "from emotion_attention.cli.emo_cache import main; main()", "faces"]
     with tempfile.TemporaryDirectory(prefix="bench_whole_") as tmp:
         tmp = Path(tmp)
         build_dataset(tmp / "data", paths, copies)
@@ -262,7 +264,7 @@ def bench_memory(samples: Path) -> None:
     import cv2
 
     frames = [cv2.cvtColor(f.rgb, cv2.COLOR_RGB2BGR) for f in iter_frames(samples / "WolfgangLanger_Pexels.mp4")]
-    cli = [sys.executable, "-c", "from cli.emo_cache import main; main()", "faces"]
+    cli = [sys.executable, "-c", "from emotion_attention.cli.emo_cache import main; main()", "faces"]
     peaks = {}
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         tmp = Path(tmp)

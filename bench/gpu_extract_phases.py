@@ -15,7 +15,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.extract import TORCH_DTYPES, ExtractConfig, FeatureExtractor
+from emotion_attention.pipeline.models.extractor import TORCH_DTYPES, FeatureExtractor
+from emotion_attention.pipeline.configs import ExtractConfig
 
 
 def pinned_download(fx: FeatureExtractor, out: torch.Tensor) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from cache.errors import ConfigError
+from emotion_attention.cache.errors import ConfigError
 
 CODECS = ("raw", "png", "jpeg")
 PNG_LEVEL = 1  # zlib level 1: ~3x faster than the default 3 at a few % more bytes (bench_codecs.py)

@@ -29,8 +29,15 @@ import h5py
 import numpy as np
 from filelock import SoftFileLock, Timeout
 
-from cache.errors import (StoreDamaged, StoreError, StoreFull, StoreLocked, StoreMismatch,  # noqa: F401
-                          UserError, clip_key, key_to_id)
+from emotion_attention.cache.errors import (
+    StoreDamaged,
+    StoreError,
+    StoreFull,
+    StoreLocked,
+    StoreMismatch,
+    clip_key,
+    key_to_id,
+)
 
 # Root ``format`` attribute of each kind of store, and what a user calls it.
 STORE_KINDS = {"emotion-faces/1": ("faces store", "emo-cache faces"),

@@ -28,23 +28,28 @@ from typing import Optional
 import h5py
 import numpy as np
 
-from cache.codecs import Codec, codec_of_config
-from cache.common import (CRC_DATASET, ClipStore, StoreError, StoreMismatch, canonical_json,
-                          create_checked_dataset, crc32_rows, damaged, diff_settings, group_names, is_disk_full,
-                          key_to_id, open_for_append, open_h5, read_checked, read_rows, sha256_text, verify_crc32)
+from emotion_attention.cache.codecs import Codec, codec_of_config
+from emotion_attention.cache.common import (
+    CRC_DATASET,
+    ClipStore,
+    canonical_json,
+    crc32_rows,
+    create_checked_dataset,
+    damaged,
+    diff_settings,
+    group_names,
+    is_disk_full,
+    open_for_append,
+    open_h5,
+    read_checked,
+    read_rows,
+    sha256_text,
+    verify_crc32,
+)
+from emotion_attention.cache.errors import StoreError, StoreMismatch, key_to_id
 
 FORMAT = "emotion-faces/1"
 
-# How each frame's face was found. Stored per frame in ``how``.
-HOW = {
-    "missing": 0,      # no face found by any step; present=False
-    "detector": 1,     # HOG detector on the (downscaled) frame
-    "upsampled": 2,    # HOG detector retried with upsampling
-    "equalized": 3,    # HOG detector retried on a histogram-equalised frame
-    "tracked": 4,      # landmarks tracked from the previous frame's face
-    "fallback": 5,     # box carried over from a neighbour frame (no fresh detection)
-    "prealigned": 6,   # input was an already aligned face image: resized only
-}
 
 FRAME_DATASETS = {
     "faces": np.uint8, "frame_index": np.int32, "timestamp_ms": np.float32, "present": np.bool_,

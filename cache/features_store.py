@@ -24,9 +24,19 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from cache.common import (ClipStore, StoreError, StoreMismatch, canonical_json, diff_settings,
-                          create_checked_dataset, group_names, key_to_id, open_for_append, open_h5,
-                          read_checked, read_rows, to_attr)
+from emotion_attention.cache.common import (
+    ClipStore,
+    canonical_json,
+    create_checked_dataset,
+    diff_settings,
+    group_names,
+    open_for_append,
+    open_h5,
+    read_checked,
+    read_rows,
+    to_attr,
+)
+from emotion_attention.cache.errors import StoreError, StoreMismatch, key_to_id
 
 FORMAT = "emotion-features/1"
 MAP_DTYPES = ("float16", "uint8")  # uint8: 8-bit maps with a per (view, frame, channel) offset and scale

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.common import StoreError
+from emotion_attention.cache.errors import StoreError
 
 
 class KerasWeightsError(StoreError):

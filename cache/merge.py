@@ -17,11 +17,12 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cache.common import ClipStore, StoreError, StoreMismatch, diff_settings, is_disk_full, open_h5
-from cache.faces_store import FORMAT as FACES_FORMAT
-from cache.faces_store import FacesStore
-from cache.features_store import FORMAT as FEATURES_FORMAT
-from cache.features_store import FeaturesStore
+from emotion_attention.cache.common import ClipStore, diff_settings, is_disk_full, open_h5
+from emotion_attention.cache.errors import StoreError, StoreMismatch
+from emotion_attention.cache.faces_store import FORMAT as FACES_FORMAT
+from emotion_attention.cache.faces_store import FacesStore
+from emotion_attention.cache.features_store import FORMAT as FEATURES_FORMAT
+from emotion_attention.cache.features_store import FeaturesStore
 
 
 def copy_clip(src: ClipStore, dst: ClipStore, clip_id: str) -> None:

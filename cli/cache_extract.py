@@ -10,11 +10,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.backbone_names import NAMES
-
-from cache.errors import ConfigError
-from cli.common import UserErrorCommand
-from pipeline.extract_config import COMPRESSIONS, DEVICES, MAP_DTYPES, PRECISIONS, ExtractConfig
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.cli.common import UserErrorCommand
+from emotion_attention.pipeline.configs import BACKBONES as NAMES
+from emotion_attention.pipeline.configs import COMPRESSIONS, DEVICES, MAP_DTYPES, PRECISIONS, ExtractConfig
 
 DEFAULTS = ExtractConfig()
 
@@ -54,7 +53,7 @@ def extract(faces_path: Path, out: Path, weights: str, seed: int | None, backbon
             crop: int | None, views: str, precision: str, device: str, batch_size: int, compression: str,
             frames_per_clip: int | None, map_dtype: str, shard: str | None) -> None:
     """Cache backbone maps of every face in FACES.h5 into the features store OUT (resumable)."""
-    from pipeline.extract import extract_features
+    from emotion_attention.pipeline.stages.extract import extract_features
 
     cfg = ExtractConfig(backbone=backbone, weights=weights, seed=seed, input_size=input_size, crop=crop,
                         views=int(views), precision=precision, device=device, batch_size=batch_size,

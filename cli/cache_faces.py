@@ -6,14 +6,13 @@ from pathlib import Path
 
 import click
 
-from cache.codecs import CODECS
-from cli.common import UserErrorCommand, split_classes
-from pipeline.dataset import check_dataset
-from pipeline.decode import DecodeConfig
-from pipeline.faces import FaceConfig
-from pipeline.layouts import LAYOUTS
-from pipeline.preprocess import PreprocessConfig, preprocess_dataset
-from pipeline.runtime import usable_cores
+from emotion_attention.cache.codecs import CODECS
+from emotion_attention.cli.common import UserErrorCommand, split_classes
+from emotion_attention.pipeline.configs import DecodeConfig, FaceConfig, PreprocessConfig
+from emotion_attention.pipeline.core.runtime import usable_cores
+from emotion_attention.pipeline.data.layouts import LAYOUTS
+from emotion_attention.pipeline.stages.check import check_dataset
+from emotion_attention.pipeline.stages.faces import preprocess_dataset
 
 FACE_DEFAULTS, DECODE_DEFAULTS, RUN_DEFAULTS = FaceConfig(), DecodeConfig(), PreprocessConfig()
 

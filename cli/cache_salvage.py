@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from cache.common import check_store, salvage as salvage_store
-from cli.common import UserErrorCommand
+from emotion_attention.cache.common import check_store
+from emotion_attention.cache.common import salvage as salvage_store
+from emotion_attention.cli.common import UserErrorCommand
 
 
 @click.command(cls=UserErrorCommand)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from cache.errors import UserError
+from emotion_attention.cache.errors import UserError
 
 
 class UserFacingError(click.ClickException):

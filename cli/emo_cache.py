@@ -7,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from cli.common import UserErrorGroup
-
-from cli.cache_extract import extract
-from cli.cache_faces import check, faces
-from cli.cache_salvage import salvage
+from emotion_attention.cli.cache_extract import extract
+from emotion_attention.cli.cache_faces import check, faces
+from emotion_attention.cli.cache_salvage import salvage
+from emotion_attention.cli.common import UserErrorGroup
 
 
 @click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +33,6 @@ def merge(out: Path, shards: tuple[Path, ...]) -> None:
     The clips are copied (chunk by chunk, no decoding), so OUT stands alone once written; shards whose
     settings differ, or that share a clip, are refused. Resumable: clips already in OUT are skipped.
     """
-    from cache.merge import merge_stores
+    from emotion_attention.cache.merge import merge_stores
 
     merge_stores(out, list(shards), log=click.echo)

@@ -1,10 +1,10 @@
 """`emo-eval`: evaluate a heads checkpoint on one split of a features store."""
 import click
 
-from cli.common import UserErrorCommand
-
-from pipeline.evaluate import EvalConfig, evaluate
-from pipeline.explain import explain_evaluation
+from emotion_attention.cli.common import UserErrorCommand
+from emotion_attention.pipeline.configs import EvalConfig
+from emotion_attention.pipeline.stages.evaluate import evaluate
+from emotion_attention.pipeline.stages.explain import explain_evaluation
 
 
 def parse_frames(value: str) -> int:

@@ -5,13 +5,12 @@ import sys
 from pathlib import Path
 
 import click
-
-from pipeline.backbone_names import NAMES
-
-from cli.common import UserErrorCommand
 from tqdm import tqdm
 
-from pipeline.predict import PredictConfig, check_predict, predict_videos
+from emotion_attention.cli.common import UserErrorCommand
+from emotion_attention.pipeline.configs import BACKBONES as NAMES
+from emotion_attention.pipeline.configs import PredictConfig
+from emotion_attention.pipeline.stages.predict import check_predict, predict_videos
 
 DEFAULTS = PredictConfig()
 

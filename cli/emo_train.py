@@ -1,12 +1,11 @@
 """`emo-train`: train the heads on a features store (`heads`) and reproduce Tables 1-2 (`ablate`)."""
 import click
 
-from cli.common import UserErrorGroup
-
-from cli.train_finetune import finetune
-from pipeline.ablate import AblationConfig, ablate as run_ablation
-from pipeline.heads import HeadsConfig, POOLING, SPATIAL
-from pipeline.train import TrainConfig, heads_config_for_store, train_heads
+from emotion_attention.cli.common import UserErrorGroup
+from emotion_attention.cli.train_finetune import finetune
+from emotion_attention.pipeline.configs import POOLING, SPATIAL, AblationConfig, HeadsConfig, TrainConfig
+from emotion_attention.pipeline.stages.ablate import ablate as run_ablation
+from emotion_attention.pipeline.stages.heads import heads_config_for_store, train_heads
 
 T, H = TrainConfig, HeadsConfig  # the one source of defaults
 
@@ -80,8 +79,8 @@ def heads_options(fn):
 
 def parse_folds(value: str | None, features) -> tuple:
     """--folds: "all" (every fold of the store), "1,3", or None/"" (no folds)."""
-    from cache.features_store import FeaturesStore
-    from pipeline.folds import store_folds
+    from emotion_attention.cache.features_store import FeaturesStore
+    from emotion_attention.pipeline.data.folds import store_folds
 
     if not value:
         return ()
@@ -160,8 +159,8 @@ def cv(features, out_dir, folds_text, eval_frames, test_split, **kwargs):
 
     Example: emo-train cv runs/dfew/features.h5 --out runs/dfew/cv
     """
-    from pipeline.cv import run_cv
-    from pipeline.evaluate import EvalConfig
+    from emotion_attention.pipeline.configs import EvalConfig
+    from emotion_attention.pipeline.stages.cv import run_cv
 
     train_cfg = split_train_options(kwargs)
     frames = 0 if eval_frames.lower() == "all" else int(eval_frames)

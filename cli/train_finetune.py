@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import UserErrorCommand
-from pipeline.backbone_names import NAMES
+from emotion_attention.cli.common import UserErrorCommand
+from emotion_attention.pipeline.configs import BACKBONES as NAMES
 
 DEFAULT_BACKBONE = "vgg16"
 
@@ -63,7 +63,9 @@ def finetune(faces: Path, out: Path, init_heads, **options) -> None:
     """
     from tqdm import tqdm
 
-    from pipeline.finetune import FinetuneConfig, check_finetune, finetune as finetune_stage
+    from emotion_attention.pipeline.configs import FinetuneConfig
+    from emotion_attention.pipeline.stages.finetune import check_finetune
+    from emotion_attention.pipeline.stages.finetune import finetune as finetune_stage
 
     cfg = FinetuneConfig(**options)
     check_finetune(faces, out, cfg, init_heads)  # stop before any work, with a message, not a traceback

@@ -104,9 +104,9 @@ def training_free(faces: Path, out: Path) -> dict:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from cache import FacesStore
-    from pipeline.fer_backbone import FER_CLASSES, fer_probabilities, load_fer_minixception
-    from pipeline.predict import tp_predict
+    from emotion_attention.cache import FacesStore
+    from emotion_attention.pipeline.models.fer import FER_CLASSES, fer_probabilities, load_fer_minixception
+    from emotion_attention.pipeline.stages.predict import tp_predict
 
     model = load_fer_minixception()
     keep = [FER_CLASSES.index("neutral"), FER_CLASSES.index("sad")]  # classes.txt order: Neutral, Sad

@@ -20,7 +20,7 @@ def predict_stills(samples: Path, weights: Path | None) -> list[str]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from face_chips import face_chips, load_dlib_models, read_rgb
 
-    from pipeline.fer_backbone import FER_CLASSES, fer_probabilities, load_fer_minixception
+    from emotion_attention.pipeline.models.fer import FER_CLASSES, fer_probabilities, load_fer_minixception
 
     models, model, lines = load_dlib_models(), load_fer_minixception(weights), []
     for still, posed in POSED_STILLS.items():

@@ -53,7 +53,7 @@ def collect_chips(samples: Path) -> tuple[list[str], np.ndarray]:
 
 
 def make_inputs(samples: Path, out: Path) -> None:
-    from pipeline.fer_backbone import fer_preprocess
+    from emotion_attention.pipeline.models.fer import fer_preprocess
 
     names, chips = collect_chips(samples)
     inputs = fer_preprocess(chips).numpy()

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import FacesStore
+from emotion_attention.cache import FacesStore
 
 CLASSES = ["Angry", "Happy", "Sad"]
 SIZE = 40        # stored face side; the tests crop 32 (VGG16 at 32 px: L = 2 x 2)
@@ -39,8 +39,8 @@ def write_standin_vgg16(path: Path, seed: int = 0, layout: str = "torchvision") 
     maps at unit scale, unlike torchvision's fan-out init whose maps shrink to ~0.03."""
     import torch
 
-    from pipeline.backbones import build_vgg16_trunk
-    from pipeline.finetune import trunk_state
+    from emotion_attention.pipeline.models.backbones import build_vgg16_trunk
+    from emotion_attention.pipeline.stages.finetune import trunk_state
 
     torch.manual_seed(seed)
     state = trunk_state(build_vgg16_trunk(), layout)

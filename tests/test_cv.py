@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache.errors import ConfigError
-from cache.features_store import FeaturesStore
-from cli.emo_eval import main as emo_eval
-from cli.emo_train import main as emo_train
-from pipeline.cv import run_cv
-from pipeline.folds import parse_folds, select_ids, store_folds
-from pipeline.synthetic import SyntheticConfig, make_clip, make_patterns
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.cache.features_store import FeaturesStore
+from emotion_attention.cli.emo_eval import main as emo_eval
+from emotion_attention.cli.emo_train import main as emo_train
+from emotion_attention.pipeline.stages.cv import run_cv
+from emotion_attention.pipeline.data.folds import parse_folds, select_ids, store_folds
+from emotion_attention.pipeline.data.synthetic import SyntheticConfig, make_clip, make_patterns
 
 FOLDS, CLIPS = 5, 50
 SYN = SyntheticConfig(num_classes=3, frames=6, evidence_frames=2, grid=2, evidence_positions=1, dim=16,
@@ -102,14 +102,14 @@ def test_cv_end_to_end_and_resumable(store, tmp_path):
     stamps = {k: (out / f"fold_{k}" / "fold_result.json").stat().st_mtime_ns for k in range(1, 6)}
     (out / "fold_3" / "fold_result.json").unlink()   # as if the run had been killed during fold 3
     again = run_cv(store, out, folds=None, progress=False,
-                   train_cfg=__import__("pipeline.train", fromlist=["TrainConfig"]).TrainConfig(
+                   train_cfg=__import__("emotion_attention.pipeline.configs", fromlist=["TrainConfig"]).TrainConfig(
                        epochs=2, batch_size=8, frames_per_clip=4, in_memory="always", prefetch=0, device="cpu"))
     assert all((out / f"fold_{k}" / "fold_result.json").stat().st_mtime_ns == stamps[k] for k in (1, 2, 4, 5))
     assert again["summary"]["war"][0] == pytest.approx(war.mean(), abs=1e-6)
 
 
 def test_cv_on_a_train_test_dataset(tmp_path):
-    from pipeline.synthetic import write_synthetic_store
+    from emotion_attention.pipeline.data.synthetic import write_synthetic_store
 
     path = write_synthetic_store(tmp_path / "s.h5", SyntheticConfig(train_clips=12, val_clips=6, num_classes=3,
                                                                    grid=2, dim=16, frames=6))["path"]
@@ -140,8 +140,8 @@ def test_ablate_over_folds(store, tmp_path):
 
 
 def test_confusion_figure_scales_with_eleven_classes():
-    from pipeline.evaluate import plot_confusion
-    from pipeline.layouts import MAFW_CLASSES
+    from emotion_attention.pipeline.training.metrics import plot_confusion
+    from emotion_attention.pipeline.data.layouts import MAFW_CLASSES
 
     seven = plot_confusion(np.eye(7, dtype=int), [f"c{i}" for i in range(7)])
     eleven = plot_confusion(np.eye(11, dtype=int), list(MAFW_CLASSES), title="summed")

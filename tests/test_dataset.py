@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli.cache_faces import check
-from pipeline.dataset import AFEW_CLASSES, DatasetError, check_dataset, scan_dataset
+from emotion_attention.cli.cache_faces import check
+from emotion_attention.pipeline.configs import AFEW_CLASSES
+from emotion_attention.pipeline.data.clips import DatasetError
+from emotion_attention.pipeline.stages.check import check_dataset
+from emotion_attention.pipeline.data.layouts import scan_dataset
 from fixtures_preprocess import write_bad_media, write_mjpg_video, write_zero_frame_video
 
 

@@ -13,7 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 from finetune_data import make_tiny_faces_store, write_standin_vgg16
-from pipeline.finetune import FinetuneConfig, finetune
+from emotion_attention.pipeline.configs import FinetuneConfig
+from emotion_attention.pipeline.stages.finetune import finetune
 
 
 def _free_port() -> int:

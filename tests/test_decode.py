@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from cache.errors import ConfigError
-from pipeline.decode import (DecodeConfig, DecodeError, iter_clip_frames, iter_folder_frames, iter_frames,
-                             keep_frame, probe_video)
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.pipeline.configs import DecodeConfig
+from emotion_attention.pipeline.data.decode import (DecodeError, iter_clip_frames, iter_folder_frames, iter_frames, keep_frame, probe_video)
 from fixtures_preprocess import write_bad_media, write_zero_frame_video
 
 
@@ -93,8 +93,9 @@ def test_decode_config_validation_names_field():
 
 
 # -- damage: truncated videos, corrupt images, mixed sizes (issue 12) ------------------------------------
-from pipeline.dataset import Clip, check_dataset  # noqa: E402
-from pipeline.decode import DecodeStats, count_video_frames, folder_is_square, is_short  # noqa: E402
+from emotion_attention.pipeline.data.clips import Clip  # noqa: E402
+from emotion_attention.pipeline.stages.check import check_dataset
+from emotion_attention.pipeline.data.decode import DecodeStats, count_video_frames, folder_is_square, is_short  # noqa: E402
 from dataset_trees import real_frames  # noqa: E402
 from fixtures_preprocess import write_mjpg_video  # noqa: E402
 
@@ -179,7 +180,8 @@ def test_prealigned_is_decided_on_every_image(tmp_path):
 
 # -- the faces side records the damage (pipeline/preprocess.py, pipeline/faces.py) ---------------------
 def test_truncated_video_is_recorded_not_stored_as_complete(truncated_video, tmp_path):
-    from pipeline.preprocess import PreprocessConfig, damage_note, preprocess_dataset, process_clip
+    from emotion_attention.pipeline.configs import PreprocessConfig
+    from emotion_attention.pipeline.stages.faces import damage_note, preprocess_dataset, process_clip
 
     full, cut = truncated_video
     arrays, attrs = process_clip(Clip("Train/Happy/cut.avi", cut, "Happy", "Train", "video"), PreprocessConfig())
@@ -197,7 +199,8 @@ def test_truncated_video_is_recorded_not_stored_as_complete(truncated_video, tmp
 
 
 def test_corrupt_image_is_a_faceless_frame_not_a_dropped_clip(tmp_path):
-    from pipeline.preprocess import PreprocessConfig, process_clip
+    from emotion_attention.pipeline.configs import PreprocessConfig
+    from emotion_attention.pipeline.stages.faces import process_clip
 
     folder = tmp_path / "clip"
     folder.mkdir()
@@ -211,8 +214,9 @@ def test_corrupt_image_is_a_faceless_frame_not_a_dropped_clip(tmp_path):
 
 
 def test_size_change_restarts_tracking(tmp_path):
-    from pipeline.faces import HOW_TRACKED
-    from pipeline.preprocess import PreprocessConfig, is_prealigned, process_clip
+    from emotion_attention.pipeline.faces.align import HOW_TRACKED
+    from emotion_attention.pipeline.configs import PreprocessConfig
+    from emotion_attention.pipeline.stages.faces import is_prealigned, process_clip
 
     folder = tmp_path / "mixed"
     folder.mkdir()

@@ -7,11 +7,10 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from cache import ConfigError, StoreMismatch
+from emotion_attention.cache import ConfigError, StoreMismatch
 
-from pipeline.explain import (ExplainConfig, attention_heat, choose_frames, explanation_figure,
-                              figure_name, figure_to_rgb, frame_class_probs, index_html, overlay_heat,
-                              renormalised_importance, write_explanation, write_index)
+from emotion_attention.pipeline.configs import ExplainConfig
+from emotion_attention.pipeline.stages.explain import (attention_heat, choose_frames, explanation_figure, figure_name, figure_to_rgb, frame_class_probs, index_html, overlay_heat, renormalised_importance, write_explanation, write_index)
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
 GRID = 4            # sqrt(L): a 4x4 map, like mini-Xception's 128 x 4 x 4
@@ -221,11 +220,13 @@ def fer_store_with_untrained_heads(tmp_path):
 
     import torch
 
-    from cache import FeaturesStore
+    from emotion_attention.cache import FeaturesStore
     from finetune_data import CLASSES as TINY_CLASSES, make_tiny_faces_store
-    from pipeline.extract import ExtractConfig, extract_features
-    from pipeline.fer_backbone import default_fer_weights
-    from pipeline.heads import EmotionHeads, HeadsConfig
+    from emotion_attention.pipeline.configs import ExtractConfig
+    from emotion_attention.pipeline.stages.extract import extract_features
+    from emotion_attention.pipeline.models.fer import default_fer_weights
+    from emotion_attention.pipeline.models.heads import EmotionHeads
+    from emotion_attention.pipeline.configs import HeadsConfig
 
     faces = make_tiny_faces_store(tmp_path / "faces.h5")
     feats = tmp_path / "feats.h5"
@@ -243,8 +244,8 @@ def fer_store_with_untrained_heads(tmp_path):
 def test_explain_evaluation_over_a_split(tmp_path):
     """faces store -> fer features store -> untrained heads -> evaluate -> one figure per clip + index."""
     from finetune_data import CLASSES as TINY_CLASSES, make_tiny_faces_store
-    from pipeline.evaluate import evaluate
-    from pipeline.explain import explain_evaluation
+    from emotion_attention.pipeline.stages.evaluate import evaluate
+    from emotion_attention.pipeline.stages.explain import explain_evaluation
 
     faces, feats = fer_store_with_untrained_heads(tmp_path)
     metrics = evaluate(feats, tmp_path / "heads.pt", split="Train", progress=False)
@@ -299,7 +300,7 @@ def test_emo_eval_explain_cli_matches_the_import_api(tmp_path):
     """`emo-eval ... --explain --faces FACES.h5` writes the same index as explain_evaluation."""
     from click.testing import CliRunner
 
-    from cli.emo_eval import main as emo_eval
+    from emotion_attention.cli.emo_eval import main as emo_eval
     from finetune_data import CLASSES as TINY_CLASSES
 
     faces, feats = fer_store_with_untrained_heads(tmp_path)

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache import ConfigError, FacesStore, FeaturesStore, StoreFull, StoreMismatch
-from cli.cache_extract import extract
-from pipeline.extract import ExtractConfig, FeatureExtractor, extract_features
+from emotion_attention.cache import ConfigError, FacesStore, FeaturesStore, StoreFull, StoreMismatch
+from emotion_attention.cli.cache_extract import extract
+from emotion_attention.pipeline.configs import ExtractConfig
+from emotion_attention.pipeline.models.extractor import FeatureExtractor
+from emotion_attention.pipeline.stages.extract import extract_features
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:backbone weights are random")  # asserted in test_backbones
@@ -197,8 +199,9 @@ def test_refuses_when_the_disk_cannot_hold_the_output(tmp_path, samples_dir, mon
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
-    from cache.features_store import ClipWriter
-    from pipeline.extract import ExtractConfig, extract_features
+    from emotion_attention.cache.features_store import ClipWriter
+    from emotion_attention.pipeline.configs import ExtractConfig
+    from emotion_attention.pipeline.stages.extract import extract_features
     original = ClipWriter.commit
     def commit_and_tell(self, *a, **kw):
         original(self, *a, **kw)
@@ -271,7 +274,7 @@ def test_fer_minixception_store(tmp_path, samples_dir):
     assert maps.shape == (1, 6, 16, 128)
     arrays = clips["Train/Angry/000.avi"]
     import torch
-    from pipeline.fer_backbone import fer_preprocess, load_fer_minixception
+    from emotion_attention.pipeline.models.fer import fer_preprocess, load_fer_minixception
     with torch.no_grad():
         ref = load_fer_minixception(weights).features(fer_preprocess(arrays["faces"][present]))
     ref = ref.flatten(2).transpose(1, 2).numpy()  # (P, 16, 128)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache import ConfigError, FacesStore, FeaturesStore, StoreError, StoreFull, StoreMismatch
-from cache.features_store import ClipWriter, dequantise, quantise
-from pipeline.extract import bytes_per_row, extract_features, select_frames, shard_path
-from pipeline.runtime import parse_shard, select_shard, shard_of
+from emotion_attention.cache import ConfigError, FacesStore, FeaturesStore, StoreError, StoreFull, StoreMismatch
+from emotion_attention.cache.features_store import ClipWriter, dequantise, quantise
+from emotion_attention.pipeline.stages.extract import bytes_per_row, extract_features, select_frames, shard_path
+from emotion_attention.pipeline.core.runtime import parse_shard, select_shard, shard_of
 from test_extract import cfg, make_faces_store, read_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_shards_split_the_clips_and_merge_into_the_unsharded_store(tmp_path, sam
     assert parts[0] | parts[1] == set(clips) and not parts[0] & parts[1] and all(parts)
     with pytest.raises(StoreMismatch, match="shard 0/2"):  # a shard's store takes no other shard
         extract_features(tmp_path / "faces.h5", tmp_path / "part0.h5", cfg(shard="1/2"), **QUIET)
-    from cache.merge import merge_stores
+    from emotion_attention.cache.merge import merge_stores
     merge_stores(tmp_path / "merged.h5", [tmp_path / "part0.h5", tmp_path / "part1.h5"])
     assert_same_stores(tmp_path / "merged.h5", tmp_path / "whole.h5")
 
@@ -158,7 +158,7 @@ def test_shard_rule():
 
 def test_torchrun_two_ranks_shard_and_merge_into_out(tmp_path, samples_dir):
     """`torchrun --nproc-per-node 2 emo-cache extract` on CPU (gloo): two shard stores, merged by rank 0."""
-    pytest.importorskip("cache.merge", reason="emo-cache merge (cache/merge.py) is not in this tree yet")
+    pytest.importorskip("emotion_attention.cache.merge", reason="emo-cache merge (cache/merge.py) is not in this tree yet")
     make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=6, frames=5)
     extract_features(tmp_path / "faces.h5", tmp_path / "whole.h5", cfg(), **QUIET)
     emo_cache = Path(sys.executable).with_name("emo-cache")
@@ -195,8 +195,8 @@ def test_out_equal_to_the_faces_store_is_refused_before_writing(tmp_path, sample
 FULL_DISK_SCRIPT = textwrap.dedent("""
     import json, shutil, subprocess, sys
     from pathlib import Path
-    import pipeline.extract as ex
-    from cache import FeaturesStore, StoreFull
+    import emotion_attention.pipeline.stages.extract as ex
+    from emotion_attention.cache import FeaturesStore, StoreFull
     faces, disk, keep = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4180k", "tmpfs", str(disk)], check=True)
     ex.check_disk = lambda *a: None  # as if another process filled the disk after the up-front check
@@ -246,7 +246,7 @@ def test_a_disk_that_fills_stops_cleanly_and_a_rerun_finishes(tmp_path, samples_
 
 def test_cli_scale_options_match_the_import_api(tmp_path, samples_dir):
     from click.testing import CliRunner
-    from cli.cache_extract import extract
+    from emotion_attention.cli.cache_extract import extract
     make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=4, frames=7)
     result = CliRunner().invoke(extract, [str(tmp_path / "faces.h5"), "--out", str(tmp_path / "cli.h5"),
                                           "--weights", "random", "--seed", "0", "--input-size", "32",
@@ -268,7 +268,7 @@ def test_cli_scale_options_match_the_import_api(tmp_path, samples_dir):
 def test_explain_shows_the_faces_of_the_kept_rows(tmp_path, samples_dir, monkeypatch):
     """With --frames-per-clip the feature rows are a subset of the faces-store frames; the figure must show
     those frames, not the clip's first ones."""
-    import pipeline.explain as explain
+    import emotion_attention.pipeline.stages.explain as explain
     clips = make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=1, frames=9)
     extract_features(tmp_path / "faces.h5", tmp_path / "feats.h5", cfg(frames_per_clip=3), **QUIET)
     cid = next(iter(clips))

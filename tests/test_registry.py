@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from cache import FacesStore
-from cache.errors import ConfigError
+from emotion_attention.cache import FacesStore
+from emotion_attention.cache.errors import ConfigError
 from finetune_data import CLASSES, SIZE, make_tiny_faces_store
-from pipeline.backbone_names import NAMES
-from pipeline.backbones import REGISTRY, build_backbone, get_backbone
-from pipeline.evaluate import predict_video
-from pipeline.extract import FeatureExtractor, resolve_precision
-from pipeline.finetune import FinetuneConfig, finetune, recache_config
-from pipeline.heads import load_heads
+from emotion_attention.pipeline.configs import BACKBONES as NAMES
+from emotion_attention.pipeline.models.backbones import REGISTRY, build_backbone, get_backbone
+from emotion_attention.pipeline.training.metrics import predict_video
+from emotion_attention.pipeline.models.extractor import FeatureExtractor
+from emotion_attention.pipeline.models.extractor import resolve_precision
+from emotion_attention.pipeline.configs import FinetuneConfig
+from emotion_attention.pipeline.stages.finetune import finetune, recache_config
+from emotion_attention.pipeline.models.heads import load_heads
 
 
 def test_the_torch_free_names_are_the_registry():
@@ -103,7 +105,7 @@ def test_sizes_the_weights_cannot_take_are_config_errors(name, input_size, crop,
 def test_bad_input_size_is_refused_by_the_cli_before_any_work(faces, tmp_path):
     from click.testing import CliRunner
 
-    from cli.emo_cache import main
+    from emotion_attention.cli.emo_cache import main
 
     res = CliRunner().invoke(main, ["extract", str(faces), "--out", str(tmp_path / "f.h5"), "--backbone",
                                     "fer-minixception", "--weights", "random", "--seed", "0", "--input-size", "96"])

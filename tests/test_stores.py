@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from cache import FacesStore, FeaturesStore, StoreError, StoreMismatch
-from cache.common import diff_settings, flatten_settings
+from emotion_attention.cache import FacesStore, FeaturesStore, StoreError, StoreMismatch
+from emotion_attention.cache.common import diff_settings, flatten_settings
 from faults.faultkit import face_arrays as noise_clip
 
 

@@ -9,14 +9,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache.common import StoreMismatch
-from cache.errors import ConfigError
-from cache.features_store import FeaturesStore
-from cli import emo_eval, emo_train
-from pipeline.evaluate import EvalConfig, evaluate, predict_video
-from pipeline.heads import EmotionHeads, HeadsConfig, load_heads
-from pipeline.synthetic import SyntheticConfig, write_synthetic_store
-from pipeline.train import TrainConfig, heads_config_for_store, holdout_split, train_heads
+from emotion_attention.cache.errors import StoreMismatch
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.cache.features_store import FeaturesStore
+from emotion_attention.cli import emo_eval, emo_train
+from emotion_attention.pipeline.configs import EvalConfig
+from emotion_attention.pipeline.stages.evaluate import evaluate
+from emotion_attention.pipeline.training.metrics import predict_video
+from emotion_attention.pipeline.models.heads import EmotionHeads, load_heads
+from emotion_attention.pipeline.configs import HeadsConfig
+from emotion_attention.pipeline.data.synthetic import SyntheticConfig, write_synthetic_store
+from emotion_attention.pipeline.configs import TrainConfig
+from emotion_attention.pipeline.stages.heads import heads_config_for_store, train_heads
+from emotion_attention.pipeline.training.batches import holdout_split
 
 TINY = SyntheticConfig(train_clips=40, val_clips=12, frames=6, evidence_frames=2, grid=3, dim=8,
                        num_classes=3, seed=0)
@@ -222,7 +227,8 @@ def test_cli_matches_the_import_api(hand_case, store_path, tmp_path):
 
 
 def test_ablation_runs_rows_over_seeds_and_writes_the_table(store_path, tmp_path):
-    from pipeline.ablate import AblationConfig, ablate
+    from emotion_attention.pipeline.configs import AblationConfig
+    from emotion_attention.pipeline.stages.ablate import ablate
     cfg = AblationConfig(seeds=2, rows=("tp", "tp_sa2_reg1", "avg"))
     result = ablate(store_path, tmp_path / "abl", cfg, replace(FAST, epochs=1))
     assert [(r["row"], r["seed"]) for r in result["runs"]] == [
@@ -242,7 +248,7 @@ def test_ablation_runs_rows_over_seeds_and_writes_the_table(store_path, tmp_path
 
 
 def test_streamed_reads_equal_the_clips_held_in_memory(store_path):
-    from pipeline.clip_batches import ClipSource
+    from emotion_attention.pipeline.training.batches import ClipSource
     with FeaturesStore(store_path) as store:
         ids = store.complete_ids("Train")[:5]
         held = ClipSource(store, ids, in_memory=True)
@@ -256,8 +262,8 @@ def test_streamed_reads_equal_the_clips_held_in_memory(store_path):
 
 
 def test_grid_crop_augmentation_trains_on_windows_of_the_cached_grid(store_path, tmp_path):
-    from pipeline.clip_batches import ClipSource
-    from pipeline.train import epoch_batches
+    from emotion_attention.pipeline.training.batches import ClipSource
+    from emotion_attention.pipeline.stages.heads import epoch_batches
     cfg = replace(FAST, crop_cells=2, random_view=False)
     with FeaturesStore(store_path) as store:
         ids = store.complete_ids("Train")[:4]
@@ -321,7 +327,7 @@ def test_raw_tiny_maps_stall_at_the_majority_class_and_the_run_says_what_to_try(
 
 
 def test_a_diverging_learning_rate_stops_at_the_first_non_finite_loss(store_path, tmp_path):
-    from pipeline.loop import Diverged
+    from emotion_attention.pipeline.training.loop import Diverged
 
     cfg = replace(FAST, lr=1e30, epochs=3)
     with pytest.raises(Diverged, match=r"epoch 1, step \d+: the loss is nan.*lower --lr"):
@@ -334,7 +340,7 @@ def test_a_diverging_learning_rate_stops_at_the_first_non_finite_loss(store_path
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a checkpoint at all"])
 def test_truncated_or_foreign_checkpoints_are_one_line_user_errors(trained, tmp_path, content):
-    from cache.errors import UserError
+    from emotion_attention.cache.errors import UserError
 
     out, _, _ = trained
     whole = (out / "best.pt").read_bytes()

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cache import FacesStore, FeaturesStore, clip_key
+from emotion_attention.cache import FacesStore, FeaturesStore, clip_key
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cache import FacesStore, clip_key
+from emotion_attention.cache import FacesStore, clip_key
 from faultkit import (CHAIN_CLIPS as CLIPS, REPO, chunk_byte_offset, complete_ids, extract_cmd, faces_cmd,
                       file_bytes, frame_byte_offset, mounted_tmpfs, one_line_error, overwrite, run, truncate)
 
@@ -123,7 +123,7 @@ def test_read_only_output_folder_is_not_called_damage(work):
 
 # -- 3. one writer on any file system -----------------------------------------------------------------
 
-HOLD = ("import sys, time\nfrom cache.common import open_for_append\nf = open_for_append(sys.argv[1])\n"
+HOLD = ("import sys, time\nfrom emotion_attention.cache.common import open_for_append\nf = open_for_append(sys.argv[1])\n"
         "print('held', flush=True)\ntime.sleep(60)\n")
 
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cache import FacesStore
+from emotion_attention.cache import FacesStore
 from faultkit import REPO, extract_cmd, faces_cmd, one_line_error, run
 
 SAMPLES = REPO / "data" / "samples"
@@ -223,7 +223,7 @@ def test_bad_fer_input_settings_are_one_line(work, args):
 
 
 def test_predict_output_names_never_collide(tmp_path):
-    from pipeline.predict import video_keys
+    from emotion_attention.pipeline.stages.predict import video_keys
 
     paths = [tmp_path / "x" / "v.avi", tmp_path / "y" / "v.avi", tmp_path / "x" / "a b.avi", tmp_path / "x" / "a_b.avi"]
     keys = video_keys(paths)

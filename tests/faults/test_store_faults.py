@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache import (FacesStore, FeaturesStore, StoreDamaged, StoreError, StoreLocked, StoreMismatch,
-                   clip_key)
-from cache.common import salvage
-from cli.emo_cache import main as emo_cache
+from emotion_attention.cache import (FacesStore, FeaturesStore, StoreDamaged, StoreError, StoreLocked, StoreMismatch, clip_key)
+from emotion_attention.cache.common import salvage
+from emotion_attention.cli.emo_cache import main as emo_cache
 from faultkit import (CLIPS, REPO, build_faces_store, build_features_store, chunk_byte_offset, face_arrays,
                       file_bytes, maps_of, mounted_tmpfs, overwrite, truncate)
 
@@ -191,7 +190,7 @@ def test_read_only_folder_says_not_writable_not_damaged(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from cache import FacesStore
+    from emotion_attention.cache import FacesStore
     sys.path.insert(0, "tests/faults")
     from faultkit import face_arrays
     with FacesStore(sys.argv[1], "a", config={"size": 32, "max_frames": None}) as store:
@@ -238,7 +237,7 @@ def test_salvage_is_refused_while_a_writer_holds_the_store(tmp_path):
 
 FILLER = textwrap.dedent("""
     import sys
-    from cache import FacesStore
+    from emotion_attention.cache import FacesStore
     sys.path.insert(0, "tests/faults")
     from faultkit import CLIPS, face_arrays
     with FacesStore(sys.argv[1], "a", config={"size": 32, "max_frames": None}) as store:

@@ -7,7 +7,7 @@ log, resume rule and SGDR stepping are ``pipeline.loop``'s, shared with ``emo-tr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -15,80 +15,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.errors import ConfigError
-from cache.features_store import FeaturesStore
-from pipeline.clip_batches import (ClipSource, estimate_bytes, pad_clips,
-                                   prefetch)
-from pipeline.backbones import crop_map_grid
-from pipeline.evaluate import NoFrames, classification_metrics, predict_video
-from pipeline.folds import select_ids
-from pipeline.runtime import available_memory, resolve_device
-from pipeline.heads import EmotionHeads, HeadsConfig, map_statistics
-from pipeline.loop import (check_finite, check_resume, load_torch_file, run_epochs,
-                           save_checkpoint, select_row, sgd_step, sgdr,
-                           warn_if_majority)
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.cache.features_store import FeaturesStore
+from emotion_attention.pipeline.configs import HeadsConfig, TrainConfig
+from emotion_attention.pipeline.core.runtime import available_memory, resolve_device
+from emotion_attention.pipeline.data.folds import select_ids
+from emotion_attention.pipeline.models.backbones import crop_map_grid
+from emotion_attention.pipeline.models.checkpoint import load_torch_file, save_checkpoint
+from emotion_attention.pipeline.models.heads import EmotionHeads, map_statistics
+from emotion_attention.pipeline.training.batches import ClipSource, estimate_bytes, holdout_split, pad_clips, prefetch
+from emotion_attention.pipeline.training.loop import (
+    check_finite,
+    check_resume,
+    run_epochs,
+    select_row,
+    sgd_step,
+    sgdr,
+    warn_if_majority,
+)
+from emotion_attention.pipeline.training.metrics import NoFrames, classification_metrics, predict_video
 
 # Fields that may change when a run is resumed: they do not change what is learnt.
 RESUMABLE = ("epochs", "device", "in_memory", "max_memory_gb", "prefetch")
 STATS_SEED = 2**31 - 1  # the map-statistics draw has its own stream, apart from every epoch's
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 30                # Sec. 4.2: 30 epochs
-    batch_size: int = 32            # paper silent; 32 clips x 16 frames is issue 4's speed target
-    frames_per_clip: int = 16       # Sec. 4.2: 16 random frames per clip per epoch (all when fewer)
-    random_view: bool = True        # a random cached view (original/mirror) per clip: Sec. 4.2's mirroring
-    crop_cells: int = 0             # Sec. 4.2's random crop on the cached grid: a random crop_cells^2 window
-                                    # per clip (14 of 16 ~ a 224 crop of 256 px); 0 = off, held-out sees all
-    lr: float = 0.1                 # Sec. 4.2: 0.1 for everything but the backbone
-    momentum: float = 0.9           # SGD with momentum (Sec. 4.2); 0.9 is the usual value
-    weight_decay: float = 5e-5      # Sec. 4.2
-    restart_epochs: int = 10        # SGDR T_0 (paper silent): three cosine cycles in 30 epochs
-    restart_mult: int = 1           # SGDR T_mult: equal cycles, so every 10th epoch ends at a low lr
-    grad_clip: float = 0.0          # max gradient norm; 0 = off, as in the paper
-    holdout_fraction: float = 0.1   # share of each Train class kept out for model selection (never Val)
-    selection_metric: str = "acc"   # "acc" (the paper's tables) or "uar" picks best.pt
-    train_split: str = "Train"      # split trained on, matched case-insensitively (ignored with a fold)
-    fold: Optional[int] = None      # a dataset with folds: train on fold K's train part (pipeline.folds)
-    seed: int = 0                   # model init, holdout split, frame/view sampling, clip order
-    device: str = "auto"            # CUDA when available, else CPU
-    in_memory: str = "auto"         # "auto": hold the store in RAM when it fits; "always"; "never"
-    max_memory_gb: float = 16.0     # ceiling for "auto" (also at most half of the free RAM)
-    prefetch: int = 2               # batches prepared ahead in a thread (reads overlap compute); 0 = off
-
-    def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
-                  "frames_per_clip": self.frames_per_clip >= 0, "crop_cells": self.crop_cells >= 0,
-                  "lr": self.lr > 0,
-                  "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
-                  "restart_epochs": self.restart_epochs >= 1, "restart_mult": self.restart_mult >= 1,
-                  "grad_clip": self.grad_clip >= 0, "holdout_fraction": 0 <= self.holdout_fraction < 1,
-                  "selection_metric": self.selection_metric in ("acc", "uar"),
-                  "in_memory": self.in_memory in ("auto", "always", "never"), "prefetch": self.prefetch >= 0}
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError("TrainConfig: invalid " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
-
-
-def holdout_split(clip_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int
-                  ) -> tuple[list[str], list[str]]:
-    """Stratified split of the train clips into (fit, held-out) for model selection.
-
-    Each class keeps round(fraction * n) clips out, but always leaves at least one to fit on.
-
-    >>> holdout_split(["a", "b", "c", "d"], [0, 0, 1, 1], 0.5, seed=0)[1].__len__()
-    2
-    """
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    fit, held = [], []
-    for c in np.unique(labels):
-        members = [clip_ids[i] for i in rng.permutation(np.flatnonzero(labels == c))]
-        n_held = min(int(round(fraction * len(members))), len(members) - 1)
-        held += members[:n_held]
-        fit += members[n_held:]
-    return sorted(fit), sorted(held)
 
 
 def epoch_batches(source: ClipSource, clip_ids: Sequence[str], labels: dict, cfg: TrainConfig, epoch: int

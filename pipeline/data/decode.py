@@ -9,11 +9,11 @@ from typing import Iterator, Optional
 import cv2
 import numpy as np
 
-from cache.errors import ConfigError, UserError
+from emotion_attention.cache.errors import UserError
+from emotion_attention.pipeline.configs import FOLDER_FPS, DecodeConfig
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-FOLDER_FPS = 25.0  # frame folders carry no rate; AFEW's extracted frames are 25 fps PAL
 
 
 class DecodeError(UserError):
@@ -282,27 +282,6 @@ def iter_folder_frames(folder: Path, fps_cap: Optional[float] = None, max_frames
         stats.reached_end = True
     if kept and len(stats.unreadable) == kept:
         raise DecodeError(f"{folder}: none of its {kept} images can be read; re-export or remove them")
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """Which frames of a clip are decoded. Every field is saved in the store's root config."""
-    fps_cap: Optional[float] = None   # None: every frame; e.g. 10 keeps <= 10 frames per second of video
-                                      # (AFEW's 25 fps clips are highly redundant frame to frame)
-    max_frames: Optional[int] = None  # None: whole clip; a cap bounds time and store size per clip
-    every_nth: int = 1                # 1: every frame; N keeps frames 0, N, 2N, ... (before the fps cap)
-    folder_fps: float = FOLDER_FPS    # frame folders carry no rate; used for timestamps and the fps cap
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the bad field; never changes a value."""
-        if self.fps_cap is not None and self.fps_cap <= 0:
-            raise ConfigError(f"fps_cap={self.fps_cap}: must be > 0 (or None for no cap)")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise ConfigError(f"max_frames={self.max_frames}: must be >= 1 (or None for the whole clip)")
-        if self.every_nth < 1:
-            raise ConfigError(f"every_nth={self.every_nth}: must be >= 1")
-        if self.folder_fps <= 0:
-            raise ConfigError(f"folder_fps={self.folder_fps}: must be > 0")
 
 
 def iter_clip_frames(path: Path, kind: str, cfg: DecodeConfig, stats: Optional[DecodeStats] = None

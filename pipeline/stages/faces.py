@@ -17,78 +17,53 @@ import shutil
 import time
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional
 
 import cv2
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
-from cache import HOW, FacesStore, StoreFull
-from cache.faces_store import ENCODED_FACES
-from cache.codecs import Codec, bytes_per_frame
-from cache.errors import ConfigError, clip_filename
-from cache.merge import copy_clip
-from pipeline import __version__
-from pipeline.dataset import Clip, Problem, scan_dataset
-from pipeline.decode import (DecodeConfig, DecodeStats, folder_is_square, is_short, iter_clip_frames,
-                             list_frame_images, probe_video)
-from pipeline.faces import (CHUNK_FRAMES, FaceConfig, align_clip_chunks, concat_chunks, load_aligner,
-                            resize_prealigned_chunks)
-from pipeline.runtime import (Failure, FailureLog, check_memory_fits, failure_log_path, parse_shard, select_shard,
-                              usable_cores, warn_oversubscribed)
+from emotion_attention.cache import HOW, FacesStore, StoreFull
+from emotion_attention.cache.codecs import bytes_per_frame
+from emotion_attention.cache.errors import ConfigError, clip_filename
+from emotion_attention.cache.faces_store import ENCODED_FACES
+from emotion_attention.cache.merge import copy_clip
+from emotion_attention.pipeline import __version__
+from emotion_attention.pipeline.configs import DecodeConfig, FaceConfig, PreprocessConfig
+from emotion_attention.pipeline.core.runtime import (
+    Failure,
+    FailureLog,
+    check_memory_fits,
+    failure_log_path,
+    parse_shard,
+    select_shard,
+    usable_cores,
+    warn_oversubscribed,
+)
+from emotion_attention.pipeline.data.clips import Clip, Problem
+from emotion_attention.pipeline.data.decode import (
+    DecodeStats,
+    folder_is_square,
+    is_short,
+    iter_clip_frames,
+    list_frame_images,
+    probe_video,
+)
+from emotion_attention.pipeline.data.layouts import scan_dataset
+from emotion_attention.pipeline.faces.align import (
+    CHUNK_FRAMES,
+    align_clip_chunks,
+    concat_chunks,
+    load_aligner,
+    resize_prealigned_chunks,
+)
 
 HOW_NAMES = {code: name for name, code in HOW.items()}
 BACKENDS = ("loky", "dask")
-DEFAULT_CODEC = Codec("jpeg", 100, 75)  # bench/bench_codecs.py: see the README's codec table
 PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per clip in flight with several workers
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Everything that decides the faces in a store (saved at the store's root) plus run policy."""
-    face: FaceConfig = field(default_factory=FaceConfig)       # detection, tracking, alignment
-    decode: DecodeConfig = field(default_factory=DecodeConfig)  # which frames are decoded
-    class_names: Optional[tuple[str, ...]] = None  # None: classes.txt beside the data, else AFEW's order
-    compression: Optional[str] = None   # None: fastest reads for training; "lzf" or "gzip" make the store
-                                        # smaller at some read cost
-    max_fail_fraction: float = 0.05     # the run fails (non-zero exit) when more than this share of clips
-                                        # fail: a few bad files are normal, many mean a broken setup
-    codec: str = DEFAULT_CODEC.name     # how chips are stored: raw uint8, png (lossless) or jpeg; jpeg is 6x
-                                        # smaller than raw with maps within 2e-2 (README, "Faces store codecs")
-    jpeg_quality: int = DEFAULT_CODEC.quality        # JPEG luma quality (jpeg only)
-    jpeg_chroma_quality: int = DEFAULT_CODEC.chroma  # JPEG chroma quality (jpeg only)
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the bad field; never changes a value."""
-        self.face.validate()
-        self.decode.validate()
-        if self.compression not in (None, "lzf", "gzip"):
-            raise ConfigError(f"compression={self.compression!r}: use None, 'lzf' or 'gzip'")
-        if not 0 <= self.max_fail_fraction <= 1:
-            raise ConfigError(f"max_fail_fraction={self.max_fail_fraction}: must be in [0, 1]")
-        self.store_codec.validate()
-        if self.codec != "raw" and self.compression is not None:
-            raise ConfigError(f"compression={self.compression!r} applies to raw chips only; codec {self.codec!r}"
-                              " images are compressed already")
-
-    @property
-    def store_codec(self) -> Codec:
-        return Codec(self.codec, self.jpeg_quality, self.jpeg_chroma_quality)
-
-    def store_config(self, class_names: Sequence[str]) -> dict:
-        """The settings that make the faces: a store built with other settings is refused. The codec is
-        recorded when it is not raw (so raw stores written before codecs existed still resume)."""
-        config = {"face": asdict(self.face), "decode": asdict(self.decode), "compression": self.compression,
-                  "class_names": list(class_names)}
-        if self.codec != "raw":
-            config["codec"] = self.codec
-        if self.codec == "jpeg":
-            config["jpeg_quality"] = self.jpeg_quality
-            config["jpeg_chroma_quality"] = self.jpeg_chroma_quality
-        return config
 
 
 # -- one clip, no store ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from cache.errors import ConfigError
+from emotion_attention.cache.errors import ConfigError
 
 PARTS = ("train", "test")
 

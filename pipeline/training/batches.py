@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from cache.features_store import FeaturesStore
+from emotion_attention.cache.features_store import FeaturesStore
 
 
 def sample_frames(present: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -152,3 +152,22 @@ def estimate_bytes(store: FeaturesStore, clip_ids: Sequence[str]) -> int:
     """Bytes the clips' float16 maps take in memory (from metadata only)."""
     return int(sum(2 * np.prod(store.shape(cid)) for cid in clip_ids))
 
+
+def holdout_split(clip_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int
+                  ) -> tuple[list[str], list[str]]:
+    """Stratified split of the train clips into (fit, held-out) for model selection.
+
+    Each class keeps round(fraction * n) clips out, but always leaves at least one to fit on.
+
+    >>> holdout_split(["a", "b", "c", "d"], [0, 0, 1, 1], 0.5, seed=0)[1].__len__()
+    2
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    fit, held = [], []
+    for c in np.unique(labels):
+        members = [clip_ids[i] for i in rng.permutation(np.flatnonzero(labels == c))]
+        n_held = min(int(round(fraction * len(members))), len(members) - 1)
+        held += members[:n_held]
+        fit += members[n_held:]
+    return sorted(fit), sorted(held)

@@ -16,45 +16,17 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 from urllib.parse import quote
 
 import numpy as np
 
-from cache.errors import ConfigError, StoreMismatch, clip_filename
+from emotion_attention.cache.errors import StoreMismatch, clip_filename
+from emotion_attention.pipeline.configs import ExplainConfig
 
 # Clip ids and class names are user text: "$" in them must stay a dollar, not start matplotlib's mathtext.
 PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
-
-
-@dataclass(frozen=True)
-class ExplainConfig:
-    frames_shown: int = 6         # Fig. 2 shows a handful of time steps; more makes the bars unreadable
-    frame_choice: str = "even"    # "even": spread over the clip (honest); "top": highest p(f|S) first
-    column_inches: float = 1.9    # width of one frame column; a 256 px face stays legible at dpi 100
-    dpi: int = 100                # PNG resolution; figure pixels = inches * dpi
-    heat_floor: float = 0.25      # brightness left in unattended regions so the face stays visible
-    max_classes_shown: int = 7    # AFEW has 7; a bigger label set would crowd the per-frame bars
-
-    def validate(self) -> None:
-        if self.frames_shown < 1:
-            raise ConfigError(f"frames_shown must be >= 1, got {self.frames_shown}")
-        if self.frame_choice not in ("even", "top"):
-            raise ConfigError(f"frame_choice must be 'even' or 'top', got {self.frame_choice!r}")
-        if not 0.0 <= self.heat_floor < 1.0:
-            raise ConfigError(f"heat_floor must be in [0, 1), got {self.heat_floor}")
-
-    def figure_size_px(self, n_heads: int, n_columns: Optional[int] = None) -> tuple[int, int]:
-        """(width, height) in pixels of a figure with ``n_heads`` attention rows and ``n_columns``
-        frames (default ``frames_shown``; a clip with fewer present frames gets fewer columns)."""
-        width_in, height_in = self._figure_inches(n_heads, n_columns or self.frames_shown)
-        return int(round(width_in * self.dpi)), int(round(height_in * self.dpi))
-
-    def _figure_inches(self, n_heads: int, n_columns: int) -> tuple[float, float]:
-        rows_in = self.column_inches * (1 + n_heads) + 1.6 + 1.4  # faces + heads, (c) bars, (d) bars
-        return self.column_inches * n_columns + 0.9, rows_in + 0.9  # margins and title
 
 
 # -- pure computations ------------------------------------------------------------------------
@@ -442,7 +414,7 @@ def explain_evaluation(faces_path, records: Sequence[dict], class_names: Sequenc
     """
     from tqdm import tqdm
 
-    from cache import FacesStore, FeaturesStore
+    from emotion_attention.cache import FacesStore, FeaturesStore
 
     cfg.validate()
     out_dir = Path(out_dir)
@@ -466,7 +438,7 @@ def explain_evaluation(faces_path, records: Sequence[dict], class_names: Sequenc
 
 
 def _settings_line(config: dict, limit: int = 12) -> str:
-    from cache.common import flatten_settings
+    from emotion_attention.cache.common import flatten_settings
 
     items = [f"{k}={v!r}" for k, v in sorted(flatten_settings(config).items()) if k != "class_names"]
     return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")

