@@ -216,8 +216,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, samples_dir):
     make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=12, frames=5)
     extract_features(tmp_path / "faces.h5", tmp_path / "whole.h5", cfg(views=2))
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "faces.h5"), str(tmp_path / "cut.h5")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     written = 0
     for line in proc.stdout:
         written += line.startswith("WROTE")

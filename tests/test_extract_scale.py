@@ -227,8 +227,7 @@ def test_a_disk_that_fills_stops_cleanly_and_a_rerun_finishes(tmp_path, samples_
     disk = tmp_path / "disk"
     disk.mkdir()
     done = subprocess.run(["unshare", "-rm", sys.executable, "-c", FULL_DISK_SCRIPT, str(tmp_path / "faces.h5"),
-                           str(disk), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                           str(disk), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.split("REPORT ", 1)[1])
     assert report["first"].startswith(f"{disk / 'feats.h5'}: ") and "clip 'T" in report["first"]

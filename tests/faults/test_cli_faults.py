@@ -130,7 +130,7 @@ HOLD = ("import sys, time\nfrom emotion_attention.cache.common import open_for_a
 def test_second_faces_writer_is_refused_without_hdf5_locks(work):
     env = {"HDF5_USE_FILE_LOCKING": "FALSE"}
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(work / "faces.h5")], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, env={**os.environ, **env, "PYTHONPATH": str(REPO)})
+                              stdout=subprocess.PIPE, env={**os.environ, **env})
     try:
         assert holder.stdout.readline().strip() == "held"
         text = one_line_error(run(faces_cmd(work / "ds", work / "faces.h5"), env=env), work / "faces.h5")

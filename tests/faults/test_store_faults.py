@@ -201,7 +201,7 @@ WRITER = textwrap.dedent("""
 
 
 def start_writer(path, clip, seed, hold):
-    env = {**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"}
     return subprocess.Popen([sys.executable, "-c", WRITER, str(path), clip, str(seed), str(hold)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -251,8 +251,7 @@ def test_full_disk_stops_cleanly_keeps_committed_clips_and_a_rerun_with_space_fi
     """The store's own writes on a disk that fills: a clean error (no crash), every committed clip kept."""
     with mounted_tmpfs(tmp_path / "small", size="16m") as small:
         path = small / "faces.h5"
-        proc = subprocess.run([sys.executable, "-c", FILLER, str(path)], cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", FILLER, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120)
         written = proc.stdout.split()
         assert proc.returncode == 1, f"rc {proc.returncode} (negative: killed by a signal): {proc.stderr[-2000:]}"
         assert "StoreFull" in proc.stderr and str(path) in proc.stderr
