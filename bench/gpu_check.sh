@@ -67,7 +67,7 @@ step() {
     printf '%s\t%s\t%.1f\t%s\n' "$name" "$status" "$(awk "BEGIN {print $t1 - $t0}")" "$figures" >> "$TABLE"
 }
 
-emo_extract() { "$PYTHON" -c 'from emotion_attention.cli.cache_extract import extract; extract(prog_name="emo-cache extract")' "$@"; }
+emo_extract() { "$PYTHON" -c 'from emotion_attention.cli.emo_cache import extract; extract(prog_name="emo-cache extract")' "$@"; }
 emo_train() { "$PYTHON" -c 'from emotion_attention.cli.emo_train import main; main(prog_name="emo-train")' "$@"; }
 emo_predict() { "$PYTHON" -c 'from emotion_attention.cli.emo_predict import main; main(prog_name="emo-predict")' "$@"; }
 

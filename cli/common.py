@@ -5,6 +5,8 @@ Bugs (``ValueError`` and the rest) still show their tracebacks. Each entry point
 """
 from __future__ import annotations
 
+import sys
+
 import click
 
 from emotion_attention.cache.errors import UserError
@@ -19,6 +21,12 @@ class UserFacingError(click.ClickException):
 
 
 class _UserErrors:
+    def parse_args(self, ctx: click.Context, args: list):  # an option's callback may raise one (--config FILE)
+        try:
+            return super().parse_args(ctx, args)
+        except UserError as exc:
+            raise UserFacingError(exc) from exc
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -48,3 +56,14 @@ def split_classes(value: str | None) -> tuple[str, ...] | None:
         raise click.BadParameter(f"{', '.join(dup)} given more than once (class names are case-insensitive)",
                                  param_hint="--classes")
     return names
+
+
+def finish(summary) -> None:
+    """Print a stage's summary (warnings on stderr) and exit 1 when it did not succeed."""
+    text = summary.format()
+    if text:
+        click.echo(text)
+    for line in summary.warnings:
+        click.echo(line, err=True)
+    if not summary.ok:
+        sys.exit(1)

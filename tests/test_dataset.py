@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from emotion_attention.cli.cache_faces import check
+from emotion_attention.cli.emo_cache import check
 from emotion_attention.pipeline.configs import AFEW_CLASSES
 from emotion_attention.pipeline.data.clips import DatasetError
 from emotion_attention.pipeline.stages.check import check_dataset

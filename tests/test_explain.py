@@ -169,7 +169,7 @@ def test_index_lists_every_video_and_links_existing_figures(tmp_path):
         assert (tmp_path / unquote(link)).stat().st_size > 1000
     assert "1/2 correct" in text
     assert re.search(r'data-numeric="1" onclick="sortBy\(3\)">confidence', text)
-    assert (tmp_path / "explain_config.json").exists()
+    assert (tmp_path / "config.json").exists()
 
 
 def test_dollar_signs_in_ids_and_class_names_stay_text(tmp_path):

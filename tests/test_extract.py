@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from emotion_attention.cache import ConfigError, FacesStore, FeaturesStore, StoreFull, StoreMismatch
-from emotion_attention.cli.cache_extract import extract
+from emotion_attention.cli.emo_cache import extract
 from emotion_attention.pipeline.configs import ExtractConfig
 from emotion_attention.pipeline.models.extractor import FeatureExtractor
 from emotion_attention.pipeline.stages.extract import extract_features

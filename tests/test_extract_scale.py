@@ -245,7 +245,7 @@ def test_a_disk_that_fills_stops_cleanly_and_a_rerun_finishes(tmp_path, samples_
 
 def test_cli_scale_options_match_the_import_api(tmp_path, samples_dir):
     from click.testing import CliRunner
-    from emotion_attention.cli.cache_extract import extract
+    from emotion_attention.cli.emo_cache import extract
     make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=4, frames=7)
     result = CliRunner().invoke(extract, [str(tmp_path / "faces.h5"), "--out", str(tmp_path / "cli.h5"),
                                           "--weights", "random", "--seed", "0", "--input-size", "32",

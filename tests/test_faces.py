@@ -138,7 +138,7 @@ def test_multi_face_follows_one_subject(samples_dir, aligner):
     boxes, _ = aligner.detect(rgb)
     assert len(boxes) >= 3
     frames = [Frame(i, 0.0, rgb) for i in range(4)]
-    arrays = align_clip_frames(frames, aligner, FaceConfig(detect_width=1000))
+    arrays = align_clip_frames(frames, aligner, FaceConfig(detect_width=1000, max_retry_width=1000))
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     largest = boxes[areas.argmax()]
     assert all(box_iou(b, largest) > 0.5 for b in arrays["box"])

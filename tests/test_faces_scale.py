@@ -224,7 +224,7 @@ def test_full_disk_stops_cleanly_and_a_rerun_finishes(four_clips, one_worker, sm
 
 
 def test_multi_worker_sigkill_then_rerun_matches_uninterrupted(four_clips, one_worker, tmp_path):
-    cmd = [sys.executable, "-c", "from emotion_attention.cli.cache_faces import faces; faces()", str(four_clips), "--out",
+    cmd = [sys.executable, "-c", "from emotion_attention.cli.emo_cache import faces; faces()", str(four_clips), "--out",
            str(tmp_path / "killed.h5"), "--workers", "2", "--quiet", "--max-frames", "12"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     parts = tmp_path / ("killed.h5" + PARTS_SUFFIX)

@@ -45,7 +45,7 @@ def test_loss_falls_frozen_blocks_stay_and_outputs_reload(tiny, tmp_path):
         assert torch.equal(trained[i].weight.cpu(), start[i].weight)
     assert not torch.equal(trained[28].weight.cpu(), start[28].weight)   # conv5_3 moved
     # the run folder: config, log, checkpoint readable by load_heads, backbone.pt re-loadable
-    saved = json.loads((tmp_path / "run" / "finetune_config.json").read_text())
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["freeze_blocks"] == 2 and saved["autocast"] == "fp32"
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 7))        # one epoch numbering: from 1
@@ -167,7 +167,7 @@ def test_frame_picks_crops_and_env():
 def test_cli_reports_a_mismatched_resume_without_work(tiny, tmp_path):
     from click.testing import CliRunner
 
-    from emotion_attention.cli.train_finetune import finetune as finetune_cli
+    from emotion_attention.cli.emo_train import finetune as finetune_cli
 
     faces, weights = tiny
     finetune(faces, tmp_path / "run", tiny_cfg(weights, epochs=1), log=lambda *a: None)

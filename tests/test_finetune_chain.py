@@ -24,7 +24,7 @@ def test_torchrun_two_gloo_processes_run_the_cli(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "emotion_attention.cli.train_finetune",
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "emotion_attention.cli.emo_train", "finetune",
            str(faces), "--out", str(tmp_path / "run"), "--weights", str(weights), *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -36,7 +36,7 @@ def test_torchrun_two_gloo_processes_run_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_finetuned_backbone_recaches_features_that_emo_eval_accepts(tmp_path):
-    from emotion_attention.cli.train_finetune import finetune
+    from emotion_attention.cli.emo_train import finetune
     from emotion_attention.pipeline.stages.evaluate import evaluate
     from emotion_attention.pipeline.stages.explain import explain_evaluation
     from emotion_attention.pipeline.configs import ExtractConfig
@@ -65,7 +65,7 @@ def test_finetuned_minixception_predicts_raw_video_with_its_checkpoint(tmp_path,
     import csv
 
     from emotion_attention.cli.emo_predict import main as predict_cli
-    from emotion_attention.cli.train_finetune import finetune
+    from emotion_attention.cli.emo_train import finetune
     from emotion_attention.pipeline.models.backbones import build_backbone
 
     faces = make_tiny_faces_store(tmp_path / "faces.h5", clips_per_class=2)

@@ -75,7 +75,7 @@ def test_outputs_csv_json_figure_and_stores(run):
     assert sum(float(f["p_frame"]) for f in frames) == pytest.approx(1.0, abs=1e-4)
     summary = json.loads((api / "predictions.json").read_text())
     assert summary["seconds_per_video_second"]["total"] > 0
-    assert json.loads((api / "predict_config.json").read_text())["backbone_used"] == "fer-minixception"
+    assert json.loads((api / "config.json").read_text())["backbone_used"] == "fer-minixception"
     page = (api / "explain" / "index.html").read_text()
     assert str(videos[2]) in page
     from urllib.parse import quote

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from emotion_attention.cache import FacesStore, StoreMismatch
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.cache.faces_store import FRAME_DATASETS
-from emotion_attention.cli.cache_faces import faces
+from emotion_attention.cli.emo_cache import faces
 from emotion_attention.pipeline.data.clips import Clip
 from emotion_attention.pipeline.configs import DecodeConfig
 from emotion_attention.pipeline.configs import PreprocessConfig
@@ -154,7 +154,7 @@ def test_process_clip_without_store(samples_dir):
                      "unreadable_frames": 0, "truncated": False}
 
 
-KILL_SCRIPT = "from emotion_attention.cli.cache_faces import faces; faces()"
+KILL_SCRIPT = "from emotion_attention.cli.emo_cache import faces; faces()"
 
 
 def run_faces_cli(data, out, *extra):

@@ -93,8 +93,8 @@ def test_resume_continues_exactly_where_it_stopped(store_path, trained, tmp_path
     out, cfg, _ = trained
     heads_cfg = heads_config_for_store(store_path, hidden=8)
     train_heads(store_path, tmp_path / "r", replace(cfg, epochs=2), heads_cfg)
-    with pytest.raises(ConfigError, match="resume"):
-        train_heads(store_path, tmp_path / "r", cfg, heads_cfg)
+    with pytest.raises(ConfigError, match="resume"):  # the one resume rule: a changed setting is refused
+        train_heads(store_path, tmp_path / "r", replace(cfg, lr=cfg.lr / 2), heads_cfg)
     train_heads(store_path, tmp_path / "r", cfg, heads_cfg, resume=True)
     straight, resumed = (torch.load(p / "last.pt", weights_only=True) for p in (out, tmp_path / "r"))
     for key, value in straight["model"].items():
@@ -185,7 +185,7 @@ def test_evaluation_metrics_and_report_on_a_hand_checkable_case(hand_case, tmp_p
     import matplotlib.image
     image = matplotlib.image.imread(tmp_path / "report" / "confusion.png")
     assert image.shape[0] > 300 and image.shape[1] > 800 and image[..., :3].std() > 0.05
-    assert json.loads((tmp_path / "report" / "eval_config.json").read_text())["eval"]["frames"] == 0
+    assert json.loads((tmp_path / "report" / "config.json").read_text())["eval"]["frames"] == 0
 
 
 def test_sampled_frames_at_test_time(hand_case):

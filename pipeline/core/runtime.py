@@ -33,32 +33,71 @@ class Failure:
 
 
 class FailureLog:
-    """Append Failure records to a JSONL file, each flushed at once so a kill loses none.
+    """The failure log of one output: JSON lines of ``Failure``, appended run after run.
 
-    >>> with FailureLog("out/faces.h5.failures.jsonl") as log:  # doctest: +SKIP
-    ...     log.add(Failure("faces", "a.avi", "Train/Happy/a.avi", "DecodeError: ..."))
+    Each record is flushed as it is added, so a kill loses none. A record already in the file is not written
+    again, and a clip that this run completes (``succeeded``) is dropped from the file when the log closes, so
+    the log lists what is still failed, with the reasons of every run that tried it.
+
+    >>> import tempfile; path = Path(tempfile.mkdtemp()) / "out.h5.failures.jsonl"
+    >>> with FailureLog(path) as log:
+    ...     _ = log.add(Failure("faces", "a.avi", "Train/Happy/a.avi", "DecodeError: no frame"))
+    ...     _ = log.add(Failure("faces", "b.avi", "Train/Happy/b.avi", "DecodeError: no frame"))
+    >>> with FailureLog(path) as log:  # the next run: a.avi now works, b.avi fails the same way again
+    ...     log.succeeded("Train/Happy/a.avi")
+    ...     _ = log.add(Failure("faces", "b.avi", "Train/Happy/b.avi", "DecodeError: no frame"))
+    >>> [json.loads(line)["clip_id"] for line in path.read_text().splitlines()]
+    ['Train/Happy/b.avi']
     """
 
-    def __init__(self, path: str | Path, mode: str = "w"):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._fh: Optional[TextIO] = open(self.path, mode)
+        self._seen = set(self._lines())
+        self._done: set[str] = set()
+        self._fh: Optional[TextIO] = open(self.path, "a")
+
+    def _lines(self) -> list[str]:
+        try:
+            return [line for line in self.path.read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
 
     def add(self, failure: Failure) -> Failure:
-        if self._fh is not None:
-            self._fh.write(failure.json() + "\n")
+        line = failure.json()
+        if self._fh is not None and line not in self._seen:
+            self._fh.write(line + "\n")
             self._fh.flush()
+            self._seen.add(line)
+        self._done.discard(failure.clip_id)
         return failure
 
+    def succeeded(self, clip_id: str) -> None:
+        """``clip_id`` is done now: its records of earlier runs leave the log when it closes."""
+        self._done.add(clip_id)
+
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fh is None:
+            return
+        self._fh.close()
+        self._fh = None
+        if self._done:
+            kept = [line for line in self._lines() if _clip_of(line) not in self._done]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
 
     def __enter__(self) -> "FailureLog":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _clip_of(line: str) -> Optional[str]:
+    try:
+        return json.loads(line).get("clip_id")
+    except ValueError:  # a line cut by a kill: kept as it is
+        return None
 
 
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:

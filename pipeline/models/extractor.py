@@ -60,7 +60,6 @@ class FeatureExtractor:
     """
 
     def __init__(self, cfg: ExtractConfig, backbone: Optional[Backbone] = None):
-        cfg.validate()
         self.cfg = cfg
         self.device = extract_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device, cfg.backbone)

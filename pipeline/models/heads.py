@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from emotion_attention.pipeline.configs import HeadsConfig
+from emotion_attention.pipeline.models.checkpoint import CheckpointError, read_checkpoint
 
 
 @dataclass
@@ -296,17 +297,8 @@ def load_heads(checkpoint_path, map_location="cpu") -> tuple[EmotionHeads, dict]
     >>> ckpt["class_names"][:2]
     ['Angry', 'Disgust']
     """
-    from emotion_attention.pipeline.models.checkpoint import CheckpointError, load_torch_file
-
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint; train one with `emo-train heads`")
-    ckpt = load_torch_file(path, "checkpoint")
-    missing = [k for k in ("model", "heads_config", "class_names", "provenance") if k not in ckpt] \
-        if isinstance(ckpt, dict) else ["everything: it is not a dict"]
-    if missing:
-        raise CheckpointError(f"{path}: not a heads checkpoint (missing {missing}); it must come from"
-                              " `emo-train heads` or `emo-train finetune`")
+    ckpt = read_checkpoint(path)
     try:
         model = EmotionHeads(HeadsConfig(**ckpt["heads_config"]))
         absent, unexpected = model.load_state_dict(ckpt["model"], strict=False)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.cache.features_store import FeaturesStore
 from emotion_attention.pipeline.configs import ROWS, TABLE1, TABLE2, AblationConfig, EvalConfig, TrainConfig
+from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.folds import select_ids
 from emotion_attention.pipeline.stages.evaluate import evaluate
 from emotion_attention.pipeline.stages.heads import heads_config_for_store, train_heads
@@ -95,9 +96,8 @@ def ablate(features_path, out_dir, cfg: AblationConfig = AblationConfig(),
             select_ids(store, fold=fold, part="test")  # a fold the store lacks is refused here, before any run
         if not cfg.folds and not store.complete_ids(cfg.eval_split):
             raise ConfigError(f"{features_path}: no clip in split {cfg.eval_split!r} to evaluate the rows on")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ablation_config.json").write_text(json.dumps(
-        {"ablation": asdict(cfg), "train": asdict(train_cfg), "features": str(features_path)}, indent=2))
+    Output(out_dir).prepare()
+    write_resolved_config(out_dir, "ablate", [features_path], asdict(replace(cfg, train_config=train_cfg)))
     jobs = [(key, seed, fold) for key in cfg.rows for seed in range(train_cfg.seed, train_cfg.seed + cfg.seeds)
             for fold in (cfg.folds or (None,))]
     runs = [run_row(features_path, out_dir, key, seed, train_cfg, cfg.eval_split, fold)
@@ -111,3 +111,16 @@ def ablate(features_path, out_dir, cfg: AblationConfig = AblationConfig(),
     (out_dir / "table.md").write_text(markdown)
     return {"runs": runs, "summary": summary, "markdown": markdown,
             "table_md": str(out_dir / "table.md"), "runs_csv": str(out_dir / "runs.csv")}
+
+
+
+def run(cfg: AblationConfig, inputs: Sequence[Path], out: Path, *, log=print, progress: bool = True
+        ) -> StageSummary:
+    """Stage `ablate`: the rows of Tables 1-2 over ``cfg.seeds`` seeds (and ``cfg.folds``) on the features
+    store ``inputs[0]``, into the folder ``out`` (one run folder per row and seed, runs.csv, table.md)."""
+    cfg.validate()
+    (features,) = inputs
+    result = ablate(features, out, cfg, cfg.train_config)
+    lines = [result["markdown"], f"table: {result['table_md']}; every run: {result['runs_csv']}"]
+    return StageSummary("ablate", True, {"table": Path(result["table_md"]), "runs": Path(result["runs_csv"])}, [],
+                        lines, result=result)

@@ -7,6 +7,9 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
+from emotion_attention.pipeline.configs import CheckConfig
+from emotion_attention.pipeline.core.runtime import Failure, usable_cores
+from emotion_attention.pipeline.core.stage import StageSummary
 from emotion_attention.pipeline.data.clips import Clip, DatasetScan, Problem
 from emotion_attention.pipeline.data.decode import (
     DecodeError,
@@ -125,3 +128,18 @@ def check_dataset(source: Path, class_names: Optional[Sequence[str]] = None, pro
         found = (check_clip(c, quick) for c in scan.clips)
     found = tqdm(found, total=len(scan.clips), desc="check", unit="clip", disable=not progress)
     return CheckReport(scan, list(scan.problems) + [p for p in found if p is not None])
+
+
+def run(cfg: CheckConfig, inputs: Sequence[Path], out: Optional[Path] = None, *, log=print,
+        progress: bool = True) -> StageSummary:
+    """Stage `check`: the report of ``check_dataset`` on ``inputs[0]``; ``out`` is unused (the report is
+    the terminal output). ``ok`` is False when any error was found.
+
+    >>> print(run(CheckConfig(), [Path("data/demo")]).format())  # doctest: +SKIP
+    """
+    cfg.validate()
+    (source,) = inputs
+    report = check_dataset(Path(source), cfg.class_names, progress=progress, layout=cfg.layout, quick=cfg.quick,
+                           workers=usable_cores() if cfg.workers is None else cfg.workers)
+    failures = [Failure("check", p.path, None, p.message) for p in report.problems if p.severity == "error"]
+    return StageSummary("check", report.ok, {}, failures, report.format().splitlines(), result=report)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.cache.features_store import FeaturesStore
-from emotion_attention.pipeline.configs import EvalConfig, TrainConfig
+from emotion_attention.pipeline.configs import CVConfig, EvalConfig, TrainConfig
+from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.folds import store_folds
 from emotion_attention.pipeline.stages.evaluate import evaluate
 from emotion_attention.pipeline.stages.heads import heads_config_for_store, train_heads
@@ -140,11 +141,11 @@ def run_cv(features_path, out_dir, train_cfg: TrainConfig = TrainConfig(), heads
     if missing:
         raise ConfigError(f"{features_path}: fold(s) {missing} not in the store; its folds are {available}")
     folds = list(folds or available) or [None]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Output(out_dir).prepare()
     heads_fields = dict(heads_fields or {})
-    (out_dir / "cv_config.json").write_text(json.dumps({"features": str(features_path), "folds": folds,
-                                                        "train": asdict(train_cfg), "heads": heads_fields,
-                                                        "eval": asdict(eval_cfg)}, indent=2))
+    write_resolved_config(out_dir, "cv", [features_path], {
+        "train_config": asdict(train_cfg), "heads_config": heads_fields, "folds": [k for k in folds if k is not None],
+        "eval_frames": eval_cfg.frames, "test_split": test_split, "eval": asdict(eval_cfg)})
     results = [run_fold(features_path, out_dir, k, train_cfg, heads_fields, eval_cfg, test_split)
                for k in tqdm(folds, desc="cross-validation", unit="fold", disable=not progress)]
     summary = summarise_folds(results)
@@ -162,3 +163,17 @@ def run_cv(features_path, out_dir, train_cfg: TrainConfig = TrainConfig(), heads
     plt.close(fig)
     return {"results": results, "summary": summary, "markdown": markdown, "cv_md": str(out_dir / "cv.md"),
             "cv_csv": str(out_dir / "cv.csv"), "confusion_png": str(out_dir / "confusion_sum.png")}
+
+
+def run(cfg: CVConfig, inputs: Sequence[Path], out: Path, *, log=print, progress: bool = True) -> StageSummary:
+    """Stage `cv`: per fold of the features store ``inputs[0]``, train heads on its train part and score its
+    test part, into the folder ``out`` (fold_K/, cv.csv, cv.md, confusion_sum.png); finished folds are skipped."""
+    cfg.validate()
+    (features,) = inputs
+    heads_fields = {k: v for k, v in asdict(cfg.heads_config).items() if k not in ("in_dim", "num_classes")}
+    eval_cfg = EvalConfig(frames=cfg.eval_frames, device=cfg.train_config.device)
+    result = run_cv(features, out, cfg.train_config, heads_fields, eval_cfg, cfg.folds or None,
+                    progress=progress, test_split=cfg.test_split)
+    lines = [result["markdown"], f"wrote {result['cv_csv']}, {result['cv_md']}, {result['confusion_png']}"]
+    return StageSummary("cv", True, {"cv_csv": Path(result["cv_csv"]), "cv_md": Path(result["cv_md"])}, [],
+                        lines, result=result)

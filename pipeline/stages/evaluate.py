@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,8 +18,10 @@ from emotion_attention.cache.errors import ConfigError, StoreDamaged, StoreMisma
 from emotion_attention.cache.features_store import FeaturesStore
 from emotion_attention.pipeline.configs import EvalConfig
 from emotion_attention.pipeline.core.runtime import Failure, FailureLog, resolve_device
+from emotion_attention.pipeline.core.stage import Output, StageSummary, failure_lines, write_resolved_config
 from emotion_attention.pipeline.data.folds import select_ids
 from emotion_attention.pipeline.models.heads import EmotionHeads, load_heads
+from emotion_attention.pipeline.stages.explain import explain_evaluation
 from emotion_attention.pipeline.training.batches import sample_frames
 from emotion_attention.pipeline.training.metrics import (
     NoFrames,
@@ -57,24 +59,27 @@ def predict_split(model: EmotionHeads, store: FeaturesStore, clip_ids: Sequence[
     return records, failures
 
 
-def evaluate(features_path, checkpoint, split: str = "Val", out_dir=None, cfg: EvalConfig = EvalConfig(),
+def evaluate(features_path, checkpoint, split: Optional[str] = None, out_dir=None, cfg: EvalConfig = EvalConfig(),
              progress: bool = True, fold: Optional[int] = None) -> dict:
     """Evaluate a heads checkpoint on one split of a features store, or on one fold's test part.
 
     Arguments:
         features_path: the features store (``emo-cache extract``).
         checkpoint: ``best.pt``/``last.pt`` from ``emo-train heads``; its provenance must match the store.
-        split: split name, matched case-insensitively ("Val" for the paper's tables).
+        split: split name, matched case-insensitively; None: ``cfg.split`` ("Val" for the paper's tables).
         out_dir: report folder (metrics.json, confusion.csv/.png, predictions.csv/.json,
-            eval_config.json, failures.jsonl); None writes nothing and only returns.
-        cfg: EvalConfig (frames, seed, view, device).
-        fold: a dataset with folds: evaluate fold K's test part (``split`` is then ignored).
+            config.json, failures.jsonl); None writes nothing and only returns.
+        cfg: EvalConfig (frames, seed, view, device, split, fold).
+        fold: a dataset with folds: evaluate fold K's test part (``split`` is then ignored); None: ``cfg.fold``.
     Returns: the metrics dict (accuracy, uar, per_class_recall, confusion, ...) plus ``records``
         (per-clip predictions) and ``failures``.
 
     >>> m = evaluate("feats.h5", "runs/heads/best.pt", "Val", "runs/heads/eval_val")
     >>> round(m["accuracy"], 3), round(m["uar"], 3)
     """
+    split = cfg.split if split is None else split
+    fold = cfg.fold if fold is None else fold
+    cfg = replace(cfg, split=split, fold=fold)
     model, ckpt = load_heads(checkpoint)
     model.to(resolve_device(cfg.device))
     with FeaturesStore(features_path, "r") as store:
@@ -102,19 +107,22 @@ def evaluate(features_path, checkpoint, split: str = "Val", out_dir=None, cfg: E
     if out_dir is not None:
         write_report(Path(out_dir), metrics, records, failures, ckpt["class_names"],
                      {"eval": asdict(cfg), "split": split, "fold": fold, "checkpoint": str(checkpoint),
-                      "features": str(features_path)})
+                      "features": str(features_path)}, inputs=[features_path, checkpoint])
     return {**metrics, "records": records, "failures": failures}
 
 
 def write_report(out_dir: Path, metrics: dict, records: list[dict], failures: list[Failure],
-                 class_names: Sequence[str], config: dict) -> None:
-    """Write metrics.json, confusion CSVs + PNG, predictions CSV + JSON, eval_config.json, failures.jsonl."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+                 class_names: Sequence[str], config: dict, inputs: Sequence = ()) -> None:
+    """Write metrics.json, confusion CSVs + PNG, predictions CSV + JSON, config.json, failures.jsonl."""
+    out = Output(out_dir)
+    out.prepare()
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out_dir / "eval_config.json").write_text(json.dumps(config, indent=2))
-    with FailureLog(out_dir / "failures.jsonl") as flog:
+    write_resolved_config(out, "eval", inputs, config)
+    with FailureLog(out.failures_path) as flog:
         for failure in failures:
             flog.add(failure)
+        for record in records:
+            flog.succeeded(record["clip_id"])
     confusion = np.asarray(metrics["confusion"])
     write_confusion_csv(out_dir / "confusion.csv", confusion, class_names)
     write_confusion_csv(out_dir / "confusion_normalised.csv", row_normalise(confusion), class_names)
@@ -143,3 +151,31 @@ def write_predictions(out_dir: Path, records: list[dict], class_names: Sequence[
             writer.writerow([row["clip_id"], row["label"], row["pred"], int(row["correct"]),
                              *[f"{p:.6f}" for p in r["probs"]], int(r["frame_weights"].argmax()),
                              ";".join(f"{w:.6f}" for w in r["frame_weights"])])
+
+
+def run(cfg: EvalConfig, inputs: Sequence[Path], out: Path, *, log=print, progress: bool = True) -> StageSummary:
+    """Stage `eval`: score the checkpoint ``inputs[1]`` on a split (or fold) of the features store
+    ``inputs[0]``; the report goes to the folder ``out``. With ``cfg.explain``, ``inputs[2]`` is the faces
+    store the features came from, and a figure per clip goes to ``out/explain``."""
+    cfg.validate()
+    features, checkpoint, *rest = inputs
+    if cfg.explain and not rest:
+        raise ConfigError("--explain needs --faces FACES.h5, the faces store the features were made from")
+    Output(out).check_writable()
+    metrics = evaluate(features, checkpoint, out_dir=out, cfg=cfg, progress=progress)
+    lines = [f"{metrics['split']}: {metrics['num_clips']} clips, accuracy (WAR) {metrics['accuracy']:.4f},"
+             f" UAR {metrics['uar']:.4f}, skipped {metrics['skipped']}"]
+    width = max([10] + [len(n) for n in metrics["per_class_recall"]])  # MAFW's "Disappointment"
+    for name, recall in metrics["per_class_recall"].items():
+        shown = "n/a (no clip)" if recall is None else f"{recall:.4f}"
+        lines.append(f"  {name:<{width}} recall {shown}  ({metrics['support'][name]} clips)")
+    lines.append(f"report: {out}/metrics.json, confusion.csv/.png, predictions.csv/.json, failures.jsonl")
+    outputs = {"report": Path(out)}
+    if cfg.explain:
+        page = explain_evaluation(rest[0], metrics["records"], list(metrics["per_class_recall"]),
+                                  f"{out}/explain", features_path=features,
+                                  title=f"{metrics['split']} ({checkpoint})")
+        lines.append(f"explanations: {page} (one figure per clip, sortable by correctness and confidence)")
+        outputs["explain"] = Path(page)
+    return StageSummary("eval", True, outputs, list(metrics["failures"]), lines,
+                        warnings=failure_lines(metrics["failures"], "skipped"), result=metrics)

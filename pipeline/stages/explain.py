@@ -14,8 +14,8 @@ Pure functions take arrays and return arrays or figures; only ``write_explanatio
 from __future__ import annotations
 
 import html
-import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 from urllib.parse import quote
@@ -24,6 +24,7 @@ import numpy as np
 
 from emotion_attention.cache.errors import StoreMismatch, clip_filename
 from emotion_attention.pipeline.configs import ExplainConfig
+from emotion_attention.pipeline.core.stage import write_resolved_config
 
 # Clip ids and class names are user text: "$" in them must stay a dollar, not start matplotlib's mathtext.
 PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
@@ -379,14 +380,13 @@ def write_explanation(path, fig) -> Path:
 
 def write_index(out_dir, rows: Sequence[dict], title: str = "Explanations",
                 cfg: Optional[ExplainConfig] = None) -> Path:
-    """Write ``index.html`` (and ``explain_config.json``) into ``out_dir``; returns the page."""
+    """Write ``index.html`` (and, with ``cfg``, the resolved ``config.json``) into ``out_dir``; returns the page."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     page = out_dir / "index.html"
     page.write_text(index_html(rows, title))
     if cfg is not None:
-        from dataclasses import asdict
-        (out_dir / "explain_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_resolved_config(out_dir, "explain", [], {"config": asdict(cfg)})
     return page
 
 

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -42,6 +42,7 @@ from emotion_attention.pipeline.core.runtime import (
     parse_shard,
     select_shard,
 )
+from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.models.extractor import FeatureExtractor
 
 DISK_MARGIN = 1.02  # refuse unless the free disk holds the planned bytes plus 2 % (HDF5 metadata, chunk index)
@@ -320,7 +321,7 @@ def extract_store(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Cal
         class_names = list(faces.config.get("class_names", []))
         with FeaturesStore(out_path, "a", provenance=prov, class_names=class_names, log=log,
                            shard=cfg.shard, faces_config=faces.config) as store:
-            save_resolved_config(out_path, cfg, prov)
+            write_resolved_config(out_path, "extract", [faces_path], {"config": asdict(cfg), "provenance": prov})
             all_ids = faces.complete_ids()
             if shard is not None:
                 all_ids = select_shard(all_ids, *shard)
@@ -335,6 +336,11 @@ def extract_store(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Cal
             t0 = time.perf_counter()
             failures = run_pipeline(fx, faces, store, todo, present, out_path, planned)
             seconds = time.perf_counter() - t0
+    failed_ids = {f["clip_id"] for f in failures}
+    with FailureLog(failure_log_path(out_path)) as flog:  # clips done now leave the log of earlier runs
+        for cid in todo:
+            if cid not in failed_ids:
+                flog.succeeded(cid)
     if failures:
         log(f"extract: {len(failures)} clips failed; see {failure_log_path(out_path)}")
     return {"clips_total": len(all_ids), "clips_skipped": len(all_ids) - len(todo),
@@ -388,7 +394,7 @@ def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, 
                               args=(store, cfg, L, D, lock, to_write, thread_errors, tally))
 
     def failed(clip_id: str, message: str) -> None:
-        with FailureLog(failure_log_path(out_path), "a") as flog:  # the one schema (pipeline.runtime.Failure)
+        with FailureLog(failure_log_path(out_path)) as flog:  # the one schema (core.runtime.Failure)
             failures.append(asdict(flog.add(Failure("extract", str(faces.path), clip_id, message))))
 
     def put(item: tuple) -> None:
@@ -428,8 +434,13 @@ def drain(q: queue.Queue) -> None:
             return
 
 
-def save_resolved_config(out_path: Path, cfg: ExtractConfig, provenance: dict) -> Path:
-    """Write ``<out>.config.json``: the config as given plus the resolved provenance."""
-    path = out_path.with_name(out_path.name + ".config.json")
-    path.write_text(json.dumps({"config": asdict(cfg), "provenance": provenance}, indent=2, sort_keys=True))
-    return path
+def run(cfg: ExtractConfig, inputs: Sequence[Path], out: Path, *, log=print, progress: bool = True
+        ) -> StageSummary:
+    """Stage `extract`: backbone maps of every face of the faces store ``inputs[0]`` into the features store
+    ``out`` (resumable; failures in ``<out>.failures.jsonl``, the resolved config in ``<out>.config.json``)."""
+    (faces_path,) = inputs
+    Output(out).check_writable()
+    summary = extract_features(faces_path, out, cfg, log=log)
+    failures = [Failure(**f) for f in summary["failures"]]
+    lines = [json.dumps({k: v for k, v in summary.items() if k != "provenance"}, indent=1)]
+    return StageSummary("extract", not failures, {"store": Path(out)}, failures, lines, result=summary)

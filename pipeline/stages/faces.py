@@ -12,14 +12,13 @@ run with StoreFull (committed clips kept, the workers ended) and a rerun finishe
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import time
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -43,6 +42,7 @@ from emotion_attention.pipeline.core.runtime import (
     usable_cores,
     warn_oversubscribed,
 )
+from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.clips import Clip, Problem
 from emotion_attention.pipeline.data.decode import (
     DecodeStats,
@@ -62,7 +62,6 @@ from emotion_attention.pipeline.faces.align import (
 )
 
 HOW_NAMES = {code: name for name, code in HOW.items()}
-BACKENDS = ("loky", "dask")
 PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per clip in flight with several workers
 
 
@@ -311,16 +310,10 @@ def damage_note(attrs: dict) -> str:
 
 def check_run_arguments(source: Path, cfg: PreprocessConfig, workers: int, backend: str,
                         scheduler: Optional[str]) -> None:
-    """Stop on a bad argument before any work is done."""
+    """Stop on a bad argument before any work is done (the config's values were checked when it was built)."""
     cfg.validate()
     if not Path(source).exists():
         raise ConfigError(f"{source}: no such dataset folder or CSV")
-    if workers < 1:
-        raise ConfigError(f"workers={workers}: must be >= 1")
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
-    if backend == "dask" and not scheduler:
-        raise ConfigError("backend 'dask' needs a scheduler address (--scheduler tcp://HOST:8786)")
     if backend == "dask" and importlib.util.find_spec("distributed") is None:
         raise ConfigError("backend 'dask' needs dask.distributed: pip install 'dask[distributed]'")
     check_settings_fit(cfg, workers, backend)
@@ -390,8 +383,8 @@ def shard_clips(clips: list[Clip], shard: Optional[str]) -> list[Clip]:
 
 
 def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = PreprocessConfig(),
-                       workers: Optional[int] = None, backend: str = "loky", scheduler: Optional[str] = None,
-                       progress: bool = True, layout: Optional[str] = None,
+                       workers: Optional[int] = None, backend: Optional[str] = None,
+                       scheduler: Optional[str] = None, progress: bool = True, layout: Optional[str] = None,
                        shard: Optional[str] = None) -> PreprocessSummary:
     """Align every clip's faces into a faces store; resumable, one writer, failures logged.
 
@@ -399,13 +392,11 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
         source: dataset folder (AFEW or ``<split>/<label>/<clip>``) or ``path,label,split`` CSV.
         out_path: the faces store (``.h5``); created, or resumed when it holds the same config.
         cfg: PreprocessConfig (face, decode, class names, compression, codec, max_fail_fraction).
-        workers: parallel clip workers (loky processes, or dask jobs); None: the cores this process may use.
-        backend: "loky" (this machine) or "dask" (a cluster at ``scheduler``, whose workers see ``out``'s folder).
-        scheduler: dask scheduler address, e.g. ``tcp://10.0.0.5:8786`` (dask only).
+        workers, backend, scheduler, layout, shard: override the config's run fields of the same names
+            (``cfg.workers`` None: the cores this process may use; backend "loky" (this machine) or "dask" (a
+            cluster at ``scheduler``, whose workers see ``out``'s folder); layout None: detected; shard "K/N":
+            only shard K of N of the clips, into a store of its own, joined with ``emo-cache merge``).
         progress: show a tqdm bar.
-        layout: the dataset layout (``pipeline.layouts``); None detects it.
-        shard: "K/N": only shard K of N of the clips (0 <= K < N), into a store of its own; join the
-            shards with ``emo-cache merge``.
     Returns:
         PreprocessSummary: counts, failures (also in ``<out>.failures.jsonl``) and per-clip and
         per-class coverage. ``summary.ok`` is False when more than max_fail_fraction of clips failed.
@@ -415,9 +406,11 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
     >>> summary = preprocess_dataset(Path("data/demo"), Path("runs/faces.h5"), PreprocessConfig(), workers=2)
     >>> print(summary.format())
     """
-    workers = usable_cores() if workers is None else workers
+    cfg = replace(cfg, **{k: v for k, v in dict(workers=workers, backend=backend, scheduler=scheduler,
+                                                layout=layout, shard=shard).items() if v is not None})
+    workers, backend, scheduler, layout, shard = (usable_cores() if cfg.workers is None else cfg.workers,
+                                                  cfg.backend, cfg.scheduler, cfg.layout, cfg.shard)
     check_run_arguments(source, cfg, workers, backend, scheduler)
-    parse_shard(shard)
     scan = scan_dataset(Path(source), cfg.class_names, layout)
     clips = shard_clips(scan.clips, shard)
     out_path, log_path = Path(out_path), failure_log_path(out_path)
@@ -426,7 +419,8 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
     parts_dir = out_path.with_name(out_path.name + PARTS_SUFFIX)
     with FacesStore(out_path, "a", config=store_config, code_version=__version__, log=tqdm.write,
                     shard=shard) as store, FailureLog(log_path) as log:
-        save_run_config(out_path, store_config, cfg, source, workers, backend, scheduler, shard)
+        write_resolved_config(out_path, "faces", [source], {"config": asdict(cfg), "store_config": store_config,
+                                                             "workers": workers, "code_version": __version__})
         for failure in failures:
             log.add(failure)
         todo = sorted((c for c in clips if not store.is_complete(c.clip_id)), key=clip_cost, reverse=True)
@@ -461,15 +455,21 @@ def commit_results(store: FacesStore, results: Iterable[ClipResult], log: Failur
                 with FacesStore(result.part, "r") as part:
                     copy_clip(part, store, result.clip.clip_id)
                 result.part.unlink()
+            log.succeeded(result.clip.clip_id)
             continue
         failures.append(log.add(Failure("faces", str(result.clip.path), result.clip.clip_id, result.error)))
     return failures
 
 
-def save_run_config(out_path: Path, store_config: dict, cfg: PreprocessConfig, source: Path, workers: int,
-                    backend: str, scheduler: Optional[str], shard: Optional[str] = None) -> None:
-    """The resolved config of this run, beside the store (the store's root holds the same store_config)."""
-    run = {**store_config, "max_fail_fraction": cfg.max_fail_fraction, "source": str(source),
-           "workers": workers, "backend": backend, "scheduler": scheduler, "shard": shard,
-           "code_version": __version__}
-    out_path.with_name(out_path.name + ".config.json").write_text(json.dumps(run, indent=2) + "\n")
+def run(cfg: PreprocessConfig, inputs: Sequence[Path], out: Path, *, log=print, progress: bool = True
+        ) -> StageSummary:
+    """Stage `faces`: align every clip of the dataset ``inputs[0]`` into the faces store ``out``.
+
+    Resumable (complete clips are skipped; a store of other settings is refused naming the key); failures
+    go to ``<out>.failures.jsonl`` and the resolved config to ``<out>.config.json``.
+    """
+    (source,) = inputs
+    Output(out).check_writable()
+    summary = preprocess_dataset(Path(source), Path(out), cfg, progress=progress)
+    return StageSummary("faces", summary.ok, {"store": Path(out), "failures": summary.failure_log},
+                        summary.failures, summary.format().splitlines(), result=summary)

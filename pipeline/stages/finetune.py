@@ -21,12 +21,11 @@ Files written into the run folder (rank 0 only):
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +34,13 @@ from torch import nn
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.pipeline.configs import FinetuneConfig
 from emotion_attention.pipeline.core.runtime import cpu_has_bf16, resolve_device
+from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.models.backbones import VGG16_BLOCK_STARTS, Backbone, BackboneSpec, get_backbone  # noqa: F401 (re-export)
-from emotion_attention.pipeline.models.checkpoint import load_torch_file, save_checkpoint
+from emotion_attention.pipeline.models.checkpoint import (
+    build_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from emotion_attention.pipeline.training.batches import sample_frames
 from emotion_attention.pipeline.training.loop import (
     check_finite,
@@ -399,29 +403,18 @@ def load_trunk(weights: str, seed: int) -> tuple[nn.Sequential, dict]:
 # -- checkpoints and re-caching -----------------------------------------------------------------
 def checkpoint_dict(core: FinetuneModel, heads_cfg, cfg: FinetuneConfig, class_names, info: dict,
                     epoch: int, opt, sched, scaler, history, provenance: dict, best: tuple) -> dict:
-    """A plain dict like ``emo-train heads``' checkpoint (``load_heads`` reads it) plus the backbone.
+    """The checkpoint (``models.checkpoint.build_checkpoint``, as ``emo-train heads``') plus the backbone.
 
     ``provenance`` is that of the features ``emo-cache extract FACES --backbone NAME --weights
     RUN_DIR/backbone.pt`` makes with ``recache_config``'s sizes, so ``emo-eval`` and ``emo-predict`` accept
     this checkpoint on them; ``backbone`` holds the trunk in the layout its builder reads.
     """
-    return {
-        "model": core.heads.state_dict(),
-        "heads_config": asdict(heads_cfg),
-        "train_config": asdict(cfg),
-        "class_names": list(class_names),
-        "provenance": provenance,
-        "finetuned_from": info["weights"],
-        "epoch": epoch,
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "scaler": scaler.state_dict(),
-        "history": list(history),
-        "best_score": list(best),
-        "backbone": trunk_state(core.trunk, info["layout"], cfg.backbone),
-        "backbone_name": cfg.backbone,
-        "backbone_layout": info["layout"],
-    }
+    return build_checkpoint(
+        "finetune", model=core.heads.state_dict(), heads_config=asdict(heads_cfg), train_config=asdict(cfg),
+        class_names=class_names, provenance=provenance, epoch=epoch, history=history, best_score=best,
+        optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+        finetuned_from=info["weights"], backbone=trunk_state(core.trunk, info["layout"], cfg.backbone),
+        backbone_name=cfg.backbone, backbone_layout=info["layout"])
 
 
 def recache_config(backbone_path: Path, face_size: int, side: int, backbone: str = "vgg16"):
@@ -453,7 +446,7 @@ def _resume_state(out_dir: Path, cfg: FinetuneConfig) -> Optional[dict]:
     path = out_dir / "checkpoint.pt"
     if not (cfg.resume and path.exists()):
         return None
-    ckpt = load_torch_file(path)
+    ckpt = read_checkpoint(path)
     saved = {"train_config": {"backbone": "vgg16", **ckpt["train_config"]}}  # runs from before the registry
     check_resume(path, saved, {"train_config": asdict(cfg)}, RESUMABLE,
                  "Use a new --out, or --no-resume to start over in this folder.")
@@ -722,15 +715,14 @@ def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log
 
 
 def _announce(task: FinetuneTask, faces_path, init_heads, n_fit: int, n_held: int, start: int, log) -> None:
-    """Rank 0: finetune_config.json, and what is about to happen (incl. how to re-cache features)."""
+    """Rank 0: config.json, and what is about to happen (incl. how to re-cache features)."""
     cfg = task.cfg
     precision = str(task.core.autocast).replace("torch.", "") if task.core.autocast else "fp32"
-    task.out_dir.mkdir(parents=True, exist_ok=True)
-    (task.out_dir / "finetune_config.json").write_text(json.dumps(
-        {**asdict(cfg), "faces": str(faces_path), "init_heads": str(init_heads) if init_heads else None,
-         "world_size": task.env.world_size, "device": str(task.device), "autocast": precision,
-         "crop_side": task.side, "lr_backbone_resolved": backbone_lr(cfg), "fit_clips": n_fit,
-         "holdout_clips": n_held}, indent=2))
+    write_resolved_config(task.out_dir, "finetune", [faces_path] + ([init_heads] if init_heads else []),
+                          {**asdict(cfg), "faces": str(faces_path), "init_heads": str(init_heads) if init_heads else None,
+                           "world_size": task.env.world_size, "device_used": str(task.device), "autocast": precision,
+                           "crop_side": task.side, "lr_backbone_resolved": backbone_lr(cfg), "fit_clips": n_fit,
+                           "holdout_clips": n_held})
     log(f"fine-tuning {cfg.backbone} on {n_fit} clips of {cfg.split} ({n_held} held out;"
         f" {task.env.world_size} process(es), {task.device}, {precision}), epochs {start + 1}..{cfg.epochs}")
     log("re-cache features for these heads with: "
@@ -754,3 +746,26 @@ def load_trunk_state(trunk: nn.Module, state: dict, backbone: str = "vgg16", sou
     mapping = dict(zip(fresh, [k for k in own if not k.endswith("num_batches_tracked")]))
     trunk.load_state_dict({mapping[k]: v for k, v in state.items() if k in mapping}, strict=False)
     return layout
+
+
+def run(cfg: FinetuneConfig, inputs: Sequence[Path], out: Path, *, log=print, progress: bool = True
+        ) -> StageSummary:
+    """Stage `finetune`: a backbone and the heads end to end on the faces store ``inputs[0]`` (``inputs[1]``,
+    if given, is a heads checkpoint to start the heads from), into the run folder ``out`` (checkpoint.pt,
+    backbone.pt, best.pt, best_backbone.pt, log.csv, config.json). Resumes ``out/checkpoint.pt`` when its
+    settings match (``cfg.resume``)."""
+    faces_path, *init = inputs
+    init_heads = init[0] if init else None
+    Output(out).check_writable()
+    result = finetune(faces_path, out, cfg, init_heads=init_heads, log=log)
+    lines = []
+    if result.env.is_main and result.history:
+        last = result.history[-1]
+        lines.append(f"done: {out}/checkpoint.pt, {out}/backbone.pt; last epoch loss {last['loss']:.4f},"
+                     f" train acc {last['train_acc']:.3f}"
+                     + (f", held-out acc {last['holdout_acc']:.3f} (best: {out}/best.pt)"
+                        if last["holdout_acc"] != "" else ""))
+        lines.append(f"predict from raw video: emo-predict VIDEO --checkpoint {out}/checkpoint.pt"
+                     f" --weights {out}/backbone.pt")
+    outputs = {"checkpoint": Path(out) / "checkpoint.pt", "backbone": Path(out) / "backbone.pt"}
+    return StageSummary("finetune", True, outputs, [], lines, result=result)

@@ -17,11 +17,16 @@ from tqdm import tqdm
 
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.cache.features_store import FeaturesStore
-from emotion_attention.pipeline.configs import HeadsConfig, TrainConfig
-from emotion_attention.pipeline.core.runtime import available_memory, resolve_device
+from emotion_attention.pipeline.configs import HeadsConfig, HeadsRunConfig, TrainConfig
+from emotion_attention.pipeline.core.runtime import Failure, FailureLog, available_memory, resolve_device
+from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.folds import select_ids
 from emotion_attention.pipeline.models.backbones import crop_map_grid
-from emotion_attention.pipeline.models.checkpoint import load_torch_file, save_checkpoint
+from emotion_attention.pipeline.models.checkpoint import (
+    build_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from emotion_attention.pipeline.models.heads import EmotionHeads, map_statistics
 from emotion_attention.pipeline.training.batches import ClipSource, estimate_bytes, holdout_split, pad_clips, prefetch
 from emotion_attention.pipeline.training.loop import (
@@ -181,7 +186,7 @@ def store_heads_config(store: FeaturesStore, clip_id: str, **fields) -> HeadsCon
 
 
 def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
-                heads_cfg: Optional[HeadsConfig] = None, resume: bool = False) -> dict:
+                heads_cfg: Optional[HeadsConfig] = None, resume: bool = True) -> dict:
     """Train EmotionHeads on the train split of a features store.
 
     Arguments:
@@ -189,17 +194,14 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
         out_dir: run folder; gets last.pt, best.pt, log.csv, config.json, result.json.
         cfg: TrainConfig (paper defaults).
         heads_cfg: HeadsConfig; None builds the default one with the store's D and classes.
-        resume: continue from out_dir/last.pt (same configs; ``epochs`` may grow). Without it an
-            out_dir that already has last.pt is refused.
+        resume: continue from out_dir/last.pt when it exists (the one resume rule: finished epochs are
+            skipped, and other settings are refused naming each key; ``epochs`` may grow); False starts over.
     Returns: dict with ``last`` and ``selected`` epoch results, paths, and the split sizes.
 
     >>> result = train_heads("feats.h5", "runs/heads", TrainConfig(epochs=30))
     >>> result["selected"]["epoch"], result["selected"]["holdout_acc"]
     """
     out_dir = Path(out_dir)
-    if (out_dir / "last.pt").exists() and not resume:
-        raise ConfigError(f"{out_dir} already holds a run (last.pt); pass resume (--resume) to continue"
-                              " it or choose a new --out")
     with FeaturesStore(features_path, "r") as store:
         class_names, provenance = store.class_names, store.provenance
         clip_ids = select_ids(store, split=cfg.train_split, fold=cfg.fold, part="train")
@@ -216,8 +218,9 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
                "class_names": class_names, "provenance": provenance, "device": str(device),
                "in_memory": in_memory, "fit_clips": len(fit_ids), "holdout_clips": len(held_ids),
                "holdout_ids": held_ids}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(run, indent=2))
+        Output(out_dir).prepare()
+        write_resolved_config(out_dir, "heads", [features_path], run | {"resume": resume})
+        log_faceless(store, clip_ids, features_path, out_dir, "heads")
         history = fit(source, fit_ids, held_ids, labels, cfg, heads_cfg, run, out_dir, device, resume)
     result = summarise(history, cfg, out_dir, run | {"labels": labels})
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
@@ -253,7 +256,7 @@ def settings_of(run: dict) -> dict:
 def resume_state(out_dir: Path, run: dict, model, optimizer, scheduler) -> tuple[int, list[dict], tuple]:
     """Load last.pt into the model/optimizer/scheduler; returns (next epoch, history, best score)."""
     path = out_dir / "last.pt"
-    ckpt = load_torch_file(path)
+    ckpt = read_checkpoint(path)
     check_resume(path, settings_of(ckpt), settings_of(run), RESUMABLE,
                  "Resume with the same settings (only --epochs, --device and the memory options may change),"
                  " or choose a new --out.")
@@ -288,10 +291,10 @@ class HeadsTask:
 
     def save(self, epoch: int, history: list, best: tuple, is_best: bool) -> None:
         run = self.run
-        payload = {"model": self.model.state_dict(), "heads_config": run["heads_config"],
-                   "train_config": run["train_config"], "class_names": run["class_names"],
-                   "provenance": run["provenance"], "epoch": epoch, "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "history": history, "best_score": list(best)}
+        payload = build_checkpoint("heads", model=self.model.state_dict(), heads_config=run["heads_config"],
+                                   train_config=run["train_config"], class_names=run["class_names"],
+                                   provenance=run["provenance"], epoch=epoch, history=history, best_score=best,
+                                   optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
         if is_best:
             save_checkpoint(self.out_dir / "best.pt", payload)
         save_checkpoint(self.out_dir / "last.pt", payload)
@@ -323,3 +326,35 @@ def summarise(history: list[dict], cfg: TrainConfig, out_dir: Path, run: dict) -
             "log_csv": str(out_dir / "log.csv"), "config_json": str(out_dir / "config.json"),
             "device": run["device"], "in_memory": run["in_memory"],
             "fit_clips": run["fit_clips"], "holdout_clips": run["holdout_clips"], "warning": warning}
+
+
+def log_faceless(store: FeaturesStore, clip_ids: Sequence[str], features_path, out_dir: Path, stage: str) -> None:
+    """Name the clips with no face frame in the run's failure log: training leaves them out."""
+    with FailureLog(Output(out_dir).failures_path) as flog:
+        for cid in clip_ids:
+            if store.read_present(cid).any():
+                flog.succeeded(cid)
+            else:
+                flog.add(Failure(stage, str(features_path), cid, "no frame with a face; left out of training"))
+
+
+def run(cfg: HeadsRunConfig, inputs: Sequence[Path], out: Path, *, log=print, progress: bool = True
+        ) -> StageSummary:
+    """Stage `heads`: train the heads on the features store ``inputs[0]`` into the run folder ``out``
+    (last.pt, best.pt, log.csv, config.json, result.json, failures.jsonl); D and the classes come from the
+    store. Resumes ``out/last.pt`` when its settings match."""
+    cfg.validate()
+    (features,) = inputs
+    fields = {k: v for k, v in asdict(cfg.heads_config).items() if k not in ("in_dim", "num_classes")}
+    result = train_heads(features, out, cfg.train_config, heads_config_for_store(features, **fields),
+                         resume=cfg.resume)
+    lines = [f"{name:>8}: epoch {result[name]['epoch']}  held-out acc {result[name]['holdout_acc']}"
+             f"  UAR {result[name]['holdout_uar']}  loss {result[name]['loss']}" for name in ("last", "selected")]
+    lines.append(f"selection: {result['selection']}; device {result['device']}; store in memory:"
+                 f" {result['in_memory']}")
+    lines.append(f"checkpoints: {result['checkpoint_best']} (selected), {result['checkpoint_last']} (last);"
+                 f" log {result['log_csv']}")
+    outputs = {"best": Path(result["checkpoint_best"]), "last": Path(result["checkpoint_last"]),
+               "log": Path(result["log_csv"])}
+    return StageSummary("heads", True, outputs, [], lines,
+                        warnings=[f"warning: {result['warning']}"] if result.get("warning") else [], result=result)

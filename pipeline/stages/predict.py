@@ -28,6 +28,7 @@ from emotion_attention.pipeline import __version__
 from emotion_attention.pipeline.configs import AFEW_CLASSES as _AFEW_ORDER
 from emotion_attention.pipeline.configs import TRAINING_FREE, PredictConfig
 from emotion_attention.pipeline.core.runtime import Failure, FailureLog, resolve_device
+from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 
 AFEW_CLASSES = list(_AFEW_ORDER)  # the training-free mode's classes: fer's logits reordered to AFEW's order
 
@@ -328,7 +329,7 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
     Arguments:
         videos: video files, frame folders, images, or .txt lists of those (see resolve_inputs).
         out_dir: folder for predictions.csv/json, frames/<video>.csv (p(f|S) per frame),
-            predict_config.json, failures.jsonl, and with the options explain/ and faces.h5/features.h5.
+            config.json, failures.jsonl, and with the options explain/ and faces.h5/features.h5.
         cfg: PredictConfig.
         log: where the per-video lines go.
     Returns:
@@ -343,7 +344,7 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
     from emotion_attention.pipeline.data.decode import DecodeError
     from emotion_attention.pipeline.faces.align import load_aligner
 
-    cfg.validate()
+    check_predict(cfg)
     inputs = resolve_inputs(videos)  # a path that is none of the accepted inputs stops here, before any work
     out_dir = Path(out_dir)
     scorer = load_scorer(cfg)
@@ -354,7 +355,7 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
         try:
             result = predict_one(path, scorer, cfg, keep_maps=cfg.keep_stores, kind=kind, key=keys[str(path)])
         except (DecodeError, NoFaceError, cv2.error, OSError) as exc:  # a bad video; the others go on
-            failures.append(Failure("predict", str(path), None, f"{type(exc).__name__}: {exc}"))
+            failures.append(Failure("predict", str(path), str(path), f"{type(exc).__name__}: {exc}"))
             log(f"skipped {path}: {exc}" if str(path) not in str(exc) else f"skipped {exc}")
             continue
         results.append(result)
@@ -425,14 +426,16 @@ def video_keys(paths) -> dict[str, str]:
 
 
 def _write_outputs(out_dir: Path, results, failures, scorer, cfg: PredictConfig, timing: dict) -> None:
-    """predictions.csv/json, frames/*.csv, failures.jsonl, predict_config.json, optional explain/ and stores."""
+    """predictions.csv/json, frames/*.csv, failures.jsonl, config.json, optional explain/ and stores."""
     names = scorer.class_names
     (out_dir / "frames").mkdir(parents=True, exist_ok=True)
-    (out_dir / "predict_config.json").write_text(json.dumps(
-        {**asdict(cfg), "backbone_used": scorer.backbone, "class_names": names}, indent=2))
-    with FailureLog(out_dir / "failures.jsonl") as flog:  # the one schema (pipeline.runtime.Failure)
+    write_resolved_config(out_dir, "predict", [r.path for r in results] + [f.file for f in failures],
+                          {**asdict(cfg), "backbone_used": scorer.backbone, "class_names": names})
+    with FailureLog(Output(out_dir).failures_path) as flog:  # the one schema (core.runtime.Failure)
         for failure in failures:
             flog.add(failure)
+        for r in results:
+            flog.succeeded(str(r.path))
     rows = []
     for r in results:
         key = r.key
@@ -495,3 +498,17 @@ def _write_stores(out_dir: Path, results, scorer, cfg: PredictConfig) -> None:
         for r in results:
             feats.write_clip(r.attrs["clip_id"], r.maps[None], r.arrays["present"],
                              {k: r.attrs[k] for k in ("label", "split", "source", "fps", "total_frames")})
+
+
+def run(cfg: PredictConfig, inputs: Sequence[Path], out: Path, *, log=print, progress: bool = True
+        ) -> StageSummary:
+    """Stage `predict`: the emotion of each input (a video, a frame folder, an image, or a .txt list of
+    them), into the folder ``out``; a bad input is reported and skipped. ``ok`` is False only when no input
+    could be predicted."""
+    Output(out).check_writable()
+    result = predict_videos([str(v) for v in inputs], out, cfg, log=log)
+    wrote = f"wrote {out}/predictions.csv" + (f" and {out}/explain/index.html" if cfg.explain and result["results"]
+                                              else "")
+    lines = [wrote + f"; {len(result['failures'])} video(s) skipped"]
+    return StageSummary("predict", bool(result["results"]), {"predictions": Path(out) / "predictions.csv"},
+                        result["failures"], lines, result=result)

@@ -1,0 +1,25 @@
+"""Every ``>>>`` example in the package runs and shows what it says (examples that need a trained run or a
+dataset on disk are marked ``# doctest: +SKIP`` where they stand)."""
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import emotion_attention.cache
+import emotion_attention.cli
+import emotion_attention.pipeline
+
+MODULES = sorted(m.name for pkg in (emotion_attention.pipeline, emotion_attention.cli, emotion_attention.cache)
+                 for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False,
+                             report=True)
+    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} doctest examples failed (see above)"
