@@ -6,7 +6,7 @@ DATA    ?= data/demo
 OUT     ?= runs/preprocess/faces.h5
 WORKERS ?= 2
 
-.PHONY: install test test-slow demo preprocess sample-data bench clean
+.PHONY: install test test-slow demo preprocess sample-data bench docs clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ demo: $(STAMP) sample-data
 
 bench: $(STAMP) sample-data
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or anchor.
+docs: $(STAMP)
+	.venv/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf runs data/demo
