@@ -4,7 +4,7 @@ import click
 from emotion_attention.cli.common import UserErrorCommand
 from emotion_attention.pipeline.configs import EvalConfig
 from emotion_attention.pipeline.stages.evaluate import evaluate
-from emotion_attention.pipeline.stages.explain import explain_evaluation
+from emotion_attention.pipeline.stages.explain import check_explain_faces, explain_evaluation
 
 
 def parse_frames(value: str) -> int:
@@ -55,6 +55,8 @@ def main(features, checkpoint, split, fold, out_dir, frames, seed, view, device,
     if explain and faces is None:
         raise click.BadParameter("--explain needs --faces FACES.h5, the faces store the features were made from")
     cfg = EvalConfig(frames=parse_frames(frames), seed=seed, view=view, device=device)
+    if explain:
+        check_explain_faces(faces, features)  # another dataset's or settings' faces store: refused before any work
     metrics = run_eval(features, checkpoint, split, out_dir, cfg, fold)  # a UserError becomes one line (cli.common)
     if explain:
         page = explain_evaluation(faces, metrics["records"], list(metrics["per_class_recall"]),

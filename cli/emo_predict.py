@@ -51,6 +51,8 @@ def main(videos, prealigned, checkpoint, backbone, weights, out, explain, keep_s
     check_predict(cfg)  # a bad argument stops here (ConfigError: one line), before any video is read
     result = predict_videos([str(v) for v in videos], out, cfg, log=tqdm.write)  # lines above the progress bar
     click.echo(f"wrote {out}/predictions.csv" + (f" and {out}/explain/index.html" if explain and result["results"]
-                                                  else "") + f"; {len(result['failures'])} video(s) skipped")
+                                                  else "") + f"; {len(result['failures'])} video(s) skipped"
+               + (f"; {len(result['output_failures'])} output(s) not written (see {out}/failures.jsonl)"
+                  if result["output_failures"] else ""))
     if not result["results"]:
         sys.exit(1)

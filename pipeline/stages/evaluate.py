@@ -17,9 +17,9 @@ from tqdm import tqdm
 from emotion_attention.cache.errors import ConfigError, StoreDamaged, StoreMismatch
 from emotion_attention.cache.features_store import FeaturesStore
 from emotion_attention.pipeline.configs import EvalConfig
-from emotion_attention.pipeline.core.runtime import Failure, FailureLog, resolve_device
+from emotion_attention.pipeline.core.runtime import Failure, FailureLog, check_writable, resolve_device
 from emotion_attention.pipeline.data.folds import select_ids
-from emotion_attention.pipeline.models.heads import EmotionHeads, load_heads
+from emotion_attention.pipeline.models.heads import EmotionHeads, check_checkpoint_fits, load_heads
 from emotion_attention.pipeline.training.batches import sample_frames
 from emotion_attention.pipeline.training.metrics import (
     NoFrames,
@@ -58,7 +58,7 @@ def predict_split(model: EmotionHeads, store: FeaturesStore, clip_ids: Sequence[
 
 
 def evaluate(features_path, checkpoint, split: str = "Val", out_dir=None, cfg: EvalConfig = EvalConfig(),
-             progress: bool = True, fold: Optional[int] = None) -> dict:
+             progress: bool = True, fold: Optional[int] = None, log=print) -> dict:
     """Evaluate a heads checkpoint on one split of a features store, or on one fold's test part.
 
     Arguments:
@@ -69,18 +69,21 @@ def evaluate(features_path, checkpoint, split: str = "Val", out_dir=None, cfg: E
             eval_config.json, failures.jsonl); None writes nothing and only returns.
         cfg: EvalConfig (frames, seed, view, device).
         fold: a dataset with folds: evaluate fold K's test part (``split`` is then ignored).
+        log: where a note goes (a store that differs from the checkpoint's only in its number of views).
     Returns: the metrics dict (accuracy, uar, per_class_recall, confusion, ...) plus ``records``
         (per-clip predictions) and ``failures``.
 
     >>> m = evaluate("feats.h5", "runs/heads/best.pt", "Val", "runs/heads/eval_val")
     >>> round(m["accuracy"], 3), round(m["uar"], 3)
     """
+    if out_dir is not None:
+        check_writable(out_dir)  # a read-only --out is one line before any work
     model, ckpt = load_heads(checkpoint)
     model.to(resolve_device(cfg.device))
     with FeaturesStore(features_path, "r") as store:
-        store.check_provenance(ckpt["provenance"], want="the checkpoint has",  # names every differing key
-                               action=f"{checkpoint} was trained on features made otherwise: evaluate it on the"
-                                      " features store it was trained on, or train heads on this one")
+        note = check_checkpoint_fits(store, ckpt, checkpoint, cfg.view)  # names every differing key, both values
+        if note:  # only the number of cached views differs
+            log(note)
         if [c.lower() for c in store.class_names] != [c.lower() for c in ckpt["class_names"]]:
             raise StoreMismatch(f"{features_path}: classes {store.class_names} differ from the checkpoint's"
                                 f" {ckpt['class_names']} ({checkpoint})")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.cache.features_store import FeaturesStore
 from emotion_attention.pipeline.configs import HeadsConfig, TrainConfig
-from emotion_attention.pipeline.core.runtime import available_memory, resolve_device
+from emotion_attention.pipeline.core.runtime import available_memory, check_writable, resolve_device
 from emotion_attention.pipeline.data.folds import select_ids
 from emotion_attention.pipeline.models.backbones import crop_map_grid
 from emotion_attention.pipeline.models.checkpoint import load_torch_file, save_checkpoint
@@ -196,7 +196,7 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
     >>> result = train_heads("feats.h5", "runs/heads", TrainConfig(epochs=30))
     >>> result["selected"]["epoch"], result["selected"]["holdout_acc"]
     """
-    out_dir = Path(out_dir)
+    out_dir = check_writable(out_dir)  # a read-only --out is one line before any work
     if (out_dir / "last.pt").exists() and not resume:
         raise ConfigError(f"{out_dir} already holds a run (last.pt); pass resume (--resume) to continue"
                               " it or choose a new --out")
