@@ -201,7 +201,7 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
         raise ConfigError(f"{out_dir} already holds a run (last.pt); pass resume (--resume) to continue"
                               " it or choose a new --out")
     with FeaturesStore(features_path, "r") as store:
-        class_names, provenance = store.class_names, store.provenance
+        class_names, provenance, faces_config = store.class_names, store.provenance, store.faces_config
         clip_ids = select_ids(store, split=cfg.train_split, fold=cfg.fold, part="train")
         if heads_cfg is None and clip_ids:
             heads_cfg = store_heads_config(store, clip_ids[0])
@@ -213,7 +213,8 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
         source = ClipSource(store, clip_ids, in_memory,
                             progress=lambda ids: tqdm(ids, desc="load store", unit="clip", leave=False))
         run = {"features": str(features_path), "heads_config": asdict(heads_cfg), "train_config": asdict(cfg),
-               "class_names": class_names, "provenance": provenance, "device": str(device),
+               "class_names": class_names, "provenance": provenance, "faces_config": faces_config,
+               "device": str(device),
                "in_memory": in_memory, "fit_clips": len(fit_ids), "holdout_clips": len(held_ids),
                "holdout_ids": held_ids}
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +291,7 @@ class HeadsTask:
         run = self.run
         payload = {"model": self.model.state_dict(), "heads_config": run["heads_config"],
                    "train_config": run["train_config"], "class_names": run["class_names"],
-                   "provenance": run["provenance"], "epoch": epoch, "optimizer": self.optimizer.state_dict(),
+                   "provenance": run["provenance"], "faces_config": run.get("faces_config"), "epoch": epoch, "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "history": history, "best_score": list(best)}
         if is_best:
             save_checkpoint(self.out_dir / "best.pt", payload)
