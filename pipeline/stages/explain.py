@@ -483,7 +483,7 @@ def check_faces_made_features(store, faces_path, features_path, fingerprint: Opt
             diffs = [f"fingerprint: the features' faces store has {fingerprint[:12]}..., this one has"
                      f" {store.fingerprint[:12]}... ({features_path} predates recorded faces settings; this"
                      f" store's: {_settings_line(store.config)})"]
-        raise StoreMismatch(f"{faces_path}: not the faces store the features in {features_path} were made from;"
+        raise StoreMismatch(f"{faces_path}: is not the faces store the features in {features_path} were made from;"
                             " its settings differ:\n  " + "\n  ".join(diffs) + f"\n{fix}")
     for cid, want in clip_attrs.items():
         if not store.is_complete(cid):

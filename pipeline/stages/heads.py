@@ -291,7 +291,8 @@ class HeadsTask:
         run = self.run
         payload = {"model": self.model.state_dict(), "heads_config": run["heads_config"],
                    "train_config": run["train_config"], "class_names": run["class_names"],
-                   "provenance": run["provenance"], "faces_config": run.get("faces_config"), "epoch": epoch, "optimizer": self.optimizer.state_dict(),
+                   "provenance": run["provenance"], "faces_config": run.get("faces_config"), "epoch": epoch,
+                   "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "history": history, "best_score": list(best)}
         if is_best:
             save_checkpoint(self.out_dir / "best.pt", payload)

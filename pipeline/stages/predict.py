@@ -82,7 +82,8 @@ def folder_inputs(folder: Path, where: str = "", log=None) -> list[tuple[Path, s
     when it holds videos or frame folders, each video, each image (a one-frame clip) and each frame folder in
     it, in natural order (a frame sequence never sits beside a video, so a user who puts stills beside videos
     means them one by one). Other files are named in one ``log`` line, never dropped silently."""
-    from emotion_attention.pipeline.data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_frame_images, natural_key
+    from emotion_attention.pipeline.data.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_frame_images,
+                                                        natural_key)
 
     entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural_key)
     videos = [p for p in entries if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
@@ -221,7 +222,8 @@ class HeadsScorer(_ExtractorScorer):
         made = cfg.preprocess_config().store_config(self.class_names)
         keep = ("face.", "codec", "jpeg_")  # how a face chip is made; decode.* only picks frames
         lines = diff_settings(trained, made, have="the checkpoint's faces have", want="emo-predict makes")
-        return [f"note: {line}" for line in lines if line.startswith(keep) and not line.startswith("face.predictor_path")]
+        return [f"note: {line}" for line in lines
+                if line.startswith(keep) and not line.startswith("face.predictor_path")]
 
     def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
         from emotion_attention.pipeline.training.metrics import predict_video
@@ -542,7 +544,8 @@ def _prediction_row(r: VideoResult, names: Sequence[str], frames_csv: str) -> di
     return {"video": r.path, "pred": names[p["pred"]], "confidence": round(float(p["probs"].max()), 6),
             **{f"p_{c}": round(float(v), 6) for c, v in zip(names, p["probs"])},
             "frames": len(r.arrays["present"]), "frames_with_face": int(r.arrays["present"].sum()),
-            "decoded_frames": int(r.attrs.get("decoded_frames", 0)), "total_frames": int(r.attrs.get("total_frames", 0)),
+            "decoded_frames": int(r.attrs.get("decoded_frames", 0)),
+            "total_frames": int(r.attrs.get("total_frames", 0)),
             "damage": damage_note(r.attrs),  # "" when the input decoded whole (as emo-cache faces reports it)
             "video_seconds": round(r.video_seconds, 3),
             **{f"seconds_{k}": round(v, 4) for k, v in r.seconds.items()},
