@@ -345,15 +345,15 @@ def check_checkpoint_fits(store, ckpt: dict, checkpoint, view: int = 0) -> str:
 
     stored, trained = dict(store.provenance), dict(ckpt["provenance"])
     views = [(stored.pop(k, None), trained.pop(k, None)) for k in VIEW_KEYS][0]
-    diffs = diff_settings(stored, trained, have="the store has", want="the checkpoint has")
+    diffs = diff_settings(stored, trained, have="store has", want="the checkpoint has")
     if stored.get("faces_fingerprint") != trained.get("faces_fingerprint"):
         diffs = [d for d in diffs if not d.startswith("faces_fingerprint:")] + _faces_diffs(
             store.faces_config, ckpt.get("faces_config"), stored.get("faces_fingerprint"),
             trained.get("faces_fingerprint"))
     if diffs:
         raise StoreMismatch(f"{store.path}: its features were made otherwise than those {checkpoint} was trained on:"
-                            "\n  " + "\n  ".join(diffs) + "\nEvaluate the checkpoint on features made with its"
-                            " settings (`emo-cache extract` with them), or train heads on this store")
+                            "\n  " + "\n  ".join(diffs) + f"\n{checkpoint}: evaluate it on the features store it was"
+                            " trained on (or one extracted with its settings), or train heads on this one")
     if views[0] != views[1]:
         return (f"note: {store.path} caches {views[0]} view(s) and {checkpoint} was trained on a store of"
                 f" {views[1]}; only the count differs, so it reads view {view} of each clip"

