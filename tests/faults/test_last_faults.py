@@ -114,6 +114,7 @@ def test_explain_long_clip_id_writes_every_figure(tmp_path):
 # -- 4. a read-only output folder ------------------------------------------------------------------------
 
 def test_read_only_output_folder_is_one_line_for_every_stage(work):
+    """Before any work: no traceback, no model loaded, nothing trained."""
     ckpt = work / "run" / "best.pt"
     with mounted_tmpfs(work / "ro", options="ro") as ro:
         for cmd, out in [
@@ -121,6 +122,10 @@ def test_read_only_output_folder_is_one_line_for_every_stage(work):
             (["emo-eval", str(work / "feats.h5"), "--checkpoint", str(ckpt), "--out", str(ro / "rep")], ro / "rep"),
             (["emo-predict", str(SAMPLES / "single_face.jpg"), "--out", str(ro / "pred")], ro / "pred"),
             (["emo-predict", str(SAMPLES / "single_face.jpg"), "--out", str(ro)], ro),
+            (["emo-train", "finetune", str(work / "faces.h5"), "--backbone", "fer-minixception", "--weights", "default",
+              "--out", str(ro / "ft")], ro / "ft"),
+            (["emo-train", "cv", str(work / "feats.h5"), "--out", str(ro / "cv")], ro / "cv"),
+            (["emo-train", "ablate", str(work / "feats.h5"), "--out", str(ro / "ab")], ro / "ab"),
         ]:
             text = one_line_error(cli(cmd), out)
             assert "folder not writable" in text, text[-1500:]
