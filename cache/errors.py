@@ -7,6 +7,7 @@ their tracebacks.
 """
 from __future__ import annotations
 
+import hashlib
 from urllib.parse import quote, unquote
 
 
@@ -42,8 +43,15 @@ class StoreFull(StoreError):
 # -- clip ids ---------------------------------------------------------------------------------------
 # A clip id is "split/label/file" (or any "/"-joined path a layout gives). Two schemes map it injectively:
 #  * HDF5 group names: "%" -> "%25", "|" -> "%7C", then "/" -> "|"; readable, and reversible by key_to_id.
-#  * file names (figures, per-frame CSVs): percent-encoding of everything but [A-Za-z0-9._-], so that
-#    "a b.avi", "a_b.avi" and "x/v.avi", "y/v.avi" never share a file; reversible by filename_to_id.
+#  * file names (figures, per-frame CSVs, part files): percent-encoding of everything but [A-Za-z0-9._~-], so
+#    that "a b.avi", "a_b.avi" and "x/v.avi", "y/v.avi" never share a file; reversible by filename_to_id. A name
+#    longer than FILENAME_BYTES is shortened: the readable start of the encoded id, cut at a whole character,
+#    then "+" and HASH_CHARS hex digits of the id's sha256. "+" is never left unencoded, so a shortened name
+#    never equals a plain one, and two shortened names differ whenever their ids do (up to a 64-bit hash).
+
+FILENAME_BYTES = 200  # every file system allows 255 bytes a name; 55 are left for a writer's ".tmp"-like suffix
+HASH_CHARS = 16       # 64 bits of sha256: a collision among a million clips has odds below 1e-7
+
 
 def clip_key(clip_id: str) -> str:
     """HDF5 group name of a clip id; injective.
@@ -66,17 +74,37 @@ def key_to_id(key: str) -> str:
 
 
 def clip_filename(clip_id: str, suffix: str = "") -> str:
-    """A file name for a clip's output; injective over clip ids and safe on every file system.
+    """A file name for a clip's output; injective over clip ids and at most FILENAME_BYTES bytes on every
+    file system (ASCII only, so bytes = characters).
 
     >>> clip_filename("Val/Sad/a b.avi", ".png"), clip_filename("Val/Sad/a_b.avi", ".png")
     ('Val%2FSad%2Fa%20b.avi.png', 'Val%2FSad%2Fa_b.avi.png')
+    >>> name = clip_filename("Val/Sad/" + "\u7b11" * 80 + ".mp4", ".png")
+    >>> len(name), name[:21], name[-21:]
+    (195, 'Val%2FSad%2F%E7%AC%91', '+b9c3c3aa138069e6.png')
     """
-    name = quote(clip_id, safe="")
-    if name.startswith("."):  # no hidden files, no "." or ".."
-        name = "%2E" + name[1:]
-    return name + suffix
+    name = _quoted(clip_id)
+    if len(name) + len(suffix) <= FILENAME_BYTES:
+        return name + suffix
+    tail = "+" + hashlib.sha256(clip_id.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS] + suffix
+    budget, prefix = FILENAME_BYTES - len(tail), ""
+    for char in clip_id:  # whole characters only, so the readable part never ends in half an escape
+        part = _quoted(char) if not prefix else quote(char, safe="")
+        if len(prefix) + len(part) > budget:
+            break
+        prefix += part
+    return prefix + tail
+
+
+def _quoted(text: str) -> str:
+    name = quote(text, safe="")
+    return "%2E" + name[1:] if name.startswith(".") else name  # no hidden files, no "." or ".."
 
 
 def filename_to_id(name: str, suffix: str = "") -> str:
-    """Inverse of ``clip_filename``."""
-    return unquote(name[:-len(suffix)] if suffix else name)
+    """Inverse of ``clip_filename`` for a name that was not shortened; a shortened one (it holds "+") keeps
+    only a hash of the rest of its id, so it is a ValueError here: look the id up in the output's index."""
+    stem = name[:-len(suffix)] if suffix else name
+    if "+" in stem:
+        raise ValueError(f"{name}: a shortened file name; its clip id cannot be read back from it")
+    return unquote(stem)

@@ -156,6 +156,13 @@ class FeaturesStore(ClipStore):
         return json.loads(self._f.attrs["provenance"])
 
     @property
+    def faces_config(self) -> Optional[dict]:
+        """The settings of the faces store these features were made from; None in a store made before they
+        were recorded (then only its fingerprint, in the provenance, is known)."""
+        stored = self._f.attrs.get("faces_config")
+        return None if stored is None else json.loads(stored)
+
+    @property
     def class_names(self) -> list[str]:
         return json.loads(self._f.attrs["class_names"])
 

@@ -8,11 +8,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
 from emotion_attention.cache.errors import ConfigError
+
+
+def check_writable(out: str | Path) -> Path:
+    """Refuse, before any work, an output folder nothing can be written into; returns it as a Path.
+
+    The test writes (and at once removes) an unnamed temporary file in the folder, or in its nearest existing
+    parent when the folder is still to be made, so read-only mounts, ACLs and root on a read-only file system
+    are all caught; nothing is created when it passes.
+
+    >>> check_writable("runs/heads")  # doctest: +SKIP
+    PosixPath('runs/heads')
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder; choose another --out")
+    probe = out
+    while not probe.exists() and probe != probe.parent:  # the folder is made later, by the stage
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is a file")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{out}: folder not writable ({exc.strerror or exc}); choose another --out or fix the"
+                          " folder's permissions") from None
+    return out
 
 
 def failure_log_path(out_path: str | Path) -> Path:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.pipeline import __version__
-from emotion_attention.pipeline.core.runtime import Failure
+from emotion_attention.pipeline.core.runtime import Failure, check_writable
 
 STORE_SUFFIXES = (".h5", ".hdf5")  # an output with one of these suffixes is a store file, anything else a folder
 
@@ -60,26 +59,13 @@ class Output:
 
     def check_writable(self) -> None:
         """ConfigError naming the folder when the output cannot be written there ("folder not writable"),
-        checked before any work and without creating anything: the nearest folder that exists must take files."""
-        folder = self.path.parent if self.is_store else self.path
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError(f"{folder}: folder not writable; choose another --out or fix its permissions")
+        checked before any work and without creating anything (``core.runtime.check_writable``)."""
+        check_writable(self.path.parent if self.is_store else self.path)
 
     def prepare(self) -> Path:
-        """Create the folder the output goes in and check that it can be written, before any work.
-
-        Raises ConfigError naming the folder ("not writable") instead of an OSError traceback later.
-        """
-        folder = self.path.parent if self.is_store else self.path
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as exc:
-            raise ConfigError(f"{folder}: folder not writable ({exc.strerror or exc}); choose another --out or"
-                              " fix its permissions") from exc
+        """``check_writable``, then create the folder the output goes in."""
+        self.check_writable()
+        (self.path.parent if self.is_store else self.path).mkdir(parents=True, exist_ok=True)
         return self.path
 
 

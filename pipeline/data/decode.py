@@ -43,10 +43,16 @@ class DecodeStats:
     reached_end: bool = False      # True: decoding ran to the end of the stream, not stopped by max_frames
     unreadable: list = field(default_factory=list)   # frame-folder indices whose image could not be read
     size_changes: list = field(default_factory=list)  # indices where the frame size differs from the previous
+    fps_claimed: Optional[float] = None  # a header rate that was not plausible and was replaced (video_rate)
+    fps_note: str = ""                   # what replaced it, for the warning
 
     def attrs(self) -> dict:
-        """Clip attributes for the faces store."""
-        return {"decoded_frames": int(self.decoded), "unreadable_frames": len(self.unreadable)}
+        """Clip attributes for the faces store (``fps_claimed``/``fps_note`` only when the header's rate was
+        replaced)."""
+        out = {"decoded_frames": int(self.decoded), "unreadable_frames": len(self.unreadable)}
+        if self.fps_claimed is not None:
+            out.update(fps_claimed=float(self.fps_claimed), fps_note=self.fps_note)
+        return out
 
 
 def is_short(decoded: int, total: int) -> bool:
@@ -126,10 +132,72 @@ def _open_capture(path: Path) -> cv2.VideoCapture:
     return cap
 
 
-def _capture_fps(cap: cv2.VideoCapture) -> float:
-    """The container's frame rate; FOLDER_FPS when it gives none (0, negative or NaN)."""
-    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-    return fps if fps > 0 else FOLDER_FPS
+PLAUSIBLE_FPS = (0.1, 1000.0)  # a time-lapse at one frame in 10 s to a high-speed camera; a header outside claims
+                               # nonsense (1e-9, 1e9 fps), which would wreck durations, timestamps and --fps-cap
+RATE_PROBE_FRAMES = 25         # frames whose timestamps are read when the header's rate is not plausible
+
+
+def plausible_fps(fps: float) -> bool:
+    """True for a frame rate a real video can have (PLAUSIBLE_FPS); False for 0, NaN, 1e-9 or 1e9.
+
+    >>> plausible_fps(29.97), plausible_fps(1e9), plausible_fps(1e-9), plausible_fps(float("nan"))
+    (True, False, False, False)
+    """
+    return PLAUSIBLE_FPS[0] <= fps <= PLAUSIBLE_FPS[1]
+
+
+def rate_from_timestamps(timestamps_ms) -> Optional[float]:
+    """Frames per second from the median step of consecutive frame timestamps (ms); None when the steps give
+    no plausible rate (too few frames, or timestamps made from the same broken header).
+
+    >>> rate_from_timestamps([0, 40, 80, 120.5, 160]), rate_from_timestamps([0, 0, 0, 0])
+    (25.0, None)
+    """
+    steps = np.diff(np.asarray(timestamps_ms, np.float64))
+    steps = steps[np.isfinite(steps) & (steps > 0)]
+    if len(steps) < 2:
+        return None
+    fps = 1000.0 / float(np.median(steps))
+    return fps if plausible_fps(fps) else None
+
+
+def video_rate(path: Path, header_fps: float) -> tuple[float, str]:
+    """(frame rate to use, note) for a video whose container claims ``header_fps``.
+
+    A plausible header is used as it is (note ""). Otherwise the rate comes from the frames' own timestamps
+    (RATE_PROBE_FRAMES of them, read with a capture of its own), and when those are no better (they usually
+    come from the same header) FOLDER_FPS is assumed; the note says which, for a warning.
+
+    >>> video_rate(Path("data/samples/single_face.mp4"), 30.0)
+    (30.0, '')
+    """
+    if plausible_fps(header_fps):
+        return header_fps, ""
+    cap = cv2.VideoCapture(str(path))
+    stamps = []
+    try:
+        while len(stamps) < RATE_PROBE_FRAMES and cap.grab():
+            stamps.append(float(cap.get(cv2.CAP_PROP_POS_MSEC)))
+    finally:
+        cap.release()
+    claim = f"its header claims {header_fps:g} fps, not a real frame rate"
+    fps = rate_from_timestamps(stamps)
+    if fps is not None:
+        return fps, f"{claim}: using {fps:g} fps from its frame timestamps"
+    return FOLDER_FPS, (f"{claim}, and its frame timestamps give none: assuming {FOLDER_FPS:g} fps for times,"
+                        " durations and --fps-cap")
+
+
+def _capture_fps(cap: cv2.VideoCapture, path: Path, stats: Optional["DecodeStats"] = None) -> float:
+    """The container's frame rate, checked by ``video_rate``; FOLDER_FPS when it gives none (0, negative or
+    NaN). ``stats`` records a header rate that was replaced, and why."""
+    header = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    if not header > 0:  # no rate given: the frame folders' rate, as before (not a broken header)
+        return FOLDER_FPS
+    fps, note = video_rate(path, header)
+    if note and stats is not None:
+        stats.fps_claimed, stats.fps_note = header, note
+    return fps
 
 
 def probe_video(path: Path) -> VideoInfo:
@@ -151,7 +219,7 @@ def probe_video(path: Path) -> VideoInfo:
             raise DecodeError(f"{path}: opens but has no decodable frame (zero-frame or corrupt video);"
                               " re-encode or remove it")
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        return VideoInfo(fps=_capture_fps(cap), frame_count=max(count, 1),
+        return VideoInfo(fps=_capture_fps(cap, path), frame_count=max(count, 1),
                          width=int(bgr.shape[1]), height=int(bgr.shape[0]))
     finally:
         cap.release()
@@ -208,7 +276,7 @@ def iter_frames(path: Path, fps_cap: Optional[float] = None, max_frames: Optiona
     """
     stats = stats if stats is not None else DecodeStats()
     cap = _open_capture(path)
-    fps = _capture_fps(cap)  # the same rate probe_video reports, so timestamps match the clip's fps attr
+    fps = _capture_fps(cap, path, stats)  # the same rate probe_video reports, so timestamps match the fps attr
     index, kept, last_slot = 0, 0, -1
     try:
         while max_frames is None or kept < max_frames:

@@ -214,6 +214,9 @@ def read_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file; pass --weights PATH (or --weights random"
                            " --seed N for meaningless test features)")
+    if is_hdf5(path):  # torch would only say "not a torch file"; the one HDF5 weights file here is fer's
+        raise WeightsError(f"{path}: this is a Keras fer file (HDF5), not torch weights for this backbone: pass"
+                           " --backbone fer-minixception (or a torch state dict for this backbone)")
     obj = load_torch_file(path, "weights file", WeightsError)
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):

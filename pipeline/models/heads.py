@@ -312,6 +312,61 @@ def load_heads(checkpoint_path, map_location="cpu") -> tuple[EmotionHeads, dict]
     return model.eval(), ckpt
 
 
+VIEW_KEYS = ("views",)  # how many views a features store caches: view 0 is the original face in every store, so
+                       # the count never changes what heads read; any other provenance key does
+
+
+def check_checkpoint_fits(store, ckpt: dict, checkpoint, view: int = 0) -> str:
+    """Refuse features made otherwise than the ones a heads checkpoint was trained on, naming each setting.
+
+    Arguments:
+        store: an open ``cache.FeaturesStore``.
+        ckpt: the checkpoint dict from ``load_heads``.
+        checkpoint: its path, for the messages.
+        view: the cached view that will be read (0: the original face).
+    Returns:
+        "" when the provenances agree; a note naming the view read when they differ only in the number of
+        cached views. Raises StoreMismatch listing every differing key with both values: a faces store made
+        otherwise is named by its settings (``faces store decode.max_frames: ...``) when both sides record them.
+
+    >>> check_checkpoint_fits(store, ckpt, "runs/heads/best.pt")  # doctest: +SKIP
+    ''
+    """
+    from emotion_attention.cache.common import diff_settings
+    from emotion_attention.cache.errors import StoreMismatch
+
+    stored, trained = dict(store.provenance), dict(ckpt["provenance"])
+    views = [(stored.pop(k, None), trained.pop(k, None)) for k in VIEW_KEYS][0]
+    diffs = diff_settings(stored, trained, have="store has", want="the checkpoint has")
+    if stored.get("faces_fingerprint") != trained.get("faces_fingerprint"):
+        diffs = [d for d in diffs if not d.startswith("faces_fingerprint:")] + _faces_diffs(
+            store.faces_config, ckpt.get("faces_config"), stored.get("faces_fingerprint"),
+            trained.get("faces_fingerprint"))
+    if diffs:
+        raise StoreMismatch(f"{store.path}: its features were made otherwise than those {checkpoint} was trained on:"
+                            "\n  " + "\n  ".join(diffs) + f"\n{checkpoint}: evaluate it on the features store it was"
+                            " trained on (or one extracted with its settings), or train heads on this one")
+    if views[0] != views[1]:
+        return (f"note: {store.path} caches {views[0]} view(s) and {checkpoint} was trained on a store of"
+                f" {views[1]}; only the count differs, so it reads view {view} of each clip"
+                f" ({'the original face' if view == 0 else 'the mirrored face'}; --view picks another)")
+    return ""
+
+
+def _faces_diffs(store_faces: Optional[dict], ckpt_faces: Optional[dict], store_fp, ckpt_fp) -> list[str]:
+    """The faces settings in which two faces stores differ, or their fingerprints where a side records none."""
+    from emotion_attention.cache.common import diff_settings
+
+    if store_faces is not None and ckpt_faces is not None:
+        lines = diff_settings(store_faces, ckpt_faces, have="the store's faces have", want="the checkpoint's have")
+        if lines:
+            return [f"faces store {line}" for line in lines]
+    which = "the checkpoint" if ckpt_faces is None else "the store"
+    return [f"faces_fingerprint: the store has {str(store_fp)[:12]}..., the checkpoint has {str(ckpt_fp)[:12]}...:"
+            f" their faces stores were made with other settings ({which} records no faces settings to name them;"
+            " train heads with this version to record them)"]
+
+
 SANE_RMS = (0.1, 10.0)  # RMS of maps the heads learn from as they are: fer ~0.5, real conv5 maps ~1; random VGG16
                         # maps (~0.06) or rescaled ones fall outside and are standardised
 
@@ -344,4 +399,4 @@ def map_statistics(chunks, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 __all__ = ["HeadsConfig", "HeadsOutput", "SpatialAttention", "ClusterAttention", "EmotionHeads",
            "attention_penalty", "softmax_pool", "average_pool", "max_pool", "load_heads", "map_statistics",
-           "SANE_RMS"]
+           "SANE_RMS", "check_checkpoint_fits"]

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.cache.features_store import FeaturesStore
 from emotion_attention.pipeline.configs import ROWS, TABLE1, TABLE2, AblationConfig, EvalConfig, TrainConfig
+from emotion_attention.pipeline.core.runtime import check_writable
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.folds import select_ids
 from emotion_attention.pipeline.stages.evaluate import evaluate
@@ -90,7 +91,7 @@ def ablate(features_path, out_dir, cfg: AblationConfig = AblationConfig(),
     >>> ablate("feats.h5", "runs/ablate", AblationConfig(seeds=3))["table_md"]
     'runs/ablate/table.md'
     """
-    out_dir = Path(out_dir)
+    out_dir = check_writable(out_dir)  # a read-only --out is one line before any work
     with FeaturesStore(features_path, "r") as store:
         for fold in cfg.folds:
             select_ids(store, fold=fold, part="test")  # a fold the store lacks is refused here, before any run

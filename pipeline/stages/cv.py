@@ -21,6 +21,7 @@ from tqdm import tqdm
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.cache.features_store import FeaturesStore
 from emotion_attention.pipeline.configs import CVConfig, EvalConfig, TrainConfig
+from emotion_attention.pipeline.core.runtime import check_writable
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.folds import store_folds
 from emotion_attention.pipeline.stages.evaluate import evaluate
@@ -131,7 +132,7 @@ def run_cv(features_path, out_dir, train_cfg: TrainConfig = TrainConfig(), heads
     >>> run_cv("runs/dfew/features.h5", "runs/dfew/cv")["summary"]["uar"]  # doctest: +SKIP
     (0.52, 0.013)
     """
-    out_dir = Path(out_dir)
+    out_dir = check_writable(out_dir)  # a read-only --out is one line before any work
     with FeaturesStore(features_path, "r") as store:
         available = store_folds(store)
     if not available and not test_split:

@@ -17,11 +17,11 @@ from tqdm import tqdm
 from emotion_attention.cache.errors import ConfigError, StoreDamaged, StoreMismatch
 from emotion_attention.cache.features_store import FeaturesStore
 from emotion_attention.pipeline.configs import EvalConfig
-from emotion_attention.pipeline.core.runtime import Failure, FailureLog, resolve_device
+from emotion_attention.pipeline.core.runtime import Failure, FailureLog, check_writable, resolve_device
 from emotion_attention.pipeline.core.stage import Output, StageSummary, failure_lines, write_resolved_config
 from emotion_attention.pipeline.data.folds import select_ids
-from emotion_attention.pipeline.models.heads import EmotionHeads, load_heads
-from emotion_attention.pipeline.stages.explain import explain_evaluation
+from emotion_attention.pipeline.models.heads import EmotionHeads, check_checkpoint_fits, load_heads
+from emotion_attention.pipeline.stages.explain import check_explain_faces, explain_evaluation
 from emotion_attention.pipeline.training.batches import sample_frames
 from emotion_attention.pipeline.training.metrics import (
     NoFrames,
@@ -60,7 +60,7 @@ def predict_split(model: EmotionHeads, store: FeaturesStore, clip_ids: Sequence[
 
 
 def evaluate(features_path, checkpoint, split: Optional[str] = None, out_dir=None, cfg: EvalConfig = EvalConfig(),
-             progress: bool = True, fold: Optional[int] = None) -> dict:
+             progress: bool = True, fold: Optional[int] = None, log=print) -> dict:
     """Evaluate a heads checkpoint on one split of a features store, or on one fold's test part.
 
     Arguments:
@@ -71,6 +71,7 @@ def evaluate(features_path, checkpoint, split: Optional[str] = None, out_dir=Non
             config.json, failures.jsonl); None writes nothing and only returns.
         cfg: EvalConfig (frames, seed, view, device, split, fold).
         fold: a dataset with folds: evaluate fold K's test part (``split`` is then ignored); None: ``cfg.fold``.
+        log: where a note goes (a store that differs from the checkpoint's only in its number of views).
     Returns: the metrics dict (accuracy, uar, per_class_recall, confusion, ...) plus ``records``
         (per-clip predictions) and ``failures``.
 
@@ -80,12 +81,14 @@ def evaluate(features_path, checkpoint, split: Optional[str] = None, out_dir=Non
     split = cfg.split if split is None else split
     fold = cfg.fold if fold is None else fold
     cfg = replace(cfg, split=split, fold=fold)
+    if out_dir is not None:
+        check_writable(out_dir)  # a read-only --out is one line before any work
     model, ckpt = load_heads(checkpoint)
     model.to(resolve_device(cfg.device))
     with FeaturesStore(features_path, "r") as store:
-        store.check_provenance(ckpt["provenance"], want="the checkpoint has",  # names every differing key
-                               action=f"{checkpoint} was trained on features made otherwise: evaluate it on the"
-                                      " features store it was trained on, or train heads on this one")
+        note = check_checkpoint_fits(store, ckpt, checkpoint, cfg.view)  # names every differing key, both values
+        if note:  # only the number of cached views differs
+            log(note)
         if [c.lower() for c in store.class_names] != [c.lower() for c in ckpt["class_names"]]:
             raise StoreMismatch(f"{features_path}: classes {store.class_names} differ from the checkpoint's"
                                 f" {ckpt['class_names']} ({checkpoint})")
@@ -161,8 +164,9 @@ def run(cfg: EvalConfig, inputs: Sequence[Path], out: Path, *, log=print, progre
     features, checkpoint, *rest = inputs
     if cfg.explain and not rest:
         raise ConfigError("--explain needs --faces FACES.h5, the faces store the features were made from")
-    Output(out).check_writable()
-    metrics = evaluate(features, checkpoint, out_dir=out, cfg=cfg, progress=progress)
+    if cfg.explain:
+        check_explain_faces(rest[0], features)  # another dataset's or settings' faces store: refused before any work
+    metrics = evaluate(features, checkpoint, out_dir=out, cfg=cfg, progress=progress, log=log)
     lines = [f"{metrics['split']}: {metrics['num_clips']} clips, accuracy (WAR) {metrics['accuracy']:.4f},"
              f" UAR {metrics['uar']:.4f}, skipped {metrics['skipped']}"]
     width = max([10] + [len(n) for n in metrics["per_class_recall"]])  # MAFW's "Disappointment"

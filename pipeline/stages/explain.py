@@ -392,7 +392,7 @@ def write_index(out_dir, rows: Sequence[dict], title: str = "Explanations",
 
 def explain_evaluation(faces_path, records: Sequence[dict], class_names: Sequence[str], out_dir,
                        features_path=None, title: str = "Explanations",
-                       cfg: ExplainConfig = ExplainConfig(), progress: bool = True) -> Path:
+                       cfg: ExplainConfig = ExplainConfig(), progress: bool = True, log=print) -> Path:
     """Stage: a figure per evaluated clip (pixels from the faces store) and an index over them.
 
     Arguments:
@@ -400,12 +400,15 @@ def explain_evaluation(faces_path, records: Sequence[dict], class_names: Sequenc
         records: ``pipeline.evaluate.evaluate(...)["records"]``: clip_id, label (index), probs, pred,
             frame_weights, frame_probs, attention per clip.
         class_names: the checkpoint's classes.
-        out_dir: gets figures/<clip>.png, index.html and explain_config.json.
-        features_path: the features store that was evaluated; a faces store whose fingerprint is
-            not its provenance's ``faces_fingerprint`` is refused (frames would not line up).
+        out_dir: gets figures/<clip>.png, index.html, explain_config.json, and failures.jsonl when a figure
+            cannot be written (that clip's figure only is missing; the others are written).
+        features_path: the features store that was evaluated. A faces store made with other settings (its
+            differing settings are named) or that is not the one these features came from (a clip missing, or
+            of another source file, length or rate) is refused before any figure is drawn.
         title: page title.
         cfg: ExplainConfig.
         progress: show a tqdm bar.
+        log: where a figure that cannot be written is reported.
     Returns:
         the path of index.html.
 
@@ -415,26 +418,86 @@ def explain_evaluation(faces_path, records: Sequence[dict], class_names: Sequenc
     from tqdm import tqdm
 
     from emotion_attention.cache import FacesStore, FeaturesStore
+    from emotion_attention.pipeline.core.runtime import Failure, FailureLog
 
     cfg.validate()
     out_dir = Path(out_dir)
-    rows = []
-    faces_fingerprint = None
+    rows, lost = [], []
     source_rows: dict = {}  # clip id -> the faces-store frames its feature rows hold (--frames-per-clip)
     if features_path is not None:
+        check_explain_faces(faces_path, features_path, [rec["clip_id"] for rec in records])
         with FeaturesStore(features_path, "r") as feats:
-            faces_fingerprint = feats.provenance.get("faces_fingerprint")
             if feats.provenance.get("frames_per_clip") is not None:
                 source_rows = {rec["clip_id"]: feats.source_rows(rec["clip_id"]) for rec in records}
     with FacesStore(faces_path, "r") as store:
-        if faces_fingerprint is not None and store.fingerprint != faces_fingerprint:
-            raise StoreMismatch(f"{faces_path}: is not the faces store the features in {features_path} were made"
-                                f" from (its settings differ: fingerprint {store.fingerprint[:12]}..., the features"
-                                f" name {faces_fingerprint[:12]}...); pass the faces store given to `emo-cache"
-                                f" extract` with --faces. This one's settings: {_settings_line(store.config)}")
         for rec in tqdm(records, desc="explain", unit="clip", disable=not progress):
-            rows.append(_explain_record(store, rec, class_names, out_dir, cfg, source_rows.get(rec["clip_id"])))
+            try:
+                rows.append(_explain_record(store, rec, class_names, out_dir, cfg, source_rows.get(rec["clip_id"])))
+            except OSError as exc:  # this figure only (a name or a disk the system refuses); the others go on
+                reason = f"could not write its figure ({exc.strerror or exc})"
+                lost.append(Failure("explain", str(faces_path), rec["clip_id"], f"{type(exc).__name__}: {reason}"))
+                log(f"warning: {rec['clip_id']}: {reason}; the other figures are written")
+    if lost:
+        with FailureLog(out_dir / "failures.jsonl") as flog:
+            for failure in lost:
+                flog.add(failure)
     return write_index(out_dir, rows, title=title, cfg=cfg)
+
+
+def check_explain_faces(faces_path, features_path, clip_ids: Optional[Sequence[str]] = None) -> None:
+    """Refuse (StoreMismatch), before any work, a faces store that is not the one ``features_path`` was made
+    from (``check_faces_made_features``), checked over ``clip_ids`` (None: every complete clip of the features).
+
+    >>> check_explain_faces("faces.h5", "feats.h5")  # doctest: +SKIP
+    """
+    from emotion_attention.cache import FacesStore, FeaturesStore
+
+    with FeaturesStore(features_path, "r") as feats:
+        ids = feats.complete_ids() if clip_ids is None else list(clip_ids)
+        made_from = (feats.provenance.get("faces_fingerprint"), feats.faces_config,
+                     {cid: feats.attrs(cid) for cid in ids})
+    with FacesStore(faces_path, "r") as store:
+        check_faces_made_features(store, faces_path, features_path, *made_from)
+
+
+SAME_CLIP_ATTRS = ("total_frames", "fps")  # a clip's source video, as the faces store and the features record it
+
+
+def check_faces_made_features(store, faces_path, features_path, fingerprint: Optional[str],
+                              faces_config: Optional[dict], clip_attrs: dict) -> None:
+    """StoreMismatch unless ``store`` is the faces store the features were made from, checked before any figure.
+
+    Made with other settings: each differing setting is named with both values (the features record the
+    settings of their faces store; older stores only its fingerprint). Same settings but another dataset:
+    a clip the features hold is missing from ``store``, or comes from another source file (name), length or
+    rate; the clip and each differing value are named.
+    """
+    fix = f"pass the faces store given to `emo-cache extract` for {features_path} with --faces"
+    if fingerprint is not None and store.fingerprint != fingerprint:
+        from emotion_attention.cache.common import diff_settings
+
+        if faces_config is not None:
+            diffs = diff_settings(faces_config, store.config, have="the features' faces store has",
+                                  want="this one has")
+        else:
+            diffs = [f"fingerprint: the features' faces store has {fingerprint[:12]}..., this one has"
+                     f" {store.fingerprint[:12]}... ({features_path} predates recorded faces settings; this"
+                     f" store's: {_settings_line(store.config)})"]
+        raise StoreMismatch(f"{faces_path}: is not the faces store the features in {features_path} were made from;"
+                            " its settings differ:\n  " + "\n  ".join(diffs) + f"\n{fix}")
+    for cid, want in clip_attrs.items():
+        if not store.is_complete(cid):
+            raise StoreMismatch(f"{faces_path}: not the faces store these features came from ({features_path}"
+                                f" holds clip {cid!r}, this store does not); {fix}")
+        have = store.attrs(cid)
+        diffs = [f"{key}: the features' clip has {want.get(key)!r}, this store's has {have.get(key)!r}"
+                 for key in SAME_CLIP_ATTRS if key in want and key in have and want[key] != have[key]]
+        if Path(str(want.get("source", ""))).name != Path(str(have.get("source", ""))).name:
+            diffs.insert(0, f"source: the features' clip has {want.get('source')!r}, this store's has"
+                            f" {have.get('source')!r}")
+        if diffs:
+            raise StoreMismatch(f"{faces_path}: not the faces store these features came from (clip {cid!r}"
+                                f" differs from the one in {features_path}):\n  " + "\n  ".join(diffs) + f"\n{fix}")
 
 
 def _settings_line(config: dict, limit: int = 12) -> str:

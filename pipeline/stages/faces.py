@@ -305,6 +305,8 @@ def damage_note(attrs: dict) -> str:
                      " or damaged video)")
     if attrs.get("unreadable_frames"):
         notes.append(f"{attrs['unreadable_frames']} unreadable image(s) kept as frames without a face")
+    if attrs.get("fps_note"):  # pipeline.data.decode.video_rate replaced a nonsense header rate
+        notes.append(str(attrs["fps_note"]))
     return "; ".join(notes)
 
 

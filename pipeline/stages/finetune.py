@@ -33,8 +33,8 @@ from torch import nn
 
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.pipeline.configs import FinetuneConfig
-from emotion_attention.pipeline.core.runtime import cpu_has_bf16, resolve_device
-from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
+from emotion_attention.pipeline.core.runtime import check_writable, cpu_has_bf16, resolve_device
+from emotion_attention.pipeline.core.stage import StageSummary, write_resolved_config
 from emotion_attention.pipeline.models.backbones import VGG16_BLOCK_STARTS, Backbone, BackboneSpec, get_backbone  # noqa: F401 (re-export)
 from emotion_attention.pipeline.models.checkpoint import (
     build_checkpoint,
@@ -481,6 +481,7 @@ def check_finetune(faces_path, out_dir, cfg: FinetuneConfig, init_heads=None) ->
     >>> check_finetune("runs/faces.h5", "runs/ft", FinetuneConfig(weights="random"))  # doctest: +SKIP
     """
     check_settings(cfg)
+    check_writable(out_dir)  # a read-only --out is one line before any work
     _, _, class_names = list_training_clips(faces_path, cfg.split, log=_quiet)
     face_size = face_size_of(faces_path)
     side = get_backbone(cfg.backbone).finetune_side(face_size, cfg.crop)
@@ -756,7 +757,6 @@ def run(cfg: FinetuneConfig, inputs: Sequence[Path], out: Path, *, log=print, pr
     settings match (``cfg.resume``)."""
     faces_path, *init = inputs
     init_heads = init[0] if init else None
-    Output(out).check_writable()
     result = finetune(faces_path, out, cfg, init_heads=init_heads, log=log)
     lines = []
     if result.env.is_main and result.history:

