@@ -15,7 +15,8 @@ from emotion_attention.cli.common import UserErrorCommand, UserErrorGroup, finis
 from emotion_attention.cli.options import ConfigOptions, stage_command
 from emotion_attention.pipeline.configs import CheckConfig, ExtractConfig, PreprocessConfig
 
-CHECK, FACES, EXTRACT = ConfigOptions(CheckConfig), ConfigOptions(PreprocessConfig), ConfigOptions(ExtractConfig)
+CHECK, FACES = ConfigOptions(CheckConfig), ConfigOptions(PreprocessConfig)
+EXTRACT = ConfigOptions(ExtractConfig, usage_error=True)  # extract has always answered a bad value with exit 2
 RUN = {"data": ("inputs", 0), "out": ("out",)}  # where a saved config holds the arguments of check and faces
 
 

@@ -105,14 +105,18 @@ def _base_type(hint) -> type:
 class ConfigOptions:
     """The options of one config class (nested configs flattened), and the config built back from them.
 
-    >>> opts = ConfigOptions(ExampleConfig)  # doctest: +SKIP
-    >>> @opts
-    ... @click.command()
-    ... def cmd(**params): print(opts.build(params))
+    >>> from emotion_attention.pipeline.configs import EvalConfig
+    >>> opts = ConfigOptions(EvalConfig)
+    >>> @click.command()
+    ... @opts
+    ... def cmd(**params):
+    ...     print(opts.build(params))
+    >>> cmd(["--frames", "16", "--split", "Test"], standalone_mode=False)
+    EvalConfig(frames=16, seed=0, view=0, device='auto', split='Test', fold=None, explain=False)
     """
 
-    def __init__(self, cls, key: tuple = ("config",), skip: Sequence[str] = ()):
-        self.cls, self.key, self.skip = cls, tuple(key), set(skip)
+    def __init__(self, cls, key: tuple = ("config",), skip: Sequence[str] = (), usage_error: bool = False):
+        self.cls, self.key, self.skip, self.usage_error = cls, tuple(key), set(skip), usage_error
         self.bounds: list[Bound] = []
         self._options: list[tuple[list, dict]] = []  # (declarations, keyword arguments) of click.option
         self._walk(cls, ())
@@ -171,8 +175,10 @@ class ConfigOptions:
         values = {b.path: params.pop(b.param) for b in self.bounds if b.param in params}
         try:
             return _build(self.cls, values, (), fixed)
-        except ConfigError as exc:  # a value no config accepts is a usage error, as click's own (exit 2)
-            raise click.UsageError(str(exc)) from exc
+        except ConfigError as exc:
+            if self.usage_error:  # click's usage error (exit 2) instead of the one-line UserError (exit 1)
+                raise click.UsageError(str(exc)) from exc
+            raise
 
 
 def _build(cls, values: dict, prefix: tuple, fixed: dict):

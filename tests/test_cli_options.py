@@ -108,7 +108,13 @@ def test_build_round_trips_a_config():
                                class_names=None) == PreprocessConfig()
 
 
-def test_a_bad_value_is_a_usage_error_naming_the_field(tmp_path):
+def test_a_bad_value_names_the_field_without_a_traceback(tmp_path, samples_dir):
+    data = tmp_path / "data" / "Train" / "Happy"
+    data.mkdir(parents=True)
+    (data / "a.mp4").write_bytes((samples_dir / "single_face.mp4").read_bytes())
+    faces = CliRunner().invoke(emo_cache.faces, [str(tmp_path / "data"), "--out", str(tmp_path / "f.h5"), "--size", "8"])
+    assert faces.exit_code == 1 and faces.output.strip() == "Error: size=8: chips must be at least 16 px"
+
     result = CliRunner().invoke(emo_cache.extract, [str(__file__), "--out", str(tmp_path / "x.h5"),
                                                     "--weights", "random"])
     assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == (

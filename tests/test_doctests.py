@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -16,9 +17,12 @@ MODULES = sorted(m.name for pkg in (emotion_attention.pipeline, emotion_attentio
                  for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."))
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.mark.parametrize("name", MODULES)
-def test_doctests(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # examples that write files write them here
+def test_doctests(name, monkeypatch, samples_dir):
+    monkeypatch.chdir(REPO)  # examples read the sample media from data/samples (`make sample-data`)
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False,
                              report=True)

@@ -144,7 +144,7 @@ def evidence_scores(records: list[dict], evidence: dict) -> dict:
         frames where that head's argmax is an evidence position; ``uniform_attention_mass`` the
         same mass for uniform attention (the chance level).
 
-    >>> evidence_scores(result["records"], read_evidence(store, ids))["top_frame_is_evidence"]
+    >>> evidence_scores(result["records"], read_evidence(store, ids))["top_frame_is_evidence"]  # doctest: +SKIP
     """
     top, mass, ranked, att_mass, att_peak, chance = [], [], [], [], [], []
     for rec in records:

@@ -293,8 +293,8 @@ def load_heads(checkpoint_path, map_location="cpu") -> tuple[EmotionHeads, dict]
         map_location: passed to torch.load.
     Returns: (model in eval mode, the checkpoint dict).
 
-    >>> model, ckpt = load_heads("runs/heads/best.pt")
-    >>> ckpt["class_names"][:2]
+    >>> model, ckpt = load_heads("runs/heads/best.pt")  # doctest: +SKIP
+    >>> ckpt["class_names"][:2]  # doctest: +SKIP
     ['Angry', 'Disgust']
     """
     path = Path(checkpoint_path)

@@ -88,7 +88,7 @@ def ablate(features_path, out_dir, cfg: AblationConfig = AblationConfig(),
         train_cfg: TrainConfig of every run (its seed is replaced by seed, seed + 1, ...).
     Returns: {"runs": [...], "summary": {...}, "markdown": str, "table_md": path, "runs_csv": path}.
 
-    >>> ablate("feats.h5", "runs/ablate", AblationConfig(seeds=3))["table_md"]
+    >>> ablate("feats.h5", "runs/ablate", AblationConfig(seeds=3))["table_md"]  # doctest: +SKIP
     'runs/ablate/table.md'
     """
     out_dir = check_writable(out_dir)  # a read-only --out is one line before any work

