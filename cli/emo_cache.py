@@ -76,7 +76,7 @@ def salvage(store: Path, check: bool) -> None:
     the stage that builds the store: it skips the kept clips and redoes the dropped ones.
     """
     from emotion_attention.cache.common import check_store  # lazy: h5py
-    from emotion_attention.cache.common import salvage as salvage_store
+    from emotion_attention.cache.common import salvage as salvage_store  # lazy: keeps this module's import (and --help) cheap
 
     if check:
         problems = check_store(store)

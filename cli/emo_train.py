@@ -77,7 +77,7 @@ def store_folds_of(value: str | None, features) -> tuple:
         return ()
     if value.strip().lower() == "all":
         from emotion_attention.cache.features_store import FeaturesStore  # lazy: h5py
-        from emotion_attention.pipeline.data.folds import store_folds
+        from emotion_attention.pipeline.data.folds import store_folds  # lazy: keeps this module's import (and --help) cheap
 
         with FeaturesStore(features, "r") as store:
             return tuple(store_folds(store))

@@ -174,7 +174,7 @@ def resolve_device(name: str, local_rank: int = 0):
     >>> resolve_device("cpu")
     device(type='cpu')
     """
-    import torch
+    import torch  # lazy: torch is paid only when this runs
 
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -191,7 +191,7 @@ def resolve_device(name: str, local_rank: int = 0):
 
 def cpu_has_bf16() -> bool:
     """True when oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX), so bf16 is fast."""
-    import torch
+    import torch  # lazy: torch is paid only when this runs
 
     mkldnn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(mkldnn_check()) if mkldnn_check is not None else False

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from emotion_attention.cache.common import diff_settings
+from emotion_attention.cache.errors import StoreMismatch
 from emotion_attention.pipeline.configs import HeadsConfig
 from emotion_attention.pipeline.models.checkpoint import CheckpointError, read_checkpoint
 
@@ -332,8 +334,6 @@ def check_checkpoint_fits(store, ckpt: dict, checkpoint, view: int = 0) -> str:
     >>> check_checkpoint_fits(store, ckpt, "runs/heads/best.pt")  # doctest: +SKIP
     ''
     """
-    from emotion_attention.cache.common import diff_settings
-    from emotion_attention.cache.errors import StoreMismatch
 
     stored, trained = dict(store.provenance), dict(ckpt["provenance"])
     views = [(stored.pop(k, None), trained.pop(k, None)) for k in VIEW_KEYS][0]
@@ -355,7 +355,6 @@ def check_checkpoint_fits(store, ckpt: dict, checkpoint, view: int = 0) -> str:
 
 def _faces_diffs(store_faces: Optional[dict], ckpt_faces: Optional[dict], store_fp, ckpt_fp) -> list[str]:
     """The faces settings in which two faces stores differ, or their fingerprints where a side records none."""
-    from emotion_attention.cache.common import diff_settings
 
     if store_faces is not None and ckpt_faces is not None:
         lines = diff_settings(store_faces, ckpt_faces, have="the store's faces have", want="the checkpoint's have")

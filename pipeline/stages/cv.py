@@ -160,7 +160,7 @@ def run_cv(features_path, out_dir, train_cfg: TrainConfig = TrainConfig(), heads
     write_confusion_csv(out_dir / "confusion_sum.csv", confusion, summary["class_names"])
     fig = plot_confusion(confusion, summary["class_names"], title=f"summed over {', '.join(map(str, summary['folds']))}")
     fig.savefig(out_dir / "confusion_sum.png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is paid only when this runs
     plt.close(fig)
     return {"results": results, "summary": summary, "markdown": markdown, "cv_md": str(out_dir / "cv.md"),
             "cv_csv": str(out_dir / "cv.csv"), "confusion_png": str(out_dir / "confusion_sum.png")}

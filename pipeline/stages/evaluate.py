@@ -132,7 +132,7 @@ def write_report(out_dir: Path, metrics: dict, records: list[dict], failures: li
     write_confusion_csv(out_dir / "confusion_normalised.csv", row_normalise(confusion), class_names)
     fig = plot_confusion(confusion, class_names)
     fig.savefig(out_dir / "confusion.png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is paid only when this runs
     plt.close(fig)
     write_predictions(out_dir, records, class_names)
 

@@ -21,9 +21,13 @@ from typing import Optional, Sequence
 from urllib.parse import quote
 
 import numpy as np
+from tqdm import tqdm
 
+from emotion_attention.cache import FacesStore, FeaturesStore
+from emotion_attention.cache.common import diff_settings, flatten_settings
 from emotion_attention.cache.errors import StoreMismatch, clip_filename
 from emotion_attention.pipeline.configs import ExplainConfig
+from emotion_attention.pipeline.core.runtime import Failure, FailureLog
 from emotion_attention.pipeline.core.stage import write_resolved_config
 
 # Clip ids and class names are user text: "$" in them must stay a dollar, not start matplotlib's mathtext.
@@ -45,8 +49,8 @@ def attention_heat(attention: np.ndarray, size: int) -> np.ndarray:
     >>> bool(heat[:4, 4:].mean() > 3 * heat[4:, :4].mean())
     True
     """
-    import torch
-    import torch.nn.functional as F
+    import torch  # lazy: torch is paid only when this runs
+    import torch.nn.functional as F  # lazy: torch is paid only when this runs
 
     r, l = attention.shape
     g = math.isqrt(l)
@@ -156,7 +160,7 @@ def explanation_figure(faces: np.ndarray, present: np.ndarray, frame_probs: np.n
     >>> fig = explanation_figure(faces, present, probs_f, weights, probs, names, attn)  # doctest: +SKIP
     >>> write_explanation("clip.png", fig)  # doctest: +SKIP
     """
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is paid only when this runs
 
     with matplotlib.rc_context(PLAIN_TEXT):
         return _explanation_figure(faces, present, frame_probs, frame_weights, video_probs, class_names, attention,
@@ -165,7 +169,7 @@ def explanation_figure(faces: np.ndarray, present: np.ndarray, frame_probs: np.n
 
 def _explanation_figure(faces, present, frame_probs, frame_weights, video_probs, class_names, attention, title,
                         true_label, head_names, frame_numbers, cfg: ExplainConfig):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib is paid only when this runs
 
     cfg.validate()
     chosen = int(np.argmax(video_probs))
@@ -256,8 +260,8 @@ def figure_to_rgb(fig) -> np.ndarray:
     >>> figure_to_rgb(Figure(figsize=(2, 1), dpi=50)).shape
     (50, 100, 3)
     """
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    import matplotlib  # lazy: matplotlib is paid only when this runs
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is paid only when this runs
 
     canvas = FigureCanvasAgg(fig)
     with matplotlib.rc_context(PLAIN_TEXT):
@@ -368,8 +372,8 @@ def figure_name(video_id: str) -> str:
 # -- stage side (files) -----------------------------------------------------------------------
 def write_explanation(path, fig) -> Path:
     """Save a figure as PNG (Agg) and return its path."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    import matplotlib  # lazy: matplotlib is paid only when this runs
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is paid only when this runs
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -415,10 +419,6 @@ def explain_evaluation(faces_path, records: Sequence[dict], class_names: Sequenc
     >>> m = evaluate("feats.h5", "best.pt", "Val")  # doctest: +SKIP
     >>> explain_evaluation("faces.h5", m["records"], names, "runs/eval/explain", "feats.h5")  # doctest: +SKIP
     """
-    from tqdm import tqdm
-
-    from emotion_attention.cache import FacesStore, FeaturesStore
-    from emotion_attention.pipeline.core.runtime import Failure, FailureLog
 
     cfg.validate()
     out_dir = Path(out_dir)
@@ -450,7 +450,6 @@ def check_explain_faces(faces_path, features_path, clip_ids: Optional[Sequence[s
 
     >>> check_explain_faces("faces.h5", "feats.h5")  # doctest: +SKIP
     """
-    from emotion_attention.cache import FacesStore, FeaturesStore
 
     with FeaturesStore(features_path, "r") as feats:
         ids = feats.complete_ids() if clip_ids is None else list(clip_ids)
@@ -474,7 +473,6 @@ def check_faces_made_features(store, faces_path, features_path, fingerprint: Opt
     """
     fix = f"pass the faces store given to `emo-cache extract` for {features_path} with --faces"
     if fingerprint is not None and store.fingerprint != fingerprint:
-        from emotion_attention.cache.common import diff_settings
 
         if faces_config is not None:
             diffs = diff_settings(faces_config, store.config, have="the features' faces store has",
@@ -501,8 +499,6 @@ def check_faces_made_features(store, faces_path, features_path, fingerprint: Opt
 
 
 def _settings_line(config: dict, limit: int = 12) -> str:
-    from emotion_attention.cache.common import flatten_settings
-
     items = [f"{k}={v!r}" for k, v in sorted(flatten_settings(config).items()) if k != "class_names"]
     return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
 

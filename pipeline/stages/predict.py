@@ -22,13 +22,31 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from emotion_attention.cache import FacesStore, FeaturesStore
+from emotion_attention.cache.common import diff_settings
 from emotion_attention.cache.errors import ConfigError, UserError, clip_filename
 from emotion_attention.pipeline import __version__
 from emotion_attention.pipeline.configs import AFEW_CLASSES as _AFEW_ORDER
-from emotion_attention.pipeline.configs import TRAINING_FREE, PredictConfig
-from emotion_attention.pipeline.core.runtime import Failure, FailureLog, check_writable, resolve_device
+from emotion_attention.pipeline.configs import TRAINING_FREE, ExplainConfig, ExtractConfig, PredictConfig
+from emotion_attention.pipeline.core.runtime import Failure, FailureLog, check_writable, file_sha256, resolve_device
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
+from emotion_attention.pipeline.data.clips import Clip
+from emotion_attention.pipeline.data.decode import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    DecodeError,
+    list_frame_images,
+    natural_key,
+)
+from emotion_attention.pipeline.faces.align import load_aligner
+from emotion_attention.pipeline.models.extractor import FeatureExtractor
+from emotion_attention.pipeline.models.fer import FER_TO_AFEW, default_fer_weights
+from emotion_attention.pipeline.models.heads import load_heads, softmax_pool
+from emotion_attention.pipeline.stages.explain import explanation_figure, write_explanation, write_index
+from emotion_attention.pipeline.stages.faces import damage_note, process_clip
+from emotion_attention.pipeline.training.metrics import predict_video
 
 AFEW_CLASSES = list(_AFEW_ORDER)  # the training-free mode's classes: fer's logits reordered to AFEW's order
 
@@ -51,7 +69,6 @@ def resolve_inputs(paths: Sequence, _listed_in: Optional[Path] = None, log=None)
     >>> resolve_inputs(["data/samples/single_face.mp4", "data/samples/single_face.jpg"])  # doctest: +SKIP
     [(PosixPath('data/samples/single_face.mp4'), 'video'), (PosixPath('data/samples/single_face.jpg'), 'frames')]
     """
-    from emotion_attention.pipeline.data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
     where = f" (listed in {_listed_in})" if _listed_in else ""
     resolved = []
@@ -83,8 +100,6 @@ def folder_inputs(folder: Path, where: str = "", log=None) -> list[tuple[Path, s
     when it holds videos or frame folders, each video, each image (a one-frame clip) and each frame folder in
     it, in natural order (a frame sequence never sits beside a video, so a user who puts stills beside videos
     means them one by one). Other files are named in one ``log`` line, never dropped silently."""
-    from emotion_attention.pipeline.data.decode import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_frame_images,
-                                                        natural_key)
 
     entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=natural_key)
     videos = [p for p in entries if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
@@ -121,7 +136,6 @@ def tp_predict(frame_scores: np.ndarray, present: np.ndarray) -> dict:
     >>> out["pred"], round(float(out["frame_weights"][1]), 3)
     (1, 0.85)
     """
-    from emotion_attention.pipeline.models.heads import softmax_pool
 
     scores = torch.as_tensor(np.asarray(frame_scores, np.float32))[None]  # (1, F, E)
     mask = torch.as_tensor(np.asarray(present, bool))[None]
@@ -182,7 +196,6 @@ class FerScorer(_ExtractorScorer):
     @torch.no_grad()
     def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
         """maps float (F, L, D) (zeros where absent) -> prediction dict with CAM ``attention``."""
-        from emotion_attention.pipeline.models.fer import FER_TO_AFEW
 
         f, l, d = maps.shape
         g = int(round(l ** 0.5))
@@ -205,8 +218,6 @@ class HeadsScorer(_ExtractorScorer):
     head_names = None
 
     def __init__(self, checkpoint: str, cfg: PredictConfig, device: torch.device):
-        from emotion_attention.pipeline.models.heads import load_heads
-
         self.heads, self.ckpt = load_heads(checkpoint)
         self.heads.to(device)
         self.class_names = list(self.ckpt["class_names"])
@@ -215,7 +226,6 @@ class HeadsScorer(_ExtractorScorer):
     def notes(self, cfg: PredictConfig) -> list[str]:
         """A line per face setting in which this run's faces differ from those the checkpoint's features were
         made from (when it records them): the heads then see faces made otherwise than in training."""
-        from emotion_attention.cache.common import diff_settings
 
         trained = self.ckpt.get("faces_config")
         if not trained:
@@ -227,8 +237,6 @@ class HeadsScorer(_ExtractorScorer):
                 if line.startswith(keep) and not line.startswith("face.predictor_path")]
 
     def score(self, maps: np.ndarray, present: np.ndarray) -> dict:
-        from emotion_attention.pipeline.training.metrics import predict_video
-
         return predict_video(self.heads, maps, present)
 
 
@@ -237,7 +245,6 @@ def backbone_weights(provenance: dict, cfg: PredictConfig, checkpoint: str) -> t
 
     Raises ValueError naming the checkpoint when the backbone or the weights file does not match.
     """
-    from emotion_attention.pipeline.core.runtime import file_sha256
 
     name, recorded = provenance.get("backbone"), str(provenance.get("weights", ""))
     if name is None:
@@ -253,7 +260,6 @@ def backbone_weights(provenance: dict, cfg: PredictConfig, checkpoint: str) -> t
                   if p.is_file() and file_sha256(p) == recorded]
         weights = str(beside[0]) if beside else ""
     if not weights and name == TRAINING_FREE:
-        from emotion_attention.pipeline.models.fer import default_fer_weights
         weights = str(default_fer_weights())
     if not weights:
         raise ConfigError(f"{checkpoint}: its features came from {name} weights with sha256 {recorded[:12]}...;"
@@ -273,15 +279,12 @@ def check_predict(cfg: PredictConfig) -> None:
     """
     cfg.validate()
     if cfg.checkpoint:
-        from emotion_attention.pipeline.models.heads import load_heads
         _, ckpt = load_heads(cfg.checkpoint)
         backbone_weights(ckpt["provenance"], cfg, cfg.checkpoint)
 
 
 def extractor_for(provenance: dict, cfg: PredictConfig, checkpoint: str):
     """The FeatureExtractor that made a checkpoint's features, rebuilt from its provenance."""
-    from emotion_attention.pipeline.configs import ExtractConfig
-    from emotion_attention.pipeline.models.extractor import FeatureExtractor
 
     name, weights, seed = backbone_weights(provenance, cfg, checkpoint)
     return FeatureExtractor(ExtractConfig(
@@ -336,8 +339,6 @@ def predict_one(path: Path, scorer, cfg: PredictConfig, keep_maps: bool = False,
                 key: Optional[str] = None) -> VideoResult:
     """Decode + align (``pipeline.preprocess.process_clip``, as emo-cache faces), backbone, heads for one
     video, frame folder or image (``kind`` "video" or "frames"); raises DecodeError / NoFaceError on bad input."""
-    from emotion_attention.pipeline.data.clips import Clip
-    from emotion_attention.pipeline.stages.faces import process_clip
 
     t0 = time.perf_counter()
     clip = Clip(f"predict/unknown/{key or video_key(str(path))}", path, "", "predict", kind)
@@ -361,9 +362,6 @@ def load_scorer(cfg: PredictConfig):
     """FerScorer without a checkpoint, HeadsScorer with one; models load once, here."""
     if cfg.checkpoint:
         return HeadsScorer(cfg.checkpoint, cfg, resolve_device(cfg.device))
-    from emotion_attention.pipeline.configs import ExtractConfig
-    from emotion_attention.pipeline.models.extractor import FeatureExtractor
-    from emotion_attention.pipeline.models.fer import default_fer_weights
 
     return FerScorer(FeatureExtractor(ExtractConfig(
         backbone=TRAINING_FREE, weights=cfg.weights or str(default_fer_weights()), views=1,
@@ -386,12 +384,7 @@ def predict_videos(videos: Sequence, out_dir, cfg: PredictConfig = PredictConfig
     >>> out = predict_videos(["data/samples/single_face.mp4"], "runs/predict")  # doctest: +SKIP
     single_face.mp4: Happy (0.793)  [Angry 0.007 ...
     """
-    import cv2
-    from tqdm import tqdm
-
-    from emotion_attention.pipeline.data.decode import DecodeError
-    from emotion_attention.pipeline.faces.align import load_aligner
-    from emotion_attention.pipeline.stages.faces import damage_note
+    import cv2  # lazy: OpenCV is paid only when this runs
 
     check_predict(cfg)
     inputs = resolve_inputs(videos, log=log)  # a path that is none of the accepted inputs stops here, before any work
@@ -542,7 +535,6 @@ def _write_frames_csv(path: Path, result: VideoResult, class_names: Sequence[str
 
 def _prediction_row(r: VideoResult, names: Sequence[str], frames_csv: str) -> dict:
     """One row of predictions.csv: the prediction, the frames, what decoding found, timing, the frames CSV."""
-    from emotion_attention.pipeline.stages.faces import damage_note
 
     p = r.prediction
     return {"video": r.path, "pred": names[p["pred"]], "confidence": round(float(p["probs"].max()), 6),
@@ -559,8 +551,6 @@ def _prediction_row(r: VideoResult, names: Sequence[str], frames_csv: str) -> di
 def _write_explanations(out_dir: Path, results, scorer, lost: Optional[list] = None, log=print) -> Path:
     """One Fig. 2-style PNG per video and an index.html over them; a figure that cannot be written is a
     Failure in ``lost`` and the others go on."""
-    from emotion_attention.pipeline.configs import ExplainConfig
-    from emotion_attention.pipeline.stages.explain import explanation_figure, write_explanation, write_index
 
     cfg = ExplainConfig()
     lost = [] if lost is None else lost
@@ -581,7 +571,6 @@ def _write_explanations(out_dir: Path, results, scorer, lost: Optional[list] = N
 def _write_stores(out_dir: Path, results, scorer, cfg: PredictConfig) -> None:
     """faces.h5 and features.h5 of the predicted videos, exactly as emo-cache writes them (same config,
     so the same fingerprint as `emo-cache faces` with these frame and face settings)."""
-    from emotion_attention.cache import FacesStore, FeaturesStore
 
     face_cfg = cfg.preprocess_config().store_config(scorer.class_names)
     with FacesStore(out_dir / "faces.h5", "a", config=face_cfg, code_version=__version__) as faces:
