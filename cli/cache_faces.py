@@ -26,11 +26,16 @@ FACE_DEFAULTS, DECODE_DEFAULTS, RUN_DEFAULTS = FaceConfig(), DecodeConfig(), Pre
 @click.option("--quick", is_flag=True, help="Decode only each video's first frame (misses truncated videos).")
 @click.option("--workers", type=int, default=None,
               help="Videos decoded in parallel (default: the cores this process may use).")
-def check(data: Path, classes: str | None, layout: str | None, quick: bool, workers: int | None) -> None:
+@click.option("--frame-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder a release's clips are read from when several hold them (default: found by content).")
+def check(data: Path, classes: str | None, layout: str | None, quick: bool, workers: int | None,
+          frame_root: Path | None) -> None:
     """Report clips per split x class (and per fold) and every problem (each naming its file); every video is
-    decoded to the end, so a truncated or damaged one is an error. Exit 1 on errors."""
+    decoded to the end, so a truncated or damaged one is an error. Exit 1 on errors, and when the dataset, a
+    split or a fold yields no clip."""
     report = check_dataset(data, split_classes(classes), layout=layout, quick=quick,
-                           workers=usable_cores() if workers is None else workers)
+                           workers=usable_cores() if workers is None else workers,
+                           **({"frame_root": str(frame_root)} if frame_root else {}))
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)
@@ -78,12 +83,19 @@ def check(data: Path, classes: str | None, layout: str | None, quick: bool, work
               help="Exit non-zero when more than this share of clips fail.")
 @click.option("--layout", type=click.Choice(list(LAYOUTS)), default=None,
               help="Dataset layout (default: detected).")
+@click.option("--frame-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder a release's clips are read from when several hold them (default: found by content).")
+@click.option("--task-frames", type=int, default=RUN_DEFAULTS.task_frames, show_default=True,
+              help="Short clips are batched into worker tasks of about this many frames.")
+@click.option("--stream-frames", type=int, default=RUN_DEFAULTS.stream_frames, show_default=True,
+              help="Longer clips stream through a part file of their own (bounded memory); shorter ones travel"
+                   " in memory. 0: every clip through a part file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def faces(data: Path, out: Path, workers: int, backend: str, scheduler: str | None, classes: str | None,
           fps_cap: float | None, max_frames: int | None, every_nth: int, size: int, padding: float, mode: str,
           detect_width: int, redetect_every: int, prealigned: str, predictor_path: str, compression: str,
           max_fail_fraction: float, codec: str, jpeg_quality: int, jpeg_chroma_quality: int, shard: str | None,
-          layout: str | None, quiet: bool) -> None:
+          layout: str | None, frame_root: Path | None, task_frames: int, stream_frames: int, quiet: bool) -> None:
     """Align every clip's faces into the faces store OUT (resumable; failures in OUT.failures.jsonl)."""
     face = FaceConfig(size=size, padding=padding, mode=mode, detect_width=detect_width,
                       redetect_every=redetect_every, prealigned=prealigned, predictor_path=predictor_path)
@@ -92,9 +104,11 @@ def faces(data: Path, out: Path, workers: int, backend: str, scheduler: str | No
                            class_names=split_classes(classes),
                            compression=None if compression == "none" else compression,
                            max_fail_fraction=max_fail_fraction, codec=codec, jpeg_quality=jpeg_quality,
-                           jpeg_chroma_quality=jpeg_chroma_quality)
+                           jpeg_chroma_quality=jpeg_chroma_quality, task_frames=task_frames,
+                           stream_frames=stream_frames)
     summary = preprocess_dataset(data, out, cfg, workers=workers, backend=backend, scheduler=scheduler,
-                                 progress=not quiet, layout=layout, shard=shard)  # checks its arguments first
+                                 progress=not quiet, layout=layout, shard=shard,
+                                 frame_root=str(frame_root) if frame_root else None)  # checks its arguments first
     click.echo(summary.format())
     if not summary.ok:
         sys.exit(1)

@@ -419,11 +419,20 @@ class PreprocessConfig:
                                         # smaller than raw with maps within 2e-2 (README, "Faces store codecs")
     jpeg_quality: int = DEFAULT_CODEC.quality        # JPEG luma quality (jpeg only)
     jpeg_chroma_quality: int = DEFAULT_CODEC.chroma  # JPEG chroma quality (jpeg only)
+    task_frames: int = 64               # run policy: short clips are batched into worker tasks of about this many
+                                        # frames (one task per photo costs more than its faces; bench_faces_clips)
+    stream_frames: int = 256            # run policy: a clip planned to keep more frames goes through a part file
+                                        # of its own (memory stays bounded); shorter ones travel in memory to the
+                                        # writer. 0: every clip through a part file (the pre-batching way)
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad field; never changes a value."""
         self.face.validate()
         self.decode.validate()
+        if self.task_frames < 1:
+            raise ConfigError(f"task_frames={self.task_frames}: must be >= 1 (1: one clip per worker task)")
+        if self.stream_frames < 0:
+            raise ConfigError(f"stream_frames={self.stream_frames}: must be >= 0 (0: every clip through a part file)")
         if self.compression not in (None, "lzf", "gzip"):
             raise ConfigError(f"compression={self.compression!r}: use None, 'lzf' or 'gzip'")
         if not 0 <= self.max_fail_fraction <= 1:

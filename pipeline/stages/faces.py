@@ -1,13 +1,16 @@
 """The faces stage: every clip of a dataset -> aligned face chips in one resumable faces store.
 
-Each clip is decoded, aligned and written in chunks of frames (CHUNK_FRAMES), so memory does not grow
-with a clip's length. With one worker the clip is written straight into the store. With several (joblib
-loky processes, or a dask cluster), each worker writes its clip, encoded with the store's codec, into a
-part file of its own under ``<out>.parts/``; the main process, the only writer of the store, copies the
-finished clip in (HDF5 object copies, no decoding) and commits it whole with its ``complete`` mark last.
-Chips thus never travel through a pipe, and the store is the same whatever the worker count. A rerun
-skips complete clips; a bad clip goes into the failure log and the run carries on; a full disk stops the
-run with StoreFull (committed clips kept, the workers ended) and a rerun finishes it.
+Clips are planned into worker tasks (``plan_tasks``): short clips (a photo, a 16-frame DFEW clip) are batched
+into tasks of about ``task_frames`` frames, decoded and aligned in memory, their chips encoded with the store's
+codec, and handed back to the writer in memory; a clip of more than ``stream_frames`` frames is written in
+chunks (CHUNK_FRAMES), encoded, into a part file of its own under ``<out>.parts/``, so memory never grows with
+a clip's length. Tasks run in this process (one worker) or in joblib loky processes or on a dask cluster; the
+main process is the only writer of the store either way: it checks the disk space a clip needs, writes it
+whole (or copies it in from its part file: HDF5 object copies, no decoding) and commits it with its
+``complete`` mark last. No clip in flight is ever in the store's file, so a kill or a full disk loses at most
+the clips in flight, and the store is the same whatever the worker count. A rerun skips complete clips; a bad
+clip goes into the failure log and the run carries on; a full disk stops the run with StoreFull (committed
+clips kept, the workers ended) and a rerun finishes it.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from emotion_attention.cache import HOW, FacesStore, StoreFull
+from emotion_attention.cache.common import FREE_RESERVE, free_bytes, is_disk_full
 from emotion_attention.cache.codecs import bytes_per_frame
 from emotion_attention.cache.errors import ConfigError, clip_filename
 from emotion_attention.cache.faces_store import ENCODED_FACES
@@ -43,7 +47,7 @@ from emotion_attention.pipeline.core.runtime import (
     usable_cores,
     warn_oversubscribed,
 )
-from emotion_attention.pipeline.data.clips import Clip, Problem
+from emotion_attention.pipeline.data.clips import Clip, DatasetError, Problem
 from emotion_attention.pipeline.data.decode import (
     DecodeStats,
     folder_is_square,
@@ -57,6 +61,7 @@ from emotion_attention.pipeline.faces.align import (
     CHUNK_FRAMES,
     align_clip_chunks,
     concat_chunks,
+    empty_clip_arrays,
     load_aligner,
     resize_prealigned_chunks,
 )
@@ -68,9 +73,9 @@ PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per clip in flight with s
 
 # -- one clip, no store ---------------------------------------------------------------------------
 def is_prealigned(clip: Clip, cfg: FaceConfig) -> bool:
-    """Frame folders of already aligned faces skip detection. auto: every image is square (read from the
-    image headers, so one full frame among square faces sends the whole folder to detection)."""
-    if clip.kind != "frames" or cfg.prealigned == "no":
+    """Frame folders and still images of already aligned faces skip detection. auto: every image is square
+    (read from the image headers, so one full frame among square faces sends the whole folder to detection)."""
+    if clip.kind not in ("frames", "image") or cfg.prealigned == "no":
         return False
     if cfg.prealigned == "yes":
         return True
@@ -81,7 +86,7 @@ def process_clip_chunks(clip: Clip, cfg: PreprocessConfig) -> tuple[Iterator[dic
     """Decode one clip and align its subject's face in every kept frame, CHUNK_FRAMES frames at a time.
 
     Arguments:
-        clip: a Clip from scan_dataset (video file or frame folder).
+        clip: a Clip from scan_dataset (video file, frame folder or still image).
         cfg: PreprocessConfig (its face and decode parts are used).
     Returns:
         (chunks, clip_attrs): an iterator of faces-store arrays for consecutive runs of frames (see
@@ -93,7 +98,7 @@ def process_clip_chunks(clip: Clip, cfg: PreprocessConfig) -> tuple[Iterator[dic
         info = probe_video(clip.path)
         fps, total = info.fps, info.frame_count
     else:
-        fps, total = cfg.decode.folder_fps, len(list_frame_images(clip.path))
+        fps, total = cfg.decode.folder_fps, clip.frames if clip.frames >= 0 else len(list_frame_images(clip.path))
     stats = DecodeStats()  # decode side of the damage record: frames decoded vs the container's count
     frames = iter_clip_frames(clip.path, clip.kind, cfg.decode, stats)
     if is_prealigned(clip, cfg.face):
@@ -130,9 +135,41 @@ def process_clip(clip: Clip, cfg: PreprocessConfig) -> tuple[dict[str, np.ndarra
     return arrays, clip_attrs()
 
 
+def encoded_clip(clip: Clip, cfg: PreprocessConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """A short clip's faces-store arrays with its chips already encoded in the store's codec (``faces`` and
+    ``encoded_faces`` are then the same object array of bytes), chunk by chunk: what a worker hands the writer
+    in memory, a few KiB per JPEG chip instead of S x S x 3 bytes."""
+    chunks, clip_attrs = process_clip_chunks(clip, cfg)
+    codec = cfg.store_codec
+    parts = []
+    for chunk in chunks:
+        if codec.encoded:
+            chunk = {**chunk, "faces": codec.encode_many(chunk["faces"])}
+        parts.append(chunk)
+    if not parts:
+        arrays = empty_clip_arrays(cfg.face.size)
+    else:
+        arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    if codec.encoded:
+        arrays[ENCODED_FACES] = arrays["faces"]
+    return arrays, clip_attrs()
+
+
+def encoded_nbytes(arrays: dict) -> int:
+    """Bytes a clip's arrays put on disk (encoded chips counted by their length, not their pointers)."""
+    total = 0
+    for name, value in arrays.items():
+        if name == ENCODED_FACES:
+            continue
+        value = np.asarray(value)
+        total += sum(len(row) for row in value) if value.dtype == object else value.nbytes
+    return total
+
+
 def write_clip(store: FacesStore, clip: Clip, cfg: PreprocessConfig) -> int:
     """Decode, align and write one clip into ``store`` chunk by chunk, then commit it whole; returns its
-    frame count. A clip that fails midway leaves no group behind; StoreFull passes through."""
+    frame count. A clip that fails midway leaves no group behind; StoreFull passes through. (The stage
+    itself writes in-flight clips into part files or memory first, never into the store: see run_task.)"""
     chunks, clip_attrs = process_clip_chunks(clip, cfg)
     writer = store.begin_clip(clip.clip_id, cfg.face.size, cfg.compression)
     try:
@@ -149,11 +186,13 @@ def write_clip(store: FacesStore, clip: Clip, cfg: PreprocessConfig) -> int:
 
 @dataclass
 class ClipResult:
-    """What a clip job hands back to the writer: where its frames are, or why it failed."""
+    """What a clip job hands back to the writer: its rows in memory, the part file holding it, or why it failed."""
     clip: Clip
-    part: Optional[Path] = None   # part file holding the committed clip (several workers); None: in the store
-    error: Optional[str] = None   # why the clip failed (logged; the run carries on)
-    full: bool = False            # the disk filled: the run stops
+    part: Optional[Path] = None     # part file holding the committed clip (a long clip); None otherwise
+    arrays: Optional[dict] = None   # a short clip's rows, chips encoded in the store's codec (encoded_clip)
+    attrs: Optional[dict] = None    # its clip attributes (with ``arrays``)
+    error: Optional[str] = None     # why the clip failed (logged; the run carries on)
+    full: bool = False              # the disk filled: the run stops
     seconds: float = 0.0
 
 
@@ -161,21 +200,20 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_clip_in_store(store: FacesStore, clip: Clip, cfg: PreprocessConfig) -> ClipResult:
-    """One worker: write the clip straight into the store; a bad clip becomes an error for the log."""
+def run_clip_in_memory(clip: Clip, cfg: PreprocessConfig) -> ClipResult:
+    """A short clip, decoded and aligned into memory (chips encoded); never raises for a bad clip."""
     start = time.perf_counter()
     try:
-        write_clip(store, clip, cfg)
-    except StoreFull:
-        raise
+        arrays, attrs = encoded_clip(clip, cfg)
     except Exception as exc:  # any failure of one clip is logged and the run carries on
         return ClipResult(clip, error=failure_reason(exc), seconds=time.perf_counter() - start)
-    return ClipResult(clip, seconds=time.perf_counter() - start)
+    return ClipResult(clip, arrays=arrays, attrs=attrs, seconds=time.perf_counter() - start)
 
 
 def run_clip(clip: Clip, cfg: PreprocessConfig, store_config: dict, parts_dir: Path) -> ClipResult:
-    """A worker's job: write the clip, committed, into a part file of its own (``parts_dir``), encoded
-    with the store's codec; the writer copies it into the store. Never raises for a bad clip."""
+    """A long clip: written, committed, into a part file of its own (``parts_dir``), encoded with the store's
+    codec, so memory stays at one chunk; the writer copies it into the store. Never raises for a bad clip; a
+    full disk (also one that breaks HDF5's close of the part) is reported as ``full``."""
     start = time.perf_counter()
     part = Path(parts_dir) / clip_filename(clip.clip_id, ".h5")
     try:
@@ -187,36 +225,75 @@ def run_clip(clip: Clip, cfg: PreprocessConfig, store_config: dict, parts_dir: P
         return ClipResult(clip, error=str(exc), full=True, seconds=time.perf_counter() - start)
     except Exception as exc:  # any failure of one clip is logged and the run carries on
         part.unlink(missing_ok=True)
+        if is_disk_full(exc) or free_bytes(part) < FREE_RESERVE:  # HDF5 met the full disk (a close, a flush)
+            return ClipResult(clip, error=f"{part}: the disk filled while writing clip {clip.clip_id!r} ({exc})",
+                              full=True, seconds=time.perf_counter() - start)
         return ClipResult(clip, error=failure_reason(exc), seconds=time.perf_counter() - start)
     return ClipResult(clip, part=part, seconds=time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class Task:
+    """One worker job: short clips that travel in memory, or one long clip that streams into a part file."""
+    clips: tuple
+    stream: bool = False
+
+
+def run_task(task: Task, cfg: PreprocessConfig, store_config: dict, parts_dir: Path) -> list[ClipResult]:
+    """A worker's job (see plan_tasks); never raises for a bad clip."""
+    if task.stream:
+        return [run_clip(task.clips[0], cfg, store_config, parts_dir)]
+    return [run_clip_in_memory(clip, cfg) for clip in task.clips]
+
+
 # -- many clips ------------------------------------------------------------------------------------
+MAX_TASK_CLIPS = 256  # clips per task at most (clips of zero planned frames would otherwise pile up)
+
+
+def plan_tasks(clips: list[Clip], cfg: PreprocessConfig, frames: dict) -> list[Task]:
+    """Clips (longest first) in worker tasks: a clip of more than stream_frames planned frames alone, through a
+    part file; one of task_frames or more alone, in memory; shorter ones together until a task holds about
+    task_frames frames. One task per clip costs a dispatch, a pickle and a wake-up each, more than the faces
+    of one photo (bench/bench_faces_clips.py)."""
+    tasks, batch, held = [], [], 0
+    for clip in clips:
+        n = frames[clip.clip_id]
+        if n > cfg.stream_frames or n >= cfg.task_frames:
+            tasks.append(Task((clip,), stream=n > cfg.stream_frames))
+            continue
+        batch.append(clip)
+        held += n
+        if held >= cfg.task_frames or len(batch) >= MAX_TASK_CLIPS:
+            tasks.append(Task(tuple(batch)))
+            batch, held = [], 0
+    return tasks + ([Task(tuple(batch))] if batch else [])
+
+
 def clip_cost(clip: Clip) -> int:
     """Rough work estimate, to start the longest clips first so workers finish together."""
     if clip.kind == "video":
         return clip.path.stat().st_size if clip.path.is_file() else 0
-    return len(list_frame_images(clip.path)) * 50_000
+    return max(clip.frames, 0) * 50_000
 
 
-def run_clips(clips: list[Clip], cfg: PreprocessConfig, workers: int, backend: str, scheduler: Optional[str],
-              store: FacesStore, store_config: dict, parts_dir: Path) -> Iterator[ClipResult]:
-    """Results in completion order: in this process straight into the store (1 loky worker), or as part
-    files from loky processes or a dask cluster (whose workers must see ``parts_dir``)."""
+def run_tasks(tasks: list[Task], cfg: PreprocessConfig, workers: int, backend: str, scheduler: Optional[str],
+              store_config: dict, parts_dir: Path) -> Iterator[list[ClipResult]]:
+    """Each task's results in completion order: in this process (1 loky worker), or from loky processes or a
+    dask cluster (whose workers must see ``parts_dir`` for the long clips)."""
     if backend == "loky" and workers == 1:
-        return (run_clip_in_store(store, clip, cfg) for clip in clips)
-    jobs = (delayed(run_clip)(clip, cfg, store_config, parts_dir) for clip in clips)
+        return (run_task(task, cfg, store_config, parts_dir) for task in tasks)
+    jobs = (delayed(run_task)(task, cfg, store_config, parts_dir) for task in tasks)
     if backend == "loky":
-        return Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")(jobs)
+        return Parallel(n_jobs=workers, backend="loky", batch_size=1, return_as="generator_unordered")(jobs)
     return run_on_dask(jobs, workers, scheduler)
 
 
-def run_on_dask(jobs: Iterable, workers: int, scheduler: str) -> Iterator[ClipResult]:
-    """The same clip jobs through joblib's dask backend on the cluster at ``scheduler``."""
+def run_on_dask(jobs: Iterable, workers: int, scheduler: str) -> Iterator[list[ClipResult]]:
+    """The same tasks through joblib's dask backend on the cluster at ``scheduler``."""
     from dask.distributed import Client  # optional: only a dask run needs it
 
     with Client(scheduler), parallel_config(backend="dask"):
-        yield from Parallel(n_jobs=workers, return_as="generator_unordered")(jobs)
+        yield from Parallel(n_jobs=workers, batch_size=1, return_as="generator_unordered")(jobs)
 
 
 def stop_workers(results: Iterable) -> None:
@@ -353,9 +430,11 @@ def problem_failure(problem: Problem) -> Failure:
 
 
 def planned_frames(clip: Clip, cfg: DecodeConfig) -> int:
-    """Frames a clip will keep, from the container's count (no decoding) or the folder's images."""
-    if clip.kind == "frames":
-        total, fps = len(list_frame_images(clip.path)), cfg.folder_fps
+    """Frames a clip will keep, from the container's count (no decoding) or the folder's images (counted by
+    the scan)."""
+    if clip.kind in ("frames", "image"):
+        total = clip.frames if clip.frames >= 0 else len(list_frame_images(clip.path))
+        fps = cfg.folder_fps
     else:
         cap = cv2.VideoCapture(str(clip.path))
         total, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), float(cap.get(cv2.CAP_PROP_FPS) or 0)
@@ -366,10 +445,10 @@ def planned_frames(clip: Clip, cfg: DecodeConfig) -> int:
     return min(kept, cfg.max_frames) if cfg.max_frames is not None else kept
 
 
-def check_space(out_path: Path, clips: list[Clip], cfg: PreprocessConfig) -> int:
+def check_space(out_path: Path, clips: list[Clip], cfg: PreprocessConfig, planned: Optional[dict] = None) -> int:
     """Refuse a run whose store cannot fit on its disk (frames x bytes per frame of the codec), before any
-    work; returns the estimated bytes still to write."""
-    frames = sum(planned_frames(c, cfg.decode) for c in clips)
+    work; returns the estimated bytes still to write. ``planned``: clip id -> planned frames, when known."""
+    frames = sum(planned[c.clip_id] if planned else planned_frames(c, cfg.decode) for c in clips)
     needed = frames * bytes_per_frame(cfg.store_codec, cfg.face.size)
     free = shutil.disk_usage(out_path.parent).free
     if needed > free:
@@ -392,13 +471,13 @@ def shard_clips(clips: list[Clip], shard: Optional[str]) -> list[Clip]:
 def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = PreprocessConfig(),
                        workers: Optional[int] = None, backend: str = "loky", scheduler: Optional[str] = None,
                        progress: bool = True, layout: Optional[str] = None,
-                       shard: Optional[str] = None) -> PreprocessSummary:
+                       shard: Optional[str] = None, frame_root: Optional[str] = None) -> PreprocessSummary:
     """Align every clip's faces into a faces store; resumable, one writer, failures logged.
 
     Arguments:
-        source: dataset folder (AFEW or ``<split>/<label>/<clip>``) or ``path,label,split`` CSV.
+        source: dataset folder (AFEW, ``<split>/<label>/<clip>``, a release) or ``path,label,split`` CSV.
         out_path: the faces store (``.h5``); created, or resumed when it holds the same config.
-        cfg: PreprocessConfig (face, decode, class names, compression, codec, max_fail_fraction).
+        cfg: PreprocessConfig (face, decode, class names, compression, codec, max_fail_fraction, batching).
         workers: parallel clip workers (loky processes, or dask jobs); None: the cores this process may use.
         backend: "loky" (this machine) or "dask" (a cluster at ``scheduler``, whose workers see ``out``'s folder).
         scheduler: dask scheduler address, e.g. ``tcp://10.0.0.5:8786`` (dask only).
@@ -406,11 +485,12 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
         layout: the dataset layout (``pipeline.layouts``); None detects it.
         shard: "K/N": only shard K of N of the clips (0 <= K < N), into a store of its own; join the
             shards with ``emo-cache merge``.
+        frame_root: the folder a release's clips are read from, when several hold them (``--frame-root``).
     Returns:
         PreprocessSummary: counts, failures (also in ``<out>.failures.jsonl``) and per-clip and
         per-class coverage. ``summary.ok`` is False when more than max_fail_fraction of clips failed.
         Raises StoreFull when the store cannot fit, or when the disk fills (committed clips are kept; a
-        rerun finishes the job).
+        rerun finishes the job), and DatasetError when the dataset, a split or a fold yields no clip.
 
     >>> summary = preprocess_dataset(Path("data/demo"), Path("runs/faces.h5"), PreprocessConfig(), workers=2)
     >>> print(summary.format())
@@ -418,7 +498,8 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
     workers = usable_cores() if workers is None else workers
     check_run_arguments(source, cfg, workers, backend, scheduler)
     parse_shard(shard)
-    scan = scan_dataset(Path(source), cfg.class_names, layout)
+    scan = scan_dataset(Path(source), cfg.class_names, layout, **({"frame_root": frame_root} if frame_root else {}))
+    refuse_empty(scan)
     clips = shard_clips(scan.clips, shard)
     out_path, log_path = Path(out_path), failure_log_path(out_path)
     store_config = cfg.store_config(scan.class_names)
@@ -430,18 +511,21 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
         for failure in failures:
             log.add(failure)
         todo = sorted((c for c in clips if not store.is_complete(c.clip_id)), key=clip_cost, reverse=True)
-        check_space(out_path, todo, cfg)
+        planned = {c.clip_id: planned_frames(c, cfg.decode) for c in todo}
+        check_space(out_path, todo, cfg, planned)
         shutil.rmtree(parts_dir, ignore_errors=True)  # parts of a killed run: we hold the store's lock
-        if workers > 1 or backend != "loky":
+        tasks = plan_tasks(todo, cfg, planned)
+        if any(task.stream for task in tasks):
             parts_dir.mkdir(parents=True, exist_ok=True)
-        results = run_clips(todo, cfg, workers, backend, scheduler, store, store_config, parts_dir)
+        results = run_tasks(tasks, cfg, workers, backend, scheduler, store_config, parts_dir)
+        bar = tqdm(total=len(todo), desc="faces", unit="clip", disable=not progress)
         try:
-            clip_failures = commit_results(store, tqdm(results, total=len(todo), desc="faces", unit="clip",
-                                                       disable=not progress), log)
+            clip_failures = commit_results(store, results, log, cfg, bar)
         except BaseException:
             stop_workers(results)
             raise
         finally:
+            bar.close()
             shutil.rmtree(parts_dir, ignore_errors=True)
         clip_cov, class_cov = coverage_report(store, clips)
     return PreprocessSummary(out_path, log_path, len(clips) + len(scan.errors), len(todo) - len(clip_failures),
@@ -449,20 +533,39 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
                              cfg.max_fail_fraction)
 
 
-def commit_results(store: FacesStore, results: Iterable[ClipResult], log: FailureLog) -> list[Failure]:
-    """The single writer: copy each finished part file's clip in and commit it whole (clips written in
-    place are committed already); log each failed clip (flushed at once); stop on a full disk."""
+def refuse_empty(scan) -> None:
+    """A dataset, split or fold that yields no clip stops the run before any work (DatasetError naming each,
+    with what was ignored and why)."""
+    empty = [p for p in scan.problems if p.reason == "empty"]
+    if empty:
+        raise DatasetError("\n  ".join(f"{p.path}: {p.message}" for p in empty)
+                           + ("\n  " + "\n  ".join(scan.notes) if not scan.clips and scan.notes else "")
+                           + "\n  (`emo-cache check` lists every problem)")
+
+
+def commit_results(store: FacesStore, results: Iterable[list[ClipResult]], log: FailureLog,
+                   cfg: Optional[PreprocessConfig] = None, bar=None) -> list[Failure]:
+    """The single writer: each finished clip is written whole from memory, or copied in from its part file,
+    and committed with its ``complete`` mark last; each failed clip is logged (flushed at once); a full disk
+    stops the run. Space is checked before a clip's first byte, so HDF5 never meets a full disk mid-clip."""
     failures = []
-    for result in results:
-        if result.full:
-            raise StoreFull(result.error)
-        if result.error is None:
-            if result.part is not None:
+    for batch in results:
+        for result in (batch if isinstance(batch, list) else [batch]):
+            if result.full:
+                raise StoreFull(result.error)
+            if result.error is not None:
+                failures.append(log.add(Failure("faces", str(result.clip.path), result.clip.clip_id, result.error)))
+            elif result.part is not None:
                 with FacesStore(result.part, "r") as part:
+                    store.ensure_space(result.clip.clip_id, result.part.stat().st_size)
                     copy_clip(part, store, result.clip.clip_id)
                 result.part.unlink()
-            continue
-        failures.append(log.add(Failure("faces", str(result.clip.path), result.clip.clip_id, result.error)))
+            elif result.arrays is not None:
+                store.ensure_space(result.clip.clip_id, encoded_nbytes(result.arrays))
+                store.write_clip(result.clip.clip_id, result.arrays, result.attrs,
+                                 cfg.compression if cfg is not None else None)
+            if bar is not None:
+                bar.update(1)
     return failures
 
 
