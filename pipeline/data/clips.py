@@ -82,6 +82,7 @@ class DatasetScan:
     declared: dict = field(default_factory=dict)  # part -> where the dataset names it: {"split Val": "Val/",
                                                   # "fold 3 test": ".../set_3.csv"}; an empty one is an error
     notes: list = field(default_factory=list)     # what the layout chose and why (frame root, list files)
+    dropped: list = field(default_factory=list)   # (clip, problem) of clips found, then left out (one file twice)
 
     @property
     def errors(self) -> list[Problem]:
@@ -204,11 +205,21 @@ def empty_parts(scan: DatasetScan) -> list[Problem]:
     if not scan.clips:
         return [Problem("error", str(scan.source), f"no clip found ({scan.layout} layout): "
                         f"{ignored_summary(scan.problems)}; {CLIP_FORMS}", reason="empty")]
-    have = Counter(f"split {c.split}" for c in scan.clips if not c.folds)
-    have.update(f"fold {k} {part}" for c in scan.clips for k, part in c.folds)
-    return [Problem("error", where, f"{part} yields no clip ({scan.layout} layout):"
-                    f" {ignored_summary(p for p in scan.problems if _concerns(p, where))}", reason="empty")
-            for part, where in sorted(scan.declared.items()) if not have[part]]
+    have = Counter(part for c in scan.clips for part in clip_parts(c))
+    empty = []
+    for part, where in sorted(scan.declared.items()):
+        if have[part]:
+            continue
+        ignored = [p for p in scan.problems if _concerns(p, where)]
+        ignored += [p for clip, p in scan.dropped if part in clip_parts(clip)]
+        empty.append(Problem("error", where, f"{part} yields no clip ({scan.layout} layout):"
+                             f" {ignored_summary(ignored)}", reason="empty"))
+    return empty
+
+
+def clip_parts(clip: Clip) -> list[str]:
+    """The parts a clip belongs to, as DatasetScan.declared names them: "split Val" or "fold 3 test", ..."""
+    return [f"fold {k} {part}" for k, part in clip.folds] if clip.folds else [f"split {clip.split}"]
 
 
 def _concerns(problem: Problem, where: str) -> bool:

@@ -862,7 +862,8 @@ def _flag_duplicates(scan: DatasetScan) -> None:
 
 def _flag_same_file(scan: DatasetScan) -> None:
     """One file (or link target) listed under two labels or in two splits: which one is right cannot be known,
-    and a file in both train and test leaks; every such clip is left out and named, so nothing wrong is stored."""
+    and a file in both train and test leaks; every such clip is left out and the file named once, so nothing
+    wrong is stored."""
     by_file: dict[str, list[Clip]] = defaultdict(list)
     for clip in scan.clips:
         by_file[os.path.realpath(clip.path)].append(clip)
@@ -872,8 +873,9 @@ def _flag_same_file(scan: DatasetScan) -> None:
             continue
         ids = ", ".join(repr(c.clip_id) for c in clips)
         what = "under two labels" if len({c.label for c in clips}) > 1 else "in two splits"
-        for clip in clips:
-            scan.problems.append(Problem("error", str(clip.path), f"one file listed {what}: {ids}; keep one entry"
-                                         " (all are left out until then)", reason=f"one file listed {what}"))
-            dropped.add(clip.clip_id)
+        problem = Problem("error", str(clips[0].path), f"one file listed {what}: {ids}; keep one entry (all are"
+                          " left out until then)", reason=f"one file listed {what}")
+        scan.problems.append(problem)
+        scan.dropped += [(clip, problem) for clip in clips]
+        dropped.update(c.clip_id for c in clips)
     scan.clips = [c for c in scan.clips if c.clip_id not in dropped]
