@@ -67,6 +67,7 @@ from emotion_attention.pipeline.faces.align import (
 )
 
 HOW_NAMES = {code: name for name, code in HOW.items()}
+MAX_CLIP_ROWS = 200  # rows of the per-clip coverage table printed; a larger run prints the worst ones
 BACKENDS = ("loky", "dask")
 PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per clip in flight with several workers
 
@@ -333,10 +334,16 @@ class PreprocessSummary:
         """False when more than max_fail_fraction of the clips failed (the CLI then exits non-zero)."""
         return self.fail_fraction <= self.max_fail_fraction
 
-    def format(self) -> str:
-        """Plain-text coverage tables (per clip, per class) and the run's counts."""
+    def format(self, max_clip_rows: int = MAX_CLIP_ROWS) -> str:
+        """Plain-text coverage tables (per clip, per class) and the run's counts. Past ``max_clip_rows`` clips,
+        the clip table lists the damaged clips and those with the lowest coverage only, and says so."""
         lines = [f"{'clip':<48} {'frames':>6} {'face':>6} {'cover':>6}  how"]
-        for row in self.clip_coverage:
+        rows = self.clip_coverage
+        if len(rows) > max_clip_rows:
+            rows = sorted(rows, key=lambda r: (not r.get("damage"), r["coverage"]))[:max_clip_rows]
+            lines[0] += (f"   ({max_clip_rows} of {len(self.clip_coverage)} clips: the damaged ones, then the lowest"
+                         " coverage)")
+        for row in rows:
             how = " ".join(f"{k}={v}" for k, v in row["how"].items())
             lines.append(f"{row['clip_id']:<48} {row['frames']:>6} {row['present']:>6} {row['coverage']:>6.1%}  {how}"
                          + (f"  WARNING {row['damage']}" if row.get("damage") else ""))
@@ -357,22 +364,32 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
-def coverage_report(store: FacesStore, clips: list[Clip]) -> tuple[list[dict], list[dict]]:
-    """Per-clip and per-class face coverage of the complete clips in the store (meta only, no pixels)."""
+def coverage_report(store: FacesStore, clips: list[Clip], seen: Optional[dict] = None) -> tuple[list[dict], list[dict]]:
+    """Per-clip and per-class face coverage of the complete clips in the store (meta only, no pixels).
+    ``seen``: clip id -> its coverage row, for the clips this run committed (the writer keeps them, so a
+    run of tens of thousands of clips does not read them all back); the others are read from the store."""
     per_clip, per_class = [], defaultdict(Counter)
+    seen = seen or {}
     for clip in clips:
-        if not store.is_complete(clip.clip_id):
-            continue
-        meta = store.read_meta(clip.clip_id)
-        frames, present = len(meta["present"]), int(meta["present"].sum())
-        how = Counter(HOW_NAMES.get(int(c), str(c)) for c in meta["how"])
-        per_clip.append({"clip_id": clip.clip_id, "label": clip.label, "frames": frames, "present": present,
-                         "coverage": present / max(frames, 1), "how": dict(sorted(how.items())),
-                         "damage": damage_note(store.attrs(clip.clip_id))})
-        per_class[clip.label].update(clips=1, frames=frames, present=present)
+        row = seen.get(clip.clip_id)
+        if row is None:
+            if not store.is_complete(clip.clip_id):
+                continue
+            meta = store.read_meta(clip.clip_id)
+            row = coverage_row(clip, meta["present"], meta["how"], store.attrs(clip.clip_id))
+        per_clip.append(row)
+        per_class[clip.label].update(clips=1, frames=row["frames"], present=row["present"])
     classes = [{"label": label, "clips": c["clips"], "frames": c["frames"], "present": c["present"],
                 "coverage": c["present"] / max(c["frames"], 1)} for label, c in sorted(per_class.items())]
     return per_clip, classes
+
+
+def coverage_row(clip: Clip, present: np.ndarray, how: np.ndarray, attrs: dict) -> dict:
+    """One clip's row of the coverage table."""
+    frames, found = len(present), int(np.sum(present))
+    counts = Counter(HOW_NAMES.get(int(c), str(c)) for c in how)
+    return {"clip_id": clip.clip_id, "label": clip.label, "frames": frames, "present": found,
+            "coverage": found / max(frames, 1), "how": dict(sorted(counts.items())), "damage": damage_note(attrs)}
 
 
 def damage_note(attrs: dict) -> str:
@@ -518,16 +535,16 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
         if any(task.stream for task in tasks):
             parts_dir.mkdir(parents=True, exist_ok=True)
         results = run_tasks(tasks, cfg, workers, backend, scheduler, store_config, parts_dir)
-        bar = tqdm(total=len(todo), desc="faces", unit="clip", disable=not progress)
+        bar, seen = tqdm(total=len(todo), desc="faces", unit="clip", disable=not progress), {}
         try:
-            clip_failures = commit_results(store, results, log, cfg, bar)
+            clip_failures = commit_results(store, results, log, cfg, bar, seen)
         except BaseException:
             stop_workers(results)
             raise
         finally:
             bar.close()
             shutil.rmtree(parts_dir, ignore_errors=True)
-        clip_cov, class_cov = coverage_report(store, clips)
+        clip_cov, class_cov = coverage_report(store, clips, seen)
     return PreprocessSummary(out_path, log_path, len(clips) + len(scan.errors), len(todo) - len(clip_failures),
                              len(clips) - len(todo), failures + clip_failures, clip_cov, class_cov,
                              cfg.max_fail_fraction)
@@ -544,26 +561,31 @@ def refuse_empty(scan) -> None:
 
 
 def commit_results(store: FacesStore, results: Iterable[list[ClipResult]], log: FailureLog,
-                   cfg: Optional[PreprocessConfig] = None, bar=None) -> list[Failure]:
+                   cfg: Optional[PreprocessConfig] = None, bar=None, seen: Optional[dict] = None) -> list[Failure]:
     """The single writer: each finished clip is written whole from memory, or copied in from its part file,
     and committed with its ``complete`` mark last; each failed clip is logged (flushed at once); a full disk
-    stops the run. Space is checked before a clip's first byte, so HDF5 never meets a full disk mid-clip."""
+    stops the run. Space is checked before a clip's first byte, so HDF5 never meets a full disk mid-clip.
+    ``seen`` collects each committed clip's coverage row."""
     failures = []
+    seen = {} if seen is None else seen
     for batch in results:
         for result in (batch if isinstance(batch, list) else [batch]):
             if result.full:
                 raise StoreFull(result.error)
+            clip = result.clip
             if result.error is not None:
-                failures.append(log.add(Failure("faces", str(result.clip.path), result.clip.clip_id, result.error)))
+                failures.append(log.add(Failure("faces", str(clip.path), clip.clip_id, result.error)))
             elif result.part is not None:
                 with FacesStore(result.part, "r") as part:
-                    store.ensure_space(result.clip.clip_id, result.part.stat().st_size)
-                    copy_clip(part, store, result.clip.clip_id)
+                    store.ensure_space(clip.clip_id, result.part.stat().st_size)
+                    copy_clip(part, store, clip.clip_id)
+                    meta = part.read_meta(clip.clip_id)
+                    seen[clip.clip_id] = coverage_row(clip, meta["present"], meta["how"], part.attrs(clip.clip_id))
                 result.part.unlink()
             elif result.arrays is not None:
-                store.ensure_space(result.clip.clip_id, encoded_nbytes(result.arrays))
-                store.write_clip(result.clip.clip_id, result.arrays, result.attrs,
-                                 cfg.compression if cfg is not None else None)
+                store.ensure_space(clip.clip_id, encoded_nbytes(result.arrays))
+                store.write_clip(clip.clip_id, result.arrays, result.attrs, cfg.compression if cfg is not None else None)
+                seen[clip.clip_id] = coverage_row(clip, result.arrays["present"], result.arrays["how"], result.attrs)
             if bar is not None:
                 bar.update(1)
     return failures
