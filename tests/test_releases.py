@@ -215,3 +215,28 @@ def test_faces_refuses_an_empty_split_before_any_work(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert f"Error: {root / 'val'}: split Val yields no clip" in result.output
     assert not (tmp_path / "f.h5").exists()
+
+
+# -- the faces stage on still images -------------------------------------------------------------------
+def test_faces_on_raf_db_images_prealigned_and_detected(tmp_path):
+    """RAF-DB's aligned 100x100 faces are resized as prealigned (square, auto); its original photos go through
+    detection. Each image is a one-frame clip of kind "image" in the store."""
+    from emotion_attention.cache import HOW, FacesStore
+    from emotion_attention.pipeline.configs import PreprocessConfig
+    from emotion_attention.pipeline.stages.faces import preprocess_dataset
+
+    root, facts = rafdb_tree(tmp_path / "raf", train=3, test=1)
+    aligned = preprocess_dataset(root, tmp_path / "aligned.h5", PreprocessConfig(), workers=1, progress=False)
+    original = preprocess_dataset(root, tmp_path / "original.h5", PreprocessConfig(), workers=2, progress=False,
+                                  frame_root=str(root / "basic" / "Image" / "original"))
+    assert aligned.written == original.written == 4 and not aligned.failures and not original.failures
+    with FacesStore(tmp_path / "aligned.h5") as a, FacesStore(tmp_path / "original.h5") as o:
+        assert a.complete_ids() == o.complete_ids() == ["Test/Surprise/test_0001.jpg", "Train/Disgust/train_00003.jpg",
+                                                        "Train/Fear/train_00002.jpg", "Train/Surprise/train_00001.jpg"]
+        for cid in a.complete_ids():
+            assert a.attrs(cid)["kind"] == o.attrs(cid)["kind"] == "image"
+            assert a.attrs(cid)["source"].endswith("_aligned.jpg") and not o.attrs(cid)["source"].endswith("_aligned.jpg")
+            assert a.read_meta(cid)["how"].tolist() == [HOW["prealigned"]]                  # resized, not detected
+            assert o.read_meta(cid)["present"].tolist() == [True]                           # the face was found
+            assert o.read_meta(cid)["how"].tolist()[0] in (HOW["detector"], HOW["upsampled"])
+            assert a.read_faces(cid).shape == o.read_faces(cid).shape == (1, 256, 256, 3)
