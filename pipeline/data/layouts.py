@@ -278,8 +278,11 @@ def choose_clip_root(scan: DatasetScan, index: TreeIndex, names: Sequence[str], 
 
 
 def _list_names(paths: Sequence[Path]) -> str:
-    names = sorted(str(p) for p in paths)
-    return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+    """"10 lists in /data/DFEW/EmoLabel_DataSplit" (or the one list's path)."""
+    paths = sorted(str(p) for p in paths)
+    if len(paths) == 1:
+        return paths[0]
+    return f"{len(paths)} lists in {os.path.commonpath(paths)}"
 
 
 def no_lists_error(root: Path, what: str, families: Sequence[ListFamily]) -> DatasetError:
