@@ -286,3 +286,23 @@ def test_jpeg_codec_quality_is_validated():
         Codec("jpeg", 0).validate()
     with pytest.raises(ConfigError, match="compression='lzf' applies to raw chips only"):
         replace(CFG, compression="lzf").validate()
+
+
+def test_results_never_pile_up_ahead_of_a_slow_writer():
+    """bounded(): at most ``ahead`` tasks are submitted and not yet handed to the writer, however slow it is
+    (joblib's Parallel would dispatch on completion and hold every finished clip's chips in memory)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from emotion_attention.pipeline.stages.faces import bounded
+
+    submitted, consumed = [], []
+    with ThreadPoolExecutor(2) as pool:
+        def submit(task):
+            submitted.append(task)
+            return pool.submit(lambda: task * 10)
+
+        for result in bounded(submit, range(40), 4, lambda fs: wait(fs, return_when=FIRST_COMPLETED)):
+            assert len(submitted) - len(consumed) <= 4
+            time.sleep(0.002)                                   # the writer is the slow side
+            consumed.append(result)
+    assert sorted(consumed) == [10 * t for t in range(40)] and len(submitted) == 40

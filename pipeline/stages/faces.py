@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import time
 import warnings
@@ -26,7 +27,6 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import cv2
 import numpy as np
-from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from emotion_attention.cache import HOW, FacesStore, StoreFull
@@ -277,24 +277,68 @@ def clip_cost(clip: Clip) -> int:
     return max(clip.frames, 0) * 50_000
 
 
+AHEAD = 2  # tasks submitted per worker ahead of the writer: workers never wait, results never pile up
+
+
 def run_tasks(tasks: list[Task], cfg: PreprocessConfig, workers: int, backend: str, scheduler: Optional[str],
               store_config: dict, parts_dir: Path) -> Iterator[list[ClipResult]]:
-    """Each task's results in completion order: in this process (1 loky worker), or from loky processes or a
-    dask cluster (whose workers must see ``parts_dir`` for the long clips)."""
+    """Each task's results in completion order: in this process (1 loky worker), or from joblib's loky
+    processes or a dask cluster (whose workers must see ``parts_dir`` for the long clips)."""
     if backend == "loky" and workers == 1:
         return (run_task(task, cfg, store_config, parts_dir) for task in tasks)
-    jobs = (delayed(run_task)(task, cfg, store_config, parts_dir) for task in tasks)
     if backend == "loky":
-        return Parallel(n_jobs=workers, backend="loky", batch_size=1, return_as="generator_unordered")(jobs)
-    return run_on_dask(jobs, workers, scheduler)
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        from joblib.externals.loky import get_reusable_executor
+
+        executor = get_reusable_executor(max_workers=workers, env=worker_env(workers))
+        return bounded(lambda task: executor.submit(run_task, task, cfg, store_config, parts_dir), tasks,
+                       AHEAD * workers, lambda fs: wait(fs, return_when=FIRST_COMPLETED))
+    return run_on_dask(tasks, cfg, workers, scheduler, store_config, parts_dir)
 
 
-def run_on_dask(jobs: Iterable, workers: int, scheduler: str) -> Iterator[list[ClipResult]]:
-    """The same tasks through joblib's dask backend on the cluster at ``scheduler``."""
-    from dask.distributed import Client  # optional: only a dask run needs it
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
-    with Client(scheduler), parallel_config(backend="dask"):
-        yield from Parallel(n_jobs=workers, batch_size=1, return_as="generator_unordered")(jobs)
+
+def worker_env(workers: int) -> dict:
+    """Thread limits for the libraries inside each worker, as joblib's loky backend sets them (cores // workers,
+    unless set here already): workers x threads never oversubscribe the cores. TBB coordinates over IPC."""
+    threads = str(max(usable_cores() // workers, 1))
+    return {**{var: os.environ.get(var, threads) for var in THREAD_VARS}, "ENABLE_IPC": os.environ.get("ENABLE_IPC", "1")}
+
+
+def run_on_dask(tasks: list[Task], cfg: PreprocessConfig, workers: int, scheduler: str, store_config: dict,
+                parts_dir: Path) -> Iterator[list[ClipResult]]:
+    """The same tasks on the dask cluster at ``scheduler``."""
+    from dask.distributed import Client, wait  # optional: only a dask run needs it
+
+    with Client(scheduler) as client:
+        yield from bounded(lambda task: client.submit(run_task, task, cfg, store_config, parts_dir, pure=False),
+                           tasks, AHEAD * workers, lambda fs: wait(fs, return_when="FIRST_COMPLETED"))
+
+
+def bounded(submit: Callable, tasks: Iterable, ahead: int, wait_first: Callable) -> Iterator:
+    """Results of ``submit(task)`` futures in completion order, with at most ``ahead`` tasks submitted and not
+    yet handed to the caller: when the single writer is slower than the workers (short prealigned clips), their
+    results wait as futures, not as a pile of every clip's chips in memory (joblib's Parallel dispatches the
+    next task when one completes, not when its result is consumed)."""
+    todo, pending = iter(tasks), set()
+    try:
+        for task in todo:
+            pending.add(submit(task))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            done, pending = wait_first(pending)
+            for future in done:
+                yield future.result()
+                task = next(todo, None)
+                if task is not None:
+                    pending.add(submit(task))
+    finally:
+        for future in pending:  # the writer stopped (a full disk, an interrupt): drop what has not started
+            future.cancel()
 
 
 def stop_workers(results: Iterable) -> None:
