@@ -200,7 +200,7 @@ def find_clip_root(index: TreeIndex, names: Sequence[str], prefer: Sequence[str]
     return RootChoice(best[0], best[1], len(sample), tuple((f, h) for f, h, _ in scored[1:]), best[2])
 
 
-def describe_index(index: TreeIndex, limit: int = 8) -> str:
+def describe_index(index: TreeIndex, limit: int = 4) -> str:
     """What the walk saw, for an error that cannot decide: some files and the folders holding clips."""
     files = ", ".join(p.as_posix() for p in index.files[:limit]) or "none"
     more = f" (+{len(index.files) - limit} more)" if len(index.files) > limit else ""
