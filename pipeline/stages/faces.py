@@ -69,7 +69,7 @@ from emotion_attention.pipeline.faces.align import (
 HOW_NAMES = {code: name for name, code in HOW.items()}
 MAX_CLIP_ROWS = 200  # rows of the per-clip coverage table printed; a larger run prints the worst ones
 BACKENDS = ("loky", "dask")
-PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per clip in flight with several workers
+PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per long clip in flight (over stream_frames frames)
 
 
 # -- one clip, no store ---------------------------------------------------------------------------
