@@ -199,7 +199,8 @@ def compare_ways(source: Path, stem: Path, clips: int, new: tuple, extra: tuple)
     print(f"  old way (--task-frames 1 --stream-frames 0) vs new, {clips} clips, 2 workers, whole process: old wall"
           f" {old[0]:.1f} s CPU {old[1]:.1f} s; new wall {new[0]:.1f} s CPU {new[1]:.1f} s; new is"
           f" {old[0] / new[0]:.2f}x faster (wall), {old[1] / new[1]:.2f}x less CPU")
-    print(f"  fidelity: old and new stores identical? {same_stores(old_out, stem.with_name(stem.name + '_small_w2.h5'))}")
+    same = same_stores(old_out, stem.with_name(stem.name + "_small_w2.h5"))
+    print(f"  fidelity: old and new stores identical? {same}")
 
 
 def check_runs(source: Path, clips: int) -> None:

@@ -122,13 +122,14 @@ def main() -> None:
 
 def report(runs: list[dict], free: dict, classes: list[str], seconds: dict, out: Path) -> None:
     war, uar = np.array([r["accuracy"] for r in runs]), np.array([r["uar"] for r in runs])
+    war_std, uar_std = (war.std(ddof=1), uar.std(ddof=1)) if len(runs) > 1 else (0.0, 0.0)
     print(f"\nfexp-dev Val: {runs[0]['num_clips']} photos scored (a face was found), {runs[0]['skipped']} skipped")
     for r in runs:
         print(f"  seed {r['seed']}: WAR {r['accuracy']:.4f}  UAR {r['uar']:.4f}")
-    print(f"heads (SA + TP on fer-minixception maps), {len(runs)} seeds: WAR {war.mean():.4f} ± {war.std(ddof=1) if len(runs) > 1 else 0:.4f},"
-          f" UAR {uar.mean():.4f} ± {uar.std(ddof=1) if len(runs) > 1 else 0:.4f} (mean ± sample std)")
-    print(f"training-free reference (fer's own classifier, same faces): WAR {free['accuracy']:.4f}, UAR {free['uar']:.4f}"
-          f" on {free['num_clips']} photos")
+    print(f"heads (SA + TP on fer-minixception maps), {len(runs)} seeds: WAR {war.mean():.4f} ± {war_std:.4f},"
+          f" UAR {uar.mean():.4f} ± {uar_std:.4f} (mean ± sample std)")
+    print(f"training-free reference (fer's own classifier, same faces): WAR {free['accuracy']:.4f},"
+          f" UAR {free['uar']:.4f} on {free['num_clips']} photos")
     recalls = {c: [r["per_class_recall"][c] for r in runs if r["per_class_recall"][c] is not None] for c in classes}
     print("per-class recall of the heads, mean over seeds: "
           + ", ".join(f"{c} {np.mean(v):.3f}" for c, v in recalls.items() if v))
@@ -138,8 +139,8 @@ def report(runs: list[dict], free: dict, classes: list[str], seconds: dict, out:
     print("\nwall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     summary = {"seeds": [{k: r[k] for k in ("seed", "accuracy", "uar", "per_class_recall", "confusion", "num_clips",
                                              "skipped")} for r in runs],
-               "war_mean": float(war.mean()), "war_std": float(war.std(ddof=1)) if len(runs) > 1 else 0.0,
-               "uar_mean": float(uar.mean()), "uar_std": float(uar.std(ddof=1)) if len(runs) > 1 else 0.0,
+               "war_mean": float(war.mean()), "war_std": float(war_std),
+               "uar_mean": float(uar.mean()), "uar_std": float(uar_std),
                "training_free": free, "classes": classes, "wall_seconds": seconds}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"summary: {out / 'summary.json'}")

@@ -234,7 +234,8 @@ def mafw_mae_tree(root: Path, clips: int = 11, folds: int = 5, split_root: str =
             write_frames(root / frames / f"{i:05d}", pics, "{:03d}.png")
     for k in range(1, folds + 1):
         for variant, label_of in (("single/no_caption", lambda i: MAFW_MAE[(i - 1) % 11]),
-                                  ("single/with_caption", lambda i: "anger"), ("compound/no_caption", lambda i: "fear")):
+                                  ("single/with_caption", lambda i: "anger"),
+                                  ("compound/no_caption", lambda i: "fear")):
             folder = root / split_root / variant / f"set_{k}"
             folder.mkdir(parents=True, exist_ok=True)
             for part in ("train", "test"):

@@ -239,8 +239,8 @@ def test_multi_worker_sigkill_then_rerun_matches_uninterrupted(four_clips, one_w
     """Killed while a clip streams into its part file, or after a clip handed over in memory was committed and
     others are in flight: the rerun finishes and the store equals an uninterrupted run's."""
     mode = ["--stream-frames", "0"] if how == "part files" else ["--task-frames", "1"]
-    cmd = [sys.executable, "-c", "from emotion_attention.cli.cache_faces import faces; faces()", str(four_clips), "--out",
-           str(tmp_path / "killed.h5"), "--workers", "2", "--quiet", "--max-frames", "12", *mode]
+    cmd = [sys.executable, "-c", "from emotion_attention.cli.cache_faces import faces; faces()", str(four_clips),
+           "--out", str(tmp_path / "killed.h5"), "--workers", "2", "--quiet", "--max-frames", "12", *mode]
     env = {**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"}  # so this test can peek while the run writes
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     parts = tmp_path / ("killed.h5" + PARTS_SUFFIX)

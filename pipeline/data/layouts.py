@@ -213,7 +213,7 @@ def find_lists(index: TreeIndex, families: Sequence[ListFamily]) -> tuple[Option
             rel = m.string
             if (family.within and not re.search(family.within, rel)) or (family.skip and re.search(family.skip, rel)):
                 continue
-            groups[rel[:m.start()]].append((path, m))
+            groups[path.relative_to(index.root).as_posix()[:m.start()]].append((path, m))  # as the disk spells it
         if not groups:
             continue
         chosen = min(groups, key=lambda k: (k.count("/"), k))
@@ -336,7 +336,6 @@ def scan_dfew(root: Path, scan: DatasetScan) -> None:
     family, tables, notes = find_lists(index, DFEW_LISTS)
     if family is None:
         raise no_lists_error(root, "DFEW", DFEW_LISTS)
-    scan.notes += notes
     rows = []
     for fold, parts in fold_tables(scan, tables).items():
         for part, table in sorted(parts.items(), reverse=True):   # train, then test
@@ -345,6 +344,7 @@ def scan_dfew(root: Path, scan: DatasetScan) -> None:
                      for line, row in read_header_csv(table, ("video_name", "label"))]
     choice = choose_clip_root(scan, index, [r[3] for r in rows], DFEW_FRAMES, "DFEW", family,
                               [p for p, _ in tables])
+    scan.notes += notes
     acc, top = new_folds(), family.base + len(DFEW_CLASSES) - 1
     for fold, part, where, name, code in rows:
         cls = read_code(code, DFEW_CLASSES, family.base)
@@ -379,7 +379,6 @@ def scan_ferv39k(root: Path, scan: DatasetScan) -> None:
     family, tables, notes = find_lists(index, FERV39K_LISTS)
     if family is None:
         raise no_lists_error(root, "FERV39k", FERV39K_LISTS)
-    scan.notes += notes
     parts = {m.group("part"): path for path, m in tables}
     for part in ("train", "test"):
         if part not in parts:
@@ -395,6 +394,7 @@ def scan_ferv39k(root: Path, scan: DatasetScan) -> None:
                 rows.append((split, f"{table}:{line_no}", fields, line))
     choice = choose_clip_root(scan, index, [r[2][0] for r in rows], FERV39K_FRAMES, "FERV39k", family,
                               list(parts.values()), video_ok=False)
+    scan.notes += notes
     for split, where, fields, line in rows:
         rel = fields[0]
         label = label_for(fields[1] if len(fields) > 1 else Path(rel).parent.name, scan.class_names)
@@ -432,7 +432,6 @@ def scan_mafw(root: Path, scan: DatasetScan) -> None:
     family, tables, notes = find_lists(index, MAFW_LISTS)
     if family is None:
         raise no_lists_error(root, "MAFW", MAFW_LISTS)
-    scan.notes += notes
     single = [p for p, _ in index.match(r"(?:^|/)single_label\.txt$")]
     names = _mafw_names(single[0] if single else None, scan)
     rows = []
@@ -445,6 +444,7 @@ def scan_mafw(root: Path, scan: DatasetScan) -> None:
                     rows.append((fold, part, f"{table}:{line_no}", fields, table))
     choice = choose_clip_root(scan, index, [Path(r[3][0]).stem for r in rows], MAFW_FRAMES, "MAFW", family,
                               [p for p, _ in tables])
+    scan.notes += notes
     acc = new_folds()
     for fold, part, where, fields, table in rows:
         clip_id = Path(fields[0]).stem
@@ -516,11 +516,11 @@ def scan_rafdb(root: Path, scan: DatasetScan) -> None:
     family, tables, notes = find_lists(index, RAFDB_LISTS)
     if family is None:
         raise no_lists_error(root, "RAF-DB", RAFDB_LISTS)
-    scan.notes += notes
     table = tables[0][0]
     rows = [(f"{table}:{n}", line.split()) for n, line in
             enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1) if line.split()]
     folder = _rafdb_images(scan, index, [r[1][0] for r in rows], family, table)
+    scan.notes += notes
     for where, fields in rows:
         name, split = fields[0], canonical_split(fields[0].split("_", 1)[0])
         cls = read_code(fields[1], RAFDB_CLASSES, 1) if len(fields) > 1 else None
@@ -644,7 +644,8 @@ def scan_annotation_lists(source: Path, scan: DatasetScan) -> None:
                                              f" {', '.join(scan.class_names)}", reason="an unknown label"))
             elif path is None:
                 scan.problems.append(Problem("error", where, f"{text} not found (also looked for its trailing"
-                                             f" folders under {table.parent})", reason="a listed clip that is not there"))
+                                             f" folders under {table.parent})",
+                                             reason="a listed clip that is not there"))
             elif fold is None:
                 add_clip(scan, path, label, canonical_split(part), name=_list_name(path, bases))
             else:

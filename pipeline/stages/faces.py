@@ -305,7 +305,8 @@ def worker_env(workers: int) -> dict:
     """Thread limits for the libraries inside each worker, as joblib's loky backend sets them (cores // workers,
     unless set here already): workers x threads never oversubscribe the cores. TBB coordinates over IPC."""
     threads = str(max(usable_cores() // workers, 1))
-    return {**{var: os.environ.get(var, threads) for var in THREAD_VARS}, "ENABLE_IPC": os.environ.get("ENABLE_IPC", "1")}
+    env = {var: os.environ.get(var, threads) for var in THREAD_VARS}
+    return {**env, "ENABLE_IPC": os.environ.get("ENABLE_IPC", "1")}
 
 
 def run_on_dask(tasks: list[Task], cfg: PreprocessConfig, workers: int, scheduler: str, store_config: dict,
@@ -628,7 +629,8 @@ def commit_results(store: FacesStore, results: Iterable[list[ClipResult]], log: 
                 result.part.unlink()
             elif result.arrays is not None:
                 store.ensure_space(clip.clip_id, encoded_nbytes(result.arrays))
-                store.write_clip(clip.clip_id, result.arrays, result.attrs, cfg.compression if cfg is not None else None)
+                compression = cfg.compression if cfg is not None else None
+                store.write_clip(clip.clip_id, result.arrays, result.attrs, compression)
                 seen[clip.clip_id] = coverage_row(clip, result.arrays["present"], result.arrays["how"], result.attrs)
             if bar is not None:
                 bar.update(1)
