@@ -99,6 +99,8 @@ class CheckConfig(Settings):
     quick: bool = setting(False, "Decode only each video's first frame (misses truncated videos).",
                           flag="--quick")  # off: a truncated video must be an error before hours of work
     workers: Optional[int] = setting(None, "Videos decoded in parallel (default: the cores this process may use).")
+    frame_root: Optional[str] = setting(None, "Folder a release's clips are read from when several hold them"
+                                        " (default: found by content).")
 
     def check_values(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -200,8 +202,19 @@ class PreprocessConfig(Settings):
     shard: Optional[str] = setting(None, "K/N: only shard K of N of the clips (0 <= K < N), into OUT of its own;"
                                    " join the shards with `emo-cache merge`.")
     layout: Optional[str] = setting(None, "Dataset layout (default: detected).")
+    frame_root: Optional[str] = setting(None, "Folder a release's clips are read from when several hold them"
+                                        " (default: found by content).")
+    task_frames: int = setting(64, "Short clips are batched into worker tasks of about this many frames.")
+    #  one task per photo costs more than its faces (bench/bench_faces_clips.py)
+    stream_frames: int = setting(256, "Longer clips stream through a part file of their own (bounded memory);"
+                                 " shorter ones travel in memory. 0: every clip through a part file.")
+    #  a clip planned to keep more frames goes through its own part file, so memory stays bounded
 
     def check_values(self) -> None:
+        if self.task_frames < 1:
+            raise ConfigError(f"task_frames={self.task_frames}: must be >= 1 (1: one clip per worker task)")
+        if self.stream_frames < 0:
+            raise ConfigError(f"stream_frames={self.stream_frames}: must be >= 0 (0: every clip through a part file)")
         if self.compression not in (None, "lzf", "gzip"):
             raise ConfigError(f"compression={self.compression!r}: use None, 'lzf' or 'gzip'")
         if not 0 <= self.max_fail_fraction <= 1:

@@ -171,3 +171,118 @@ def mafw_release_tree(root: Path, clips: int = 5) -> tuple[Path, dict]:
         (folder / "train.txt").write_text("".join(f"{i:05d}.mp4\n" for i in range(1, clips + 1) if i != k))
         (folder / "test.txt").write_text(f"{k:05d}.mp4\n" + ("00077.mp4\n" if k == 1 else ""))
     return root, {"names": names}
+
+
+# -- the releases as the public loaders read them (docs/datasets.md cites each) ----------------------------
+DFEW_NAMES = ("Happy", "Sad", "Neutral", "Angry", "Surprise", "Disgust", "Fear")  # codes 1..7
+
+
+def dfew_code(i: int) -> int:
+    """Raw DFEW code of clip i (1-based) in these trees."""
+    return (i - 1) % 7 + 1
+
+
+def write_dfew_lists(folder_of, clips: int, folds: int, base: int = 1, padded: bool = True) -> None:
+    """Per fold a train and a test ``video_name,label`` CSV; clip i tests in fold (i-1) % folds + 1.
+    ``folder_of(part, fold)`` gives each CSV's path; ``base`` 0 writes S2D's shifted codes."""
+    for k in range(1, folds + 1):
+        for part in ("train", "test"):
+            rows = [i for i in range(1, clips + 1) if ((i - 1) % folds + 1 == k) == (part == "test")]
+            lines = ["video_name,label"] + [f"{i:05d}" if padded else str(i) for i in rows]
+            lines = [lines[0]] + [f"{name},{dfew_code(i) - 1 + base}" for name, i in zip(lines[1:], rows)]
+            path = folder_of(part, k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
+
+
+def dfew_release_tree(root: Path, frames: str = "Clip/clip_224x224", lists: str = "release", clips: int = 10,
+                      folds: int = 5, padded: bool = True, frame_names: str = "{:05d}.jpg") -> tuple[Path, dict]:
+    """DFEW as a public loader reads it: frame folders ``<frames>/<00001>/`` and 5 folds of CSV lists.
+
+    lists: "release" -> EmoLabel_DataSplit/{train,test}(single-labeled)/set_K.csv (MAE-DFER preprocess/dfew.py,
+    DFER-CLIP annotation/preprocess_annotation.py); "s2d" -> the same folders with S2D's renamed, 0-based copies
+    {train,test}_set_K.csv; "affine" -> label/single_{train,test}set_K.csv beside data/ (the authors' baseline).
+    """
+    pics = real_frames(2)
+    for i in range(1, clips + 1):
+        write_frames(root / frames / f"{i:05d}", pics, frame_names.replace("{id}", f"{i:05d}"))
+    split = root / "EmoLabel_DataSplit"
+    folder_of = {
+        "release": lambda part, k: split / f"{part}(single-labeled)" / f"set_{k}.csv",
+        "s2d": lambda part, k: split / f"{part}(single-labeled)" / f"{part}_set_{k}.csv",
+        "affine": lambda part, k: root / frames / ".." / "label" / f"single_{part}set_{k}.csv",
+    }[lists]
+    write_dfew_lists(folder_of, clips, folds, base=0 if lists == "s2d" else 1, padded=padded)
+    return root, {"clips": clips, "folds": folds, "frames": (root / frames).resolve()}
+
+
+def mafw_mae_tree(root: Path, clips: int = 11, folds: int = 5, split_root: str = "split",
+                  frames: str = "data/frames", videos: bool = False) -> tuple[Path, dict]:
+    """MAFW as MAE-DFER's preprocess/mafw.py reads it: ``data/frames/<00001>/*.png`` and
+    ``split/single/no_caption/set_K/{train,test}.txt`` with lines ``00001.mp4 anger`` (lower-case labels).
+    Clip i has the ((i-1) % 11)-th label of MAE's order. With ``videos`` the clips are ``data/clips/<id>.mp4``
+    (the release) instead of frame folders. Decoys as in the release: compound/ (multi-label) and with_caption/
+    lists naming other labels, which must not be read."""
+    import shutil
+
+    pics = real_frames(2)
+    for i in range(1, clips + 1):
+        if videos:
+            (root / "data" / "clips").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(SAMPLES / "single_face.mp4", root / "data" / "clips" / f"{i:05d}.mp4")
+        else:
+            write_frames(root / frames / f"{i:05d}", pics, "{:03d}.png")
+    for k in range(1, folds + 1):
+        for variant, label_of in (("single/no_caption", lambda i: MAFW_MAE[(i - 1) % 11]),
+                                  ("single/with_caption", lambda i: "anger"),
+                                  ("compound/no_caption", lambda i: "fear")):
+            folder = root / split_root / variant / f"set_{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for part in ("train", "test"):
+                ids = [i for i in range(1, clips + 1) if ((i - 1) % folds + 1 == k) == (part == "test")]
+                sep = "\t" if "with_caption" in variant else " "
+                tail = "\t中文\tcaption" if "with_caption" in variant else ""
+                (folder / f"{part}.txt").write_text("".join(f"{i:05d}.mp4{sep}{label_of(i)}{tail}\n" for i in ids))
+    return root, {"clips": clips, "folds": folds}
+
+
+MAFW_MAE = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise", "contempt", "anxiety",
+            "helplessness", "disappointment")  # MAE-DFER preprocess/mafw.py, 0-based
+
+
+def rafdb_tree(root: Path, train: int = 6, test: int = 3, aligned: bool = True, original: bool = True,
+               size: int = 100) -> tuple[Path, dict]:
+    """RAF-DB basic: ``basic/Image/aligned/<stem>_aligned.jpg`` (100x100 faces), ``basic/Image/original/<name>``
+    and ``basic/EmoLabel/list_patition_label.txt`` lines ``train_00001.jpg 5`` (codes 1..7; SCN src/train.py,
+    DAN rafdb.py). Image k of a split has code (k-1) % 7 + 1; test ids are 4 digits, train ids 5."""
+    face = real_frames(1, size=None)[0]
+    lines = []
+    for split, n, width in (("train", train, 5), ("test", test, 4)):
+        for k in range(1, n + 1):
+            name = f"{split}_{k:0{width}d}.jpg"
+            lines.append(f"{name} {(k - 1) % 7 + 1}")
+            if original:
+                (root / "basic" / "Image" / "original").mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(root / "basic" / "Image" / "original" / name), face)
+            if aligned:
+                (root / "basic" / "Image" / "aligned").mkdir(parents=True, exist_ok=True)
+                crop = cv2.resize(face[40:320, 180:460], (size, size), interpolation=cv2.INTER_AREA)
+                cv2.imwrite(str(root / "basic" / "Image" / "aligned" / f"{Path(name).stem}_aligned.jpg"), crop)
+    (root / "basic" / "EmoLabel").mkdir(parents=True)
+    (root / "basic" / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(lines) + "\n")
+    return root, {"train": train, "test": test}
+
+
+RAF_NAMES = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
+
+
+def image_folders_tree(root: Path) -> tuple[Path, dict]:
+    """Still images as clips in <split>/<label>/<image>: 3 train, 2 val."""
+    face = real_frames(1)[0]
+    for rel in ("train/Happy/a.jpg", "train/Happy/b.png", "train/Sad/c.jpg", "val/Happy/d.jpg", "val/Sad/e.jpeg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / rel), face)
+    return root, {}
+
+
+BUILDERS["rafdb"] = rafdb_tree

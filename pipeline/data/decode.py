@@ -354,13 +354,15 @@ def iter_folder_frames(folder: Path, fps_cap: Optional[float] = None, max_frames
 
 def iter_clip_frames(path: Path, kind: str, cfg: DecodeConfig, stats: Optional[DecodeStats] = None
                      ) -> Iterator[Frame]:
-    """Frames of a clip that is a video file (kind="video") or a folder of images (kind="frames"; a
-    single image file is a one-frame folder). ``stats`` is filled in while the frames are consumed.
+    """Frames of a clip that is a video file (kind="video"), a folder of images (kind="frames") or one still
+    image (kind="image", a one-frame clip). ``stats`` is filled in while the frames are consumed.
 
     >>> frames = iter_clip_frames(Path("data/samples/single_face.mp4"), "video", DecodeConfig(max_frames=8))
+    >>> [f.rgb.shape for f in iter_clip_frames(Path("data/samples/single_face.jpg"), "image", DecodeConfig())]
+    [(562, 572, 3)]
     """
     if kind == "video":
         return iter_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth, stats)
-    if kind == "frames":
+    if kind in ("frames", "image"):  # list_frame_images takes an image file as a one-image folder
         return iter_folder_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth, cfg.folder_fps, stats)
-    raise ValueError(f"{path}: unknown clip kind {kind!r}; expected 'video' or 'frames'")
+    raise ValueError(f"{path}: unknown clip kind {kind!r}; expected 'video', 'frames' or 'image'")

@@ -1,8 +1,12 @@
 """Dataset layouts: one scan function and one registry entry each, detected or named with ``--layout``.
 
 A layout's scan function fills a ``DatasetScan`` with clips and problems; it never decodes. Registering a
-new layout is one function and one ``@register_layout`` line (see docs_datasets.md for the published
-layouts these follow, and where they are uncertain).
+new layout is one function and one ``@register_layout`` line (see docs/datasets.md for the published
+layouts these follow, the public loaders they were read from, and where they are uncertain).
+
+The releases (DFEW, FERV39k, MAFW, RAF-DB) are found by content: their label lists by name pattern, to a bounded
+depth below the folder the user names, and their frame root as the folder whose entries are the clips those
+lists name (``pipeline.data.discover``), because releases and loaders name folders differently.
 
 >>> sorted(LAYOUTS)[:3]
 ['afew', 'annotation-list', 'ckplus']
@@ -10,7 +14,9 @@ layouts these follow, and where they are uncertain).
 from __future__ import annotations
 
 import csv
+import os
 import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -27,16 +33,30 @@ from emotion_attention.pipeline.data.clips import (
     Problem,
     add_clip,
     canonical_split,
+    declare,
+    empty_parts,
     label_for,
     resolve_class_names,
 )
 from emotion_attention.pipeline.data.decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from emotion_attention.pipeline.data.discover import (
+    MAX_DEPTH,
+    RootChoice,
+    TreeIndex,
+    cached_walks,
+    clip_entry,
+    describe_index,
+    find_clip_root,
+    spread,
+    tree_index,
+)
 
 # Class orders as each dataset publishes its label codes (code k is the k-th name, from 1; CK+ from 0).
 DFEW_CLASSES = ("Happy", "Sad", "Neutral", "Angry", "Surprise", "Disgust", "Fear")   # codes 1..7
 FERV39K_CLASSES = DFEW_CLASSES                                                       # names in its lists
 MAFW_CLASSES = ("Happiness", "Sadness", "Neutral", "Anger", "Surprise", "Disgust", "Fear", "Contempt",
                 "Anxiety", "Helplessness", "Disappointment")  # 0..10 in the peers' annotation lists
+RAFDB_CLASSES = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")  # codes 1..7 (SCN, DAN)
 CKPLUS_CLASSES = ("Neutral", "Anger", "Contempt", "Disgust", "Fear", "Happy", "Sadness", "Surprise")  # 0..7
 CKPLUS_FOLDS = 10  # subject-independent folds, the usual CK+ protocol
 
@@ -172,6 +192,376 @@ def note_membership(scan: DatasetScan, where: str, members: dict, labels: dict, 
     members.setdefault(name, {})[fold] = part
 
 
+# -- the releases: label lists and a frame root found by content -----------------------------------------
+@dataclass(frozen=True)
+class ListFamily:
+    """One way a dataset's label lists are named, as a release or a public loader lays them out."""
+    name: str            # as the docs call it, for notes and errors
+    pattern: str         # regex on the lower-case path relative to the dataset folder; named groups part and fold
+    base: int = 1        # the code of the first class, when labels are numbers (S2D's copies count from 0)
+    within: str = ""     # a regex the whole relative path must also match (e.g. MAFW's single/ lists)
+    skip: str = ""       # a regex of relative paths to leave out (e.g. MAFW's compound, multi-label lists)
+
+
+def find_lists(index: TreeIndex, families: Sequence[ListFamily]) -> tuple[Optional[ListFamily], list, list]:
+    """(family, [(path, match)], notes): the lists of the first family found. Lists of one family under several
+    folders (two copies, or MAFW's no_caption and with_caption) are told apart by the folder above the match;
+    the shallowest (then the first by name) is taken and the others are named in the notes."""
+    for family in families:
+        groups: dict[str, list] = defaultdict(list)
+        for path, m in index.match(family.pattern):
+            rel = m.string
+            if (family.within and not re.search(family.within, rel)) or (family.skip and re.search(family.skip, rel)):
+                continue
+            groups[path.relative_to(index.root).as_posix()[:m.start()]].append((path, m))  # as the disk spells it
+        if not groups:
+            continue
+        chosen = min(groups, key=lambda k: (k.count("/"), k))
+        notes = [f"also found {len(groups[k])} list(s) in {index.root / k}; not read" for k in sorted(groups)
+                 if k != chosen]
+        return family, groups[chosen], notes
+    return None, [], []
+
+
+def lists_of(index: TreeIndex, families: Sequence[ListFamily]) -> bool:
+    return find_lists(index, families)[0] is not None
+
+
+def has_lists(source: Path, families: Sequence[ListFamily]) -> bool:
+    """Detection: ``source`` is a folder holding, to a bounded depth, lists of one of ``families``."""
+    return source.is_dir() and lists_of(tree_index(source), families)
+
+
+def fold_tables(scan: DatasetScan, tables: list) -> dict[int, dict[str, Path]]:
+    """{fold: {"train": path, "test": path}} from (path, match) pairs with part and fold groups; a fold that
+    lacks one of its two lists is an error (and is left out)."""
+    folds: dict[int, dict[str, Path]] = defaultdict(dict)
+    for path, m in tables:
+        folds[int(m.group("fold"))][m.group("part")] = path
+    for fold, parts in sorted(folds.items()):
+        for part in ("train", "test"):
+            if part not in parts:
+                other = next(iter(parts.values()))
+                scan.problems.append(Problem("error", str(other), f"fold {fold} has a {next(iter(parts))} list but"
+                                             f" no {part} list beside it; add it, or remove fold {fold}'s list",
+                                             reason=f"a fold without its {part} list"))
+    return {k: v for k, v in sorted(folds.items()) if len(v) == 2}
+
+
+def frames_option(scan: DatasetScan) -> Optional[Path]:
+    """``--frame-root DIR`` (a layout option): the folder to read the clips from, when several hold them."""
+    given = scan.options.get("frame_root")
+    return Path(given) if given else None
+
+
+def choose_clip_root(scan: DatasetScan, index: TreeIndex, names: Sequence[str], prefer: Sequence[str],
+                     what: str, family: ListFamily, lists: Sequence[Path], video_ok: bool = True) -> RootChoice:
+    """The folder of the clips the lists name (see discover.find_clip_root); a DatasetError naming what was
+    found and what was looked for when there is none. The choice is noted in the report."""
+    given = frames_option(scan)
+    choice = find_clip_root(index, names, prefer, given, video_ok)
+    sample = ", ".join(spread(sorted(set(names)), 3))
+    if choice.root is None:
+        where = (f"--frame-root {given} holds none of them" if given is not None else
+                 f"no folder within {MAX_DEPTH} levels of {index.root} holds them ({describe_index(index)})")
+        raise DatasetError(f"{index.root}: {what} lists found ({family.name}: {_list_names(lists)}), but not the"
+                           f" clips they name (e.g. {sample}): looked for a folder whose sub-folders (or videos)"
+                           f" are those names; {where}. Give the folder with --frame-root DIR")
+    others = [f"{f} ({h}/{choice.sample})" for f, h in choice.others[:4]]
+    scan.notes.append(f"labels: {family.name}, {_list_names(lists)}; clips: {choice.root}"
+                      f" ({choice.kind}, {choice.hits} of {choice.sample} sampled names found)"
+                      + (f"; also holding clips: {', '.join(others)} (choose with --frame-root DIR)" if others else ""))
+    if choice.hits < choice.sample:
+        scan.notes.append(f"{choice.sample - choice.hits} of {choice.sample} sampled clip names are not in"
+                          f" {choice.root}: their rows are reported below")
+    return choice
+
+
+def _list_names(paths: Sequence[Path]) -> str:
+    """"10 lists in /data/DFEW/EmoLabel_DataSplit" (or the one list's path)."""
+    paths = sorted(str(p) for p in paths)
+    if len(paths) == 1:
+        return paths[0]
+    return f"{len(paths)} lists in {os.path.commonpath(paths)}"
+
+
+def no_lists_error(root: Path, what: str, families: Sequence[ListFamily]) -> DatasetError:
+    index = tree_index(root)
+    looked = "; ".join(f.name for f in families)
+    return DatasetError(f"{root}: no {what} label lists found within {MAX_DEPTH} folder levels (looked for {looked});"
+                        f" {describe_index(index)}")
+
+
+def read_code(text: str, classes: Sequence[str], base: int) -> Optional[str]:
+    """The class of a numeric code counted from ``base``, or None when it is out of range."""
+    text = text.strip()
+    if not text.lstrip("-").isdigit() or not 0 <= int(text) - base < len(classes):
+        return None
+    return classes[int(text) - base]
+
+
+def fold_clip(scan: DatasetScan, where: str, acc: dict, name: str, label: str, path: Path, fold: int,
+              part: str) -> None:
+    """note_membership on the accumulator ``acc`` of a dataset with folds (members, labels, paths)."""
+    note_membership(scan, where, acc["members"], acc["labels"], acc["paths"], name, label, path, fold, part)
+
+
+def new_folds() -> dict:
+    return {"members": {}, "labels": {}, "paths": {}}
+
+
+# -- DFEW ------------------------------------------------------------------------------------------
+DFEW_LISTS = (
+    ListFamily("EmoLabel_DataSplit/{train,test}(single-labeled)/set_K.csv (the release; MAE-DFER, DFER-CLIP)",
+               r"(?:^|/)emolabel_datasplit/(?P<part>train|test)\(single-labeled\)/set_(?P<fold>\d+)\.csv$"),
+    ListFamily("EmoLabel_DataSplit/{train,test}/set_K.csv",
+               r"(?:^|/)emolabel_datasplit/(?P<part>train|test)/set_(?P<fold>\d+)\.csv$"),
+    ListFamily("label/single_{train,test}set_K.csv (the authors' data_affine baseline)",
+               r"(?:^|/)single_(?P<part>train|test)set_(?P<fold>\d+)\.csv$"),
+    ListFamily("{train,test}(single-labeled)/{train,test}_set_K.csv (S2D's copies, codes 0..6)",
+               r"(?:^|/)(?P<part>train|test)\(single-labeled\)/(?P=part)_set_(?P<fold>\d+)\.csv$", base=0),
+)
+DFEW_FRAMES = ("clip_224x224", "jpg_256", "clip_224x224_16f", "data")  # among folders holding every clip, in order
+
+
+@register_layout("dfew", lambda s: has_lists(s, DFEW_LISTS), DFEW_CLASSES,
+                 "frame folders per clip id (Clip/clip_224x224/, Clip/jpg_256/, data_affine/single_label/data/,"
+                 " ...) + EmoLabel_DataSplit/{train,test}(single-labeled)/set_K.csv or"
+                 " label/single_{train,test}set_K.csv (5 folds)")
+def scan_dfew(root: Path, scan: DatasetScan) -> None:
+    """DFEW: frame folders per clip id (``00001``), and per fold a train and a test CSV of ``video_name,label``
+    with codes 1 Happy, 2 Sad, 3 Neutral, 4 Angry, 5 Surprise, 6 Disgust, 7 Fear (S2D's copies: 0..6). The
+    lists are found by name and the frame root by content (a folder whose sub-folders are the listed ids)."""
+    index = tree_index(root)
+    family, tables, notes = find_lists(index, DFEW_LISTS)
+    if family is None:
+        raise no_lists_error(root, "DFEW", DFEW_LISTS)
+    rows = []
+    for fold, parts in fold_tables(scan, tables).items():
+        for part, table in sorted(parts.items(), reverse=True):   # train, then test
+            declare(scan, part, table, fold)
+            rows += [(fold, part, f"{table}:{line}", row["video_name"], row["label"])
+                     for line, row in read_header_csv(table, ("video_name", "label"))]
+    choice = choose_clip_root(scan, index, [r[3] for r in rows], DFEW_FRAMES, "DFEW", family,
+                              [p for p, _ in tables])
+    scan.notes += notes
+    acc, top = new_folds(), family.base + len(DFEW_CLASSES) - 1
+    for fold, part, where, name, code in rows:
+        cls = read_code(code, DFEW_CLASSES, family.base)
+        if cls is None:
+            scan.problems.append(Problem("error", where, f"label code {code!r} is not one of DFEW's"
+                                         f" {family.base}..{top}", reason=f"a label code outside {family.base}..{top}"))
+            continue
+        label = label_for(cls, scan.class_names)
+        path = clip_entry(choice.root, name, video_ok=choice.kind == "video")
+        if label is None or path is None:
+            scan.problems.append(Problem("error", where, f"no frame folder for video {name!r} under {choice.root}"
+                                         if path is None else f"class {cls} is not in the class list",
+                                         reason="a listed clip that is not there" if path is None else
+                                         "a class not in the class list"))
+            continue
+        fold_clip(scan, where, acc, path.stem if choice.kind == "video" else path.name, label, path, fold, part)
+    add_fold_clips(scan, acc["members"], acc["labels"], acc["paths"])
+
+
+# -- FERV39k ---------------------------------------------------------------------------------------
+FERV39K_LISTS = (ListFamily("4_setups/All_scenes/{train,test}_All.csv (the release; MAE-DFER)",
+                            r"(?:^|/)(?P<part>train|test)_all\.csv$"),)
+FERV39K_FRAMES = ("2_ClipsforFaceCrop",)   # the face crops, before the scene images (3_ClipsforScenImages)
+
+
+@register_layout("ferv39k", lambda s: has_lists(s, FERV39K_LISTS), FERV39K_CLASSES,
+                 "2_ClipsforFaceCrop/<Scene>/<Emotion>/<clip>/ + 4_setups/All_scenes/{train,test}_All.csv")
+def scan_ferv39k(root: Path, scan: DatasetScan) -> None:
+    """FERV39k: face-crop frame folders ``<Scene>/<Emotion>/<nnnn>`` and two lists of ``<Scene>/<Emotion>/<nnnn>
+    <Emotion>`` lines (space-separated, no header), train_All.csv and test_All.csv."""
+    index = tree_index(root)
+    family, tables, notes = find_lists(index, FERV39K_LISTS)
+    if family is None:
+        raise no_lists_error(root, "FERV39k", FERV39K_LISTS)
+    parts = {m.group("part"): path for path, m in tables}
+    for part in ("train", "test"):
+        if part not in parts:
+            scan.problems.append(Problem("error", str(next(iter(parts.values())).parent / f"{part}_All.csv"),
+                                         "missing: FERV39k ships train_All.csv and test_All.csv"))
+    rows = []
+    for part, table in sorted(parts.items(), reverse=True):
+        split = canonical_split(part)
+        declare(scan, split, table)
+        for line_no, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
+            fields = line.replace(",", " ").split()
+            if fields:
+                rows.append((split, f"{table}:{line_no}", fields, line))
+    choice = choose_clip_root(scan, index, [r[2][0] for r in rows], FERV39K_FRAMES, "FERV39k", family,
+                              list(parts.values()), video_ok=False)
+    scan.notes += notes
+    for split, where, fields, line in rows:
+        rel = fields[0]
+        label = label_for(fields[1] if len(fields) > 1 else Path(rel).parent.name, scan.class_names)
+        if label is None:
+            scan.problems.append(Problem("error", where, f"unknown label in {line.strip()!r}; known classes"
+                                         f" are {', '.join(scan.class_names)}", reason="an unknown label"))
+        elif not (choice.root / rel).is_dir():
+            scan.problems.append(Problem("error", where, f"{choice.root / rel} does not exist",
+                                         reason="a listed clip that is not there"))
+        else:
+            add_clip(scan, choice.root / rel, label, split, name=rel)
+
+
+# -- MAFW ------------------------------------------------------------------------------------------
+MAFW_LISTS = (
+    ListFamily("single/[no_caption/]set_K/{train,test}.txt (the release's `Train & Test Set`, MAE-DFER's split/)",
+               r"(?:^|/)set_(?P<fold>\d+)/(?P<part>train|test)\.txt$", within=r"(?:^|/)single/",
+               skip=r"(?:^|/)(?:compound|multi)[^/]*/"),
+    ListFamily("MAFW_set_K_{train,test}.txt (DFER-CLIP's annotation/, codes 0..10)",
+               r"(?:^|/)mafw_set_(?P<fold>\d+)_(?P<part>train|test)\.txt$", base=0),
+)
+MAFW_FRAMES = ("frames", "faces", "frames_crop_align_224", "clips")  # among folders holding every clip, in order
+_MAFW_SYNONYMS = {"happy": "happiness", "sad": "sadness", "angry": "anger"}
+
+
+@register_layout("mafw", lambda s: has_lists(s, MAFW_LISTS), MAFW_CLASSES,
+                 "data/frames/<id>/ (or data/clips/<id>.mp4, face-crop folders) + single/[no_caption/]set_K/"
+                 "{train,test}.txt or MAFW_set_K_{train,test}.txt (5 folds, 11 classes)")
+def scan_mafw(root: Path, scan: DatasetScan) -> None:
+    """MAFW: 11 single-label classes, 5 folds. A list line is ``00001.mp4 anger`` (the release and MAE-DFER;
+    tab-separated with captions in with_caption/), ``00001.mp4`` alone (the label then comes from the release's
+    single_label.txt), or DFER-CLIP's ``frames_dir num_frames code`` (codes 0..10 in MAFW_CLASSES order). A clip
+    is the frame folder of its id (MAE-DFER's data/frames/, peers' face crops) when one exists, else its video."""
+    index = tree_index(root)
+    family, tables, notes = find_lists(index, MAFW_LISTS)
+    if family is None:
+        raise no_lists_error(root, "MAFW", MAFW_LISTS)
+    single = [p for p, _ in index.match(r"(?:^|/)single_label\.txt$")]
+    names = _mafw_names(single[0] if single else None, scan)
+    rows = []
+    for fold, parts in fold_tables(scan, tables).items():
+        for part, table in sorted(parts.items(), reverse=True):
+            declare(scan, part, table, fold)
+            for line_no, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
+                fields = [f.strip() for f in line.split("\t")] if "\t" in line else line.split()
+                if fields and fields[0]:
+                    rows.append((fold, part, f"{table}:{line_no}", fields, table))
+    choice = choose_clip_root(scan, index, [Path(r[3][0]).stem for r in rows], MAFW_FRAMES, "MAFW", family,
+                              [p for p, _ in tables])
+    scan.notes += notes
+    acc = new_folds()
+    for fold, part, where, fields, table in rows:
+        clip_id = Path(fields[0]).stem
+        label = _mafw_label(fields, family, names.get(clip_id), scan)
+        path = _mafw_path(fields[0], clip_id, choice, [root, table.parent])
+        if label is None or path is None:
+            reason = (f"clip {clip_id} not found under {choice.root}" if label is not None else
+                      f"label {fields[-1]} is not a class" if len(fields) > 1 else f"no label for clip {clip_id}")
+            scan.problems.append(Problem("error", where, f"cannot use {' '.join(fields[:3])!r}: {reason}",
+                                         reason="a listed clip that is not there" if label is not None else
+                                         "a clip without a known label"))
+            continue
+        fold_clip(scan, where, acc, clip_id, label, path, fold, part)
+    add_fold_clips(scan, acc["members"], acc["labels"], acc["paths"])
+
+
+def _mafw_label(fields: list, family: ListFamily, named: Optional[str], scan: DatasetScan) -> Optional[str]:
+    """A line's class: its label name (release lines), its code (DFER-CLIP's lines), else single_label.txt's."""
+    if family.base == 0 and len(fields) >= 3:
+        cls = read_code(fields[-1], MAFW_CLASSES, 0)
+        return label_for(cls, scan.class_names) if cls else None
+    if len(fields) >= 2:
+        return label_for(_MAFW_SYNONYMS.get(fields[1].lower(), fields[1]), scan.class_names)
+    return named
+
+
+def _mafw_path(text: str, clip_id: str, choice: RootChoice, bases: list) -> Optional[Path]:
+    """The clip a list line names: a path in the line (DFER-CLIP's, re-rooted when written on another machine)
+    when it resolves, else the clip id under the chosen root."""
+    if "/" in text:
+        listed = resolve_listed_path(text, bases)
+        if listed is not None:
+            return listed
+    return clip_entry(choice.root, clip_id, video_ok=choice.kind == "video")
+
+
+def _mafw_names(table: Optional[Path], scan: DatasetScan) -> dict:
+    """clip id -> class from MAFW's single_label.txt (``<id>.mp4  <label>  <br>...``)."""
+    if table is None:
+        return {}
+    names = {}
+    for line_no, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        label = label_for(_MAFW_SYNONYMS.get(fields[1].lower(), fields[1]), scan.class_names)
+        if label is None:
+            scan.problems.append(Problem("error", f"{table}:{line_no}", f"unknown label {fields[1]!r}; known classes"
+                                         f" are {', '.join(scan.class_names)}", reason="an unknown label"))
+            continue
+        names[Path(fields[0]).stem] = label
+    return names
+
+
+# -- RAF-DB (basic) --------------------------------------------------------------------------------
+RAFDB_LISTS = (ListFamily("EmoLabel/list_patition_label.txt (the release; SCN, DAN)",
+                          r"(?:^|/)list_pa(?:r)?tition_label\.txt$"),)
+RAFDB_IMAGES = ("aligned", "original")  # the aligned 100x100 faces first (SCN, DAN); --frame-root picks another
+
+
+@register_layout("rafdb", lambda s: has_lists(s, RAFDB_LISTS), RAFDB_CLASSES,
+                 "basic/Image/{aligned,original}/ + basic/EmoLabel/list_patition_label.txt (still images,"
+                 " train/test from the file names)")
+def scan_rafdb(root: Path, scan: DatasetScan) -> None:
+    """RAF-DB basic: still images (one-frame clips) listed as ``train_00001.jpg 5`` with codes 1 Surprise,
+    2 Fear, 3 Disgust, 4 Happiness, 5 Sadness, 6 Anger, 7 Neutral; the split is the name's prefix. The images
+    are ``Image/aligned/<stem>_aligned.jpg`` (preferred) or ``Image/original/<name>``."""
+    index = tree_index(root)
+    family, tables, notes = find_lists(index, RAFDB_LISTS)
+    if family is None:
+        raise no_lists_error(root, "RAF-DB", RAFDB_LISTS)
+    table = tables[0][0]
+    rows = [(f"{table}:{n}", line.split()) for n, line in
+            enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1) if line.split()]
+    folder = _rafdb_images(scan, index, [r[1][0] for r in rows], family, table)
+    scan.notes += notes
+    for where, fields in rows:
+        name, split = fields[0], canonical_split(fields[0].split("_", 1)[0])
+        cls = read_code(fields[1], RAFDB_CLASSES, 1) if len(fields) > 1 else None
+        label = label_for(cls, scan.class_names) if cls else None
+        image = _rafdb_image(folder, name)
+        if split in ("Train", "Test"):
+            declare(scan, split, table)
+        if label is None or image is None or split not in ("Train", "Test"):
+            why = (f"label {fields[1:2]} is not one of RAF-DB's codes 1..7" if label is None else
+                   f"{name} is not in {folder}" if image is None else "its name starts with neither train nor test")
+            scan.problems.append(Problem("error", where, f"cannot use {' '.join(fields)!r}: {why}",
+                                         reason="a listed image that cannot be used"))
+            continue
+        add_clip(scan, image, label, split, name=name)
+
+
+def _rafdb_image(folder: Path, name: str) -> Optional[Path]:
+    for candidate in (folder / name, folder / f"{Path(name).stem}_aligned{Path(name).suffix}"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _rafdb_images(scan: DatasetScan, index: TreeIndex, names: list, family: ListFamily, table: Path) -> Path:
+    """The image folder: the one holding most of a sample of the listed images; aligned/ before original/."""
+    given, sample = frames_option(scan), spread(sorted(names))
+    folders = [given] if given is not None else [index.root / d for d in sorted(index.frame_folders)]
+    rank = {n: i for i, n in enumerate(RAFDB_IMAGES)}
+    scored = sorted(((sum(_rafdb_image(f, n) is not None for n in sample), f) for f in folders),
+                    key=lambda hf: (-hf[0], rank.get(hf[1].name.lower(), len(rank)), str(hf[1])))
+    if not scored or scored[0][0] == 0:
+        raise DatasetError(f"{index.root}: RAF-DB list found ({table}), but not the images it names (e.g."
+                           f" {', '.join(sample[:2])}): looked for a folder holding <name> or <stem>_aligned.jpg;"
+                           f" {describe_index(index)}. Give the folder with --frame-root DIR")
+    others = [f"{f} ({h}/{len(sample)})" for h, f in scored[1:4] if h]
+    scan.notes.append(f"labels: {family.name}, {table}; images: {scored[0][1]} ({scored[0][0]} of {len(sample)}"
+                      " sampled names found)" + (f"; also holding them: {', '.join(others)} (choose with"
+                                                 " --frame-root DIR)" if others else ""))
+    return scored[0][1]
+
+
 # -- AFEW and the generic <split>/<label>/<clip> -----------------------------------------------------
 def _is_afew(source: Path) -> bool:
     if not source.is_dir():
@@ -188,91 +578,7 @@ def scan_afew(root: Path, scan: DatasetScan) -> None:
     scan_folders(root, scan)
 
 
-@register_layout("dfew", lambda s: s.is_dir() and _dfew_labels(s, 1, "train") is not None, DFEW_CLASSES,
-                 "data_affine/single_label/data/<id>/ + label/single_{train,test}set_{1..5}.csv (5 folds)")
-def scan_dfew(root: Path, scan: DatasetScan) -> None:
-    """DFEW: aligned-face frame folders per clip id, and per fold a train and a test CSV of ``video_name,label``
-    with codes 1 Happy, 2 Sad, 3 Neutral, 4 Angry, 5 Surprise, 6 Disgust, 7 Fear."""
-    frames_root = find_under(root, ("data_affine/single_label/data", "Clip/clip_224x224", "Clip/clip_224x16f"))
-    if frames_root is None:
-        raise DatasetError(f"{root}: DFEW labels found, but no frame folder tree"
-                           " (data_affine/single_label/data/ or Clip/clip_224x224/)")
-    members, labels, paths = {}, {}, {}
-    fold = 1
-    while (train := _dfew_labels(root, fold, "train")) is not None:
-        for part, table in (("train", train), ("test", _dfew_labels(root, fold, "test"))):
-            if table is None:
-                scan.problems.append(Problem("error", str(train), f"fold {fold} has a train list but no test list"))
-                continue
-            for line, row in read_header_csv(table, ("video_name", "label")):
-                where = f"{table}:{line}"
-                code, name = row["label"], row["video_name"]
-                if not code.isdigit() or not 1 <= int(code) <= len(DFEW_CLASSES):
-                    scan.problems.append(Problem("error", where, f"label code {code!r} is not one of DFEW's 1..7"))
-                    continue
-                label = label_for(DFEW_CLASSES[int(code) - 1], scan.class_names)
-                clip_dir = _dfew_clip_dir(frames_root, name)
-                if label is None or clip_dir is None:
-                    scan.problems.append(Problem("error", where, f"no frame folder for video {name!r} under"
-                                                 f" {frames_root}" if clip_dir is None else
-                                                 f"class {DFEW_CLASSES[int(code) - 1]} is not in the class list"))
-                    continue
-                note_membership(scan, where, members, labels, paths, clip_dir.name, label, clip_dir, fold, part)
-        fold += 1
-    add_fold_clips(scan, members, labels, paths)
-
-
-def _dfew_labels(root: Path, fold: int, part: str) -> Optional[Path]:
-    return find_under(root, (f"label/single_{part}set_{fold}.csv",
-                             f"EmoLabel_DataSplit/{part}(single-labeled)/set_{fold}.csv",
-                             f"EmoLabel_DataSplit/{part}/set_{fold}.csv"))
-
-
-def _dfew_clip_dir(frames_root: Path, name: str) -> Optional[Path]:
-    for candidate in (name, name.zfill(5), name.lstrip("0") or "0"):
-        if (frames_root / candidate).is_dir():
-            return frames_root / candidate
-    return None
-
-
-# -- FERV39k ---------------------------------------------------------------------------------------
-def _ferv39k_lists(root: Path) -> Optional[Path]:
-    found = find_under(root, ("4_setups/All_scenes/train_All.csv", "FERV39k/4_setups/All_scenes/train_All.csv"))
-    return found.parent if found else None
-
-
-@register_layout("ferv39k", lambda s: s.is_dir() and _ferv39k_lists(s) is not None, FERV39K_CLASSES,
-                 "2_ClipsforFaceCrop/<Scene>/<Emotion>/<clip>/ + 4_setups/All_scenes/{train,test}_All.csv")
-def scan_ferv39k(root: Path, scan: DatasetScan) -> None:
-    """FERV39k: face-crop frame folders ``<Scene>/<Emotion>/<nnnn>`` and two lists of ``<Scene>/<Emotion>/<nnnn>
-    <Emotion>`` lines (space-separated, no header), train_All.csv and test_All.csv."""
-    lists = _ferv39k_lists(root)
-    frames_root = find_under(root, ("2_ClipsforFaceCrop", "2_ClipsforFaceCrop-002/2_ClipsforFaceCrop",
-                                    "FERV39k/2_ClipsforFaceCrop"))
-    if frames_root is None:
-        raise DatasetError(f"{root}: FERV39k lists found in {lists}, but no 2_ClipsforFaceCrop/ frame tree")
-    for split, name in (("Train", "train_All.csv"), ("Test", "test_All.csv")):
-        table = lists / name
-        if not table.is_file():
-            scan.problems.append(Problem("error", str(table), "missing: FERV39k ships train_All.csv and test_All.csv"))
-            continue
-        for line_no, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            fields = line.replace(",", " ").split()
-            if not fields:
-                continue
-            where = f"{table}:{line_no}"
-            rel = fields[0]
-            label = label_for(fields[1] if len(fields) > 1 else Path(rel).parent.name, scan.class_names)
-            if label is None:
-                scan.problems.append(Problem("error", where, f"unknown label in {line.strip()!r}; known classes"
-                                             f" are {', '.join(scan.class_names)}"))
-            elif not (frames_root / rel).is_dir():
-                scan.problems.append(Problem("error", where, f"{frames_root / rel} does not exist"))
-            else:
-                add_clip(scan, frames_root / rel, label, split, name=rel)
-
-
-# -- peers' annotation lists (DFER-CLIP, MAE-DFER, ...): frames_dir num_frames label ------------------
+# -- peers' annotation lists (DFER-CLIP, MAE-DFER, SCN, ...): path [num_frames] label -----------------
 KNOWN_LIST_CLASSES = {"dfew": DFEW_CLASSES, "ferv39k": FERV39K_CLASSES, "mafw": MAFW_CLASSES}
 
 
@@ -291,37 +597,55 @@ def _list_classes(source: Path) -> Optional[tuple]:
     return None
 
 
+def split_list_line(line: str) -> Optional[tuple[str, str]]:
+    """(path, label) of ``path num_frames label`` (DFER-CLIP) or ``path label`` (MAE-DFER, SCN's image lists);
+    None when the line has a single field."""
+    fields = line.split()
+    if len(fields) < 2:
+        return None
+    if len(fields) >= 3 and fields[-2].isdigit():
+        return " ".join(fields[:-2]), fields[-1]
+    return " ".join(fields[:-1]), fields[-1]
+
+
 @register_layout("annotation-list",
                  lambda s: s.is_file() and s.suffix.lower() == ".txt" and fold_part(s.name)[1] is not None,
-                 _list_classes, "frames_dir num_frames label lines; set_K/train|test in the file names give folds",
+                 _list_classes, "path [num_frames] label lines (a frame folder, video or image each);"
+                 " set_K/train|test in the file names give folds",
                  accepts=lambda s: bool(s.exists() and _list_files(s)))
 def scan_annotation_lists(source: Path, scan: DatasetScan) -> None:
-    """One clip per line, ``frames_dir num_frames label`` (label: a 0-based index into the class order, or a
-    name). A list named ``*set_K*train*`` / ``*set_K*test*`` gives fold K; without a fold number the name's
-    train/test/val is the split."""
+    """One clip per line, ``path num_frames label`` or ``path label`` (label: a 0-based index into the class
+    order, or a name; path: a frame folder, a video or a still image). A list named ``*set_K*train*`` /
+    ``*set_K*test*`` gives fold K; without a fold number the name's train/test/val is the split."""
     files = _list_files(source)
     if not files:
         raise DatasetError(f"{source}: no annotation list (*train*.txt / *test*.txt) found")
     members, labels, paths = {}, {}, {}
     for table in files:
         fold, part = fold_part(table.name)
+        if fold is None:
+            declare(scan, canonical_split(part), table)
+        else:
+            declare(scan, "test" if part == "test" else "train", table, fold)
         bases = [table.parent, table.parent.parent, table.parent.parent.parent]
         for line_no, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            fields = line.split()
-            if not fields:
+            if not line.strip():
                 continue
-            where = f"{table}:{line_no}"
-            if len(fields) < 3:
-                scan.problems.append(Problem("error", where, f"expected 'frames_dir num_frames label', got {line!r}"))
+            where, parsed = f"{table}:{line_no}", split_list_line(line)
+            if parsed is None:
+                scan.problems.append(Problem("error", where, f"expected 'path num_frames label' or 'path label',"
+                                             f" got {line!r}", reason="a line that is not 'path [num_frames] label'"))
                 continue
-            label = _list_label(fields[-1], scan, table)
-            path = resolve_listed_path(" ".join(fields[:-2]), bases)
+            text, code = parsed
+            label = _list_label(code, scan, table)
+            path = resolve_listed_path(text, bases)
             if label is None:
-                scan.problems.append(Problem("error", where, f"label {fields[-1]!r} is not a class of"
-                                             f" {', '.join(scan.class_names)}"))
+                scan.problems.append(Problem("error", where, f"label {code!r} is not a class of"
+                                             f" {', '.join(scan.class_names)}", reason="an unknown label"))
             elif path is None:
-                scan.problems.append(Problem("error", where, f"frame folder {fields[0]} not found (also looked"
-                                             f" for its trailing folders under {table.parent})"))
+                scan.problems.append(Problem("error", where, f"{text} not found (also looked for its trailing"
+                                             f" folders under {table.parent})",
+                                             reason="a listed clip that is not there"))
             elif fold is None:
                 add_clip(scan, path, label, canonical_split(part), name=_list_name(path, bases))
             else:
@@ -347,87 +671,6 @@ def _list_name(path: Path, bases: Sequence[Path]) -> str:
         except ValueError:
             continue
     return path.as_posix().lstrip("/")
-
-
-# -- MAFW ------------------------------------------------------------------------------------------
-def _mafw_fold_lists(root: Path) -> list[Path]:
-    """Fold lists of MAFW: DFER-CLIP's ``MAFW_set_K_{train,test}.txt``, or any ``set_K/{train,test}.txt``."""
-    if not root.is_dir():
-        return []
-    peers = find_under(root, ("MAFW_set_1_train.txt", "annotation/MAFW_set_1_train.txt"))
-    if peers is not None:
-        return sorted(peers.parent.glob("MAFW_set_*_*.txt"))
-    if _mafw_single_labels(root) is None:  # the release's label file first: no deep walk of other datasets
-        return []
-    found = []
-    for depth in ("set_*/*.txt", "*/set_*/*.txt", "*/*/set_*/*.txt", "*/*/*/set_*/*.txt"):
-        found += [p for p in root.glob(depth) if fold_part(p.parent.name)[0] is not None and fold_part(p.name)[1]]
-    return sorted(found)
-
-
-def _mafw_single_labels(root: Path) -> Optional[Path]:
-    return find_under(root, ("single_label.txt", "caption-label/single_label.txt", "labels/single_label.txt",
-                             "Labels/single_label.txt")) if root.is_dir() else None
-
-
-def _is_mafw(source: Path) -> bool:
-    return source.is_dir() and bool(_mafw_fold_lists(source))
-
-
-@register_layout("mafw", _is_mafw, MAFW_CLASSES,
-                 "clips/<id>.mp4 (or face-frame folders) + single_label.txt + 5 fold lists set_K train/test")
-def scan_mafw(root: Path, scan: DatasetScan) -> None:
-    """MAFW: 11 single-label classes, 5 folds. A clip's label comes from the release's ``single_label.txt``
-    (``03747.mp4  anger  <br>caption``) when present, else from the fold list (DFER-CLIP's lists:
-    ``frames_dir num_frames code``, codes 0..10 in MAFW_CLASSES order). A clip is the frame folder a list
-    names when it exists (peers' face crops), else ``clips/<id>.mp4``."""
-    lists = _mafw_fold_lists(root)
-    names = _mafw_names(_mafw_single_labels(root), scan)
-    clips_dir = find_under(root, ("clips", "data/clips"))
-    members, labels, paths = {}, {}, {}
-    bases = [root] + sorted({p.parent for p in lists})
-    for table in lists:
-        fold = fold_part(table.name)[0] or fold_part(table.parent.name)[0]
-        part = fold_part(table.name)[1]
-        for line_no, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            where = f"{table}:{line_no}"
-            clip_id = Path(fields[0]).stem
-            label = names.get(clip_id) if names else (_list_label(fields[-1], scan, table) if len(fields) >= 3 else None)
-            path = resolve_listed_path(fields[0], bases)
-            if path is None and clips_dir is not None and (clips_dir / f"{clip_id}.mp4").exists():
-                path = clips_dir / f"{clip_id}.mp4"
-            if label is None or path is None:
-                reason = (f"clip {clip_id} not found under {root}" if label is not None else
-                          f"no label for clip {clip_id}" if names else f"label {fields[-1]} is not a class")
-                scan.problems.append(Problem("error", where, f"cannot use {line.strip()!r}: {reason}"))
-                continue
-            note_membership(scan, where, members, labels, paths, clip_id, label, path, fold,
-                            "test" if part == "test" else "train")
-    add_fold_clips(scan, members, labels, paths)
-
-
-def _mafw_names(table: Optional[Path], scan: DatasetScan) -> dict:
-    """clip id -> class from MAFW's single_label.txt (``<id>.mp4  <label>  <br>...``)."""
-    if table is None:
-        return {}
-    names = {}
-    for line_no, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        fields = line.split()
-        if len(fields) < 2:
-            continue
-        label = label_for(_MAFW_SYNONYMS.get(fields[1].lower(), fields[1]), scan.class_names)
-        if label is None:
-            scan.problems.append(Problem("error", f"{table}:{line_no}", f"unknown label {fields[1]!r}; known classes"
-                                         f" are {', '.join(scan.class_names)}"))
-            continue
-        names[Path(fields[0]).stem] = label
-    return names
-
-
-_MAFW_SYNONYMS = {"happy": "happiness", "sad": "sadness", "angry": "anger"}
 
 
 # -- CK+ -------------------------------------------------------------------------------------------
@@ -480,56 +723,76 @@ def _ckplus_label(path: Path, scan: DatasetScan) -> Optional[str]:
 
 # -- a path,label,split CSV ------------------------------------------------------------------------
 @register_layout("csv", lambda s: s.is_file() and s.suffix.lower() == ".csv", None,
-                 "a CSV with a path,label,split header, paths relative to it")
+                 "a CSV with a path,label,split header, paths relative to it (videos, frame folders or images)")
 def scan_csv(csv_path: Path, scan: DatasetScan) -> None:
     for line_no, row in read_header_csv(csv_path, ("path", "label", "split")):
         where = f"{csv_path}:{line_no}"
+        split = canonical_split((row.get("split") or "").strip() or "Train")
+        declare(scan, split, csv_path)
         if not row.get("path"):
-            scan.problems.append(Problem("error", where, "row has no path"))
+            scan.problems.append(Problem("error", where, "row has no path", reason="a row without a path"))
             continue
         path = Path(row["path"])
         path = path if path.is_absolute() else csv_path.parent / path
         label = label_for(row.get("label") or "", scan.class_names)
         if label is None:
             scan.problems.append(Problem("error", where, f"unknown label {row.get('label')!r}; known classes"
-                                         f" are {', '.join(scan.class_names)}"))
-        elif not path.exists():
-            scan.problems.append(Problem("error", where, f"{path} does not exist"))
+                                         f" are {', '.join(scan.class_names)}", reason="an unknown label"))
+        elif not path.exists() and not path.is_symlink():
+            scan.problems.append(Problem("error", where, f"{path} does not exist",
+                                         reason="a listed file that does not exist"))
         else:
-            add_clip(scan, path, label, canonical_split((row.get("split") or "").strip() or "Train"))
+            add_clip(scan, path, label, split)
 
 
 # -- the generic <split>/<label>/<clip>: last, it accepts any folder ----------------------------------
-@register_layout("folders", lambda s: s.is_dir(), None, "<split>/<label>/<clip>, clip = video or frame folder")
+@register_layout("folders", lambda s: s.is_dir(), None,
+                 "<split>/<label>/<clip>, clip = video, frame folder or still image")
 def scan_folders(root: Path, scan: DatasetScan) -> None:
     for split_dir in sorted(root.iterdir()):
         if not split_dir.is_dir():
             if split_dir.name not in IGNORED_NAMES and split_dir.suffix.lower() != ".csv":
                 scan.problems.append(Problem("warning", str(split_dir), "stray file at the dataset root;"
-                                             " expected only <split>/ folders"))
+                                             " expected only <split>/ folders", reason="a file at the dataset root"))
             continue
         split = canonical_split(split_dir.name)
+        declare(scan, split, split_dir)
         for label_dir in sorted(split_dir.iterdir()):
             if not label_dir.is_dir():
                 if label_dir.name not in IGNORED_NAMES:
                     scan.problems.append(Problem("warning", str(label_dir), "stray file in a split folder;"
-                                                 " expected only <label>/ folders"))
+                                                 " expected only <label>/ folders", reason="a file in a split folder"))
                 continue
             label = label_for(label_dir.name, scan.class_names)
             if label is None:
                 scan.problems.append(Problem("error", str(label_dir), f"unknown label folder; known classes"
                                              f" are {', '.join(scan.class_names)} (rename it, or list"
-                                             f" the classes in {CLASSES_FILE} or with --classes)"))
+                                             f" the classes in {CLASSES_FILE} or with --classes)",
+                                             reason="an unknown label folder"))
                 continue
-            for clip_path in sorted(label_dir.iterdir()):
-                if clip_path.name in IGNORED_NAMES:
-                    continue
-                add_clip(scan, clip_path, label, split)
+            scan_label_folder(scan, label_dir, label, split)
+
+
+def scan_label_folder(scan: DatasetScan, label_dir: Path, label: str, split: str) -> None:
+    """Every clip of one <split>/<label>/ folder; videos and stills mixed in one folder are worth a warning
+    (thumbnails beside videos would become one-frame clips)."""
+    kinds = Counter()
+    for entry in sorted(os.scandir(label_dir), key=lambda e: e.name):
+        if entry.name in IGNORED_NAMES:
+            continue
+        clip = add_clip(scan, Path(entry.path), label, split)
+        if clip is not None:
+            kinds[clip.kind] += 1
+    if kinds["video"] and kinds["image"]:
+        scan.problems.append(Problem("warning", str(label_dir), f"mixes {kinds['video']} video(s) and"
+                                     f" {kinds['image']} still image(s); each image is a one-frame clip (if they are"
+                                     " thumbnails of the videos, move them out)", reason="videos mixed with images"))
 
 
 # detection order: the registry's insertion order, with the catch-all folders layout last
-LAYOUTS = {name: LAYOUTS[name] for name in ("dfew", "ferv39k", "mafw", "ckplus", "annotation-list", "csv",
+LAYOUTS = {name: LAYOUTS[name] for name in ("dfew", "ferv39k", "mafw", "rafdb", "ckplus", "annotation-list", "csv",
                                             "afew", "folders")}
+RELEASES = {"dfew": DFEW_LISTS, "ferv39k": FERV39K_LISTS, "mafw": MAFW_LISTS, "rafdb": RAFDB_LISTS}
 
 
 def scan_dataset(source: Path, class_names: Optional[Sequence[str]] = None, layout: Optional[str] = None,
@@ -537,37 +800,53 @@ def scan_dataset(source: Path, class_names: Optional[Sequence[str]] = None, layo
     """List a dataset's clips without decoding them.
 
     Arguments:
-        source: a dataset folder or list file. Its layout is detected (see ``pipeline.layouts``):
-            AFEW ``Train|Val/<Emotion>/*.avi`` and the generic ``<split>/<label>/<clip>`` (names match
-            case-insensitively), a ``path,label,split`` CSV (paths relative to it), DFEW, FERV39k,
-            MAFW, CK+, or a ``frames_dir num_frames label`` annotation list.
+        source: a dataset folder (or any folder inside it holding its frames and label lists) or a list file.
+            Its layout is detected (see ``pipeline.layouts``): AFEW ``Train|Val/<Emotion>/*.avi`` and the
+            generic ``<split>/<label>/<clip>`` (names match case-insensitively), a ``path,label,split`` CSV
+            (paths relative to it), DFEW, FERV39k, MAFW, RAF-DB, CK+, or a ``path [num_frames] label``
+            annotation list. A clip is a video, a frame folder or a still image (a one-frame clip).
         class_names: the class order; None: ``classes.txt`` beside the data, else the layout's own
-            (DFEW, FERV39k, MAFW, CK+), else AFEW's.
+            (DFEW, FERV39k, MAFW, RAF-DB, CK+), else AFEW's.
         layout: a layout name (``emo-cache check --layout``); None detects it.
-        options: layout options, e.g. ``fold_count=10`` for CK+.
+        options: layout options, e.g. ``fold_count=10`` for CK+, ``frame_root="DFEW/Clip/jpg_256"`` to choose the
+            folder a release's clips are read from when several hold them.
     Returns:
-        DatasetScan with the clips (sorted by id), problems (unknown labels, duplicate ids, stray
-        files, empty frame folders, ...), the class names and, for datasets with folds, each clip's folds.
+        DatasetScan with the clips (sorted by id), problems (unknown labels, duplicate ids, one file listed
+        twice, stray files, broken links, empty frame folders, and an error for a dataset, split or fold that
+        yields no clip), the class names, notes (what a release layout chose) and, for datasets with folds,
+        each clip's folds.
 
     >>> scan = scan_dataset(Path("data/demo"))
     >>> scan.clips[0].clip_id
     'Train/Happy/single_face.mp4'
     """
-    from emotion_attention.pipeline.data.layouts import detect_layout, get_layout  # the registry imports this module
-
     source = Path(source)
     if not source.exists():
         raise DatasetError(f"{source}: no such dataset folder or list file")
-    entry = get_layout(layout, source) if layout else detect_layout(source)
-    layout_classes = entry.default_classes(source)
-    names = resolve_class_names(source, class_names, layout_classes)
-    given = class_names or layout_classes or names != AFEW_CLASSES
-    scan = DatasetScan(source, entry.name, names,
-                       options={**options, "class_source": "given" if given else "afew default"})
-    entry.scan(source, scan)
-    _flag_duplicates(scan)
+    with cached_walks():
+        entry = get_layout(layout, source) if layout else detect_layout(source)
+        layout_classes = entry.default_classes(source)
+        names = resolve_class_names(source, class_names, layout_classes)
+        given = class_names or layout_classes or names != AFEW_CLASSES
+        scan = DatasetScan(source, entry.name, names,
+                           options={**options, "class_source": "given" if given else "afew default"})
+        entry.scan(source, scan)
+        _flag_duplicates(scan)
+        _flag_same_file(scan)
+        scan.problems += empty_parts(scan)
+        if not scan.clips and entry.name in ("folders", "afew"):
+            scan.notes.append(_releases_looked_for(source))
     scan.clips.sort(key=lambda c: c.clip_id)
     return scan
+
+
+def _releases_looked_for(source: Path) -> str:
+    """For a folder read as plain <split>/<label>/<clip> that yields nothing: the release lists looked for."""
+    looked = "; ".join(f.name for families in RELEASES.values() for f in families)
+    index = tree_index(source) if source.is_dir() else None
+    seen = f"; {describe_index(index)}" if index is not None else ""
+    return (f"read as <split>/<label>/<clip> because no release's label lists were found within {MAX_DEPTH} levels"
+            f" (looked for: {looked}){seen}")
 
 
 def _flag_duplicates(scan: DatasetScan) -> None:
@@ -577,8 +856,30 @@ def _flag_duplicates(scan: DatasetScan) -> None:
     for clip in scan.clips:
         if clip.clip_id in seen:
             scan.problems.append(Problem("error", str(clip.path), f"duplicate clip id {clip.clip_id!r}"
-                                         f" (also {seen[clip.clip_id].path}); rename one of them"))
+                                         f" (also {seen[clip.clip_id].path}); rename one of them",
+                                         reason="a duplicate clip id"))
         else:
             seen[clip.clip_id] = clip
             kept.append(clip)
     scan.clips = kept
+
+
+def _flag_same_file(scan: DatasetScan) -> None:
+    """One file (or link target) listed under two labels or in two splits: which one is right cannot be known,
+    and a file in both train and test leaks; every such clip is left out and the file named once, so nothing
+    wrong is stored."""
+    by_file: dict[str, list[Clip]] = defaultdict(list)
+    for clip in scan.clips:
+        by_file[os.path.realpath(clip.path)].append(clip)
+    dropped = set()
+    for clips in by_file.values():
+        if len(clips) < 2:
+            continue
+        ids = ", ".join(repr(c.clip_id) for c in clips)
+        what = "under two labels" if len({c.label for c in clips}) > 1 else "in two splits"
+        problem = Problem("error", str(clips[0].path), f"one file listed {what}: {ids}; keep one entry (all are"
+                          " left out until then)", reason=f"one file listed {what}")
+        scan.problems.append(problem)
+        scan.dropped += [(clip, problem) for clip in clips]
+        dropped.update(c.clip_id for c in clips)
+    scan.clips = [c for c in scan.clips if c.clip_id not in dropped]

@@ -40,6 +40,7 @@ class CheckReport:
         notes = [p for p in self.problems if p.severity == "info"]
         problems = [p for p in self.problems if p.severity != "info"]
         errors = sum(p.severity == "error" for p in problems)
+        lines += [f"note: {note}" for note in self.scan.notes]
         lines += [f"note: {p.path}: {p.message}" for p in notes]
         lines.append(f"{len(problems)} problem(s): {errors} error(s), {len(problems) - errors} warning(s)")
         lines += [f"  {p}" for p in problems]
@@ -68,10 +69,11 @@ def check_clip(clip: Clip, quick: bool = False) -> Optional[Problem]:
     """Open a video and decode every frame (``quick``: the first only); a Problem naming the file, or None.
 
     A video in which fewer frames decode than its container announces is truncated or damaged in the
-    middle; it is an error, since `faces` would store it short. Frame folders are listed, not decoded.
+    middle; it is an error, since `faces` would store it short. Frame folders and images are checked from
+    their image headers (``quick``: the first image only), not decoded.
     """
     if clip.kind != "video":
-        return check_frame_folder(clip)
+        return check_frame_folder(clip, quick)
     try:
         probe_video(clip.path)
         if quick:
@@ -85,15 +87,18 @@ def check_clip(clip: Clip, quick: bool = False) -> Optional[Problem]:
     return None
 
 
-def check_frame_folder(clip: Clip) -> Optional[Problem]:
+def check_frame_folder(clip: Clip, quick: bool = False) -> Optional[Problem]:
     """A warning when images of a frame folder cannot be read (headers only); `faces` keeps them as frames
-    without a face, so the clip stays usable."""
+    without a face, so the clip stays usable. A still image that cannot be read is an error: it is the clip."""
     from emotion_attention.pipeline.data.decode import image_size
 
     images = list_frame_images(clip.path)
-    bad = [p for p in images if image_size(p) is None]
+    bad = [p for p in (images[:1] if quick else images) if image_size(p) is None]
     if not bad:
         return None
+    if clip.kind == "image":
+        return Problem("error", str(clip.path), "not a readable image (corrupt, truncated, or another format under"
+                       " an image name); re-export or remove it")
     return Problem("warning", str(clip.path), f"{len(bad)} of {len(images)} images cannot be read (first:"
                    f" {bad[0].name}); they become frames without a face")
 
@@ -120,14 +125,37 @@ def check_dataset(source: Path, class_names: Optional[Sequence[str]] = None, pro
     True
     """
     scan = scan_dataset(source, class_names, layout, **options)
-    if workers > 1 and len(scan.clips) > workers:
+    bar = tqdm(total=len(scan.clips), desc="check", unit="clip", disable=not progress)
+    found = []
+    for problems, done in check_batches(batch_clips(scan.clips), quick, workers):
+        found += problems
+        bar.update(done)
+    bar.close()
+    return CheckReport(scan, list(scan.problems) + found)
+
+
+CHECK_BATCH = 64  # clips per job whose check only reads image headers: one job per clip costs more than the work
+
+
+def batch_clips(clips: Sequence[Clip]) -> list[list[Clip]]:
+    """Clips in jobs: each video alone (it is decoded whole), frame folders and images CHECK_BATCH at a time."""
+    videos = [[c] for c in clips if c.kind == "video"]
+    others = [c for c in clips if c.kind != "video"]
+    return videos + [others[i:i + CHECK_BATCH] for i in range(0, len(others), CHECK_BATCH)]
+
+
+def check_batch(clips: Sequence[Clip], quick: bool) -> tuple[list[Problem], int]:
+    """(problems, clips checked) of one job."""
+    return [p for p in (check_clip(c, quick) for c in clips) if p is not None], len(clips)
+
+
+def check_batches(batches: list[list[Clip]], quick: bool, workers: int):
+    """Each job's (problems, clip count), in joblib processes when there are several workers and jobs."""
+    if workers > 1 and len(batches) > 1:
         from joblib import Parallel, delayed
 
-        found = Parallel(n_jobs=workers, return_as="generator")(delayed(check_clip)(c, quick) for c in scan.clips)
-    else:
-        found = (check_clip(c, quick) for c in scan.clips)
-    found = tqdm(found, total=len(scan.clips), desc="check", unit="clip", disable=not progress)
-    return CheckReport(scan, list(scan.problems) + [p for p in found if p is not None])
+        return Parallel(n_jobs=workers, return_as="generator")(delayed(check_batch)(b, quick) for b in batches)
+    return (check_batch(b, quick) for b in batches)
 
 
 def run(cfg: CheckConfig, inputs: Sequence[Path], out: Optional[Path] = None, *, log=print,
@@ -140,6 +168,7 @@ def run(cfg: CheckConfig, inputs: Sequence[Path], out: Optional[Path] = None, *,
     cfg.validate()
     (source,) = inputs
     report = check_dataset(Path(source), cfg.class_names, progress=progress, layout=cfg.layout, quick=cfg.quick,
-                           workers=usable_cores() if cfg.workers is None else cfg.workers)
+                           workers=usable_cores() if cfg.workers is None else cfg.workers,
+                           **({"frame_root": cfg.frame_root} if cfg.frame_root else {}))
     failures = [Failure("check", p.path, None, p.message) for p in report.problems if p.severity == "error"]
     return StageSummary("check", report.ok, {}, failures, report.format().splitlines(), result=report)

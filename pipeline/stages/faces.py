@@ -1,17 +1,21 @@
 """The faces stage: every clip of a dataset -> aligned face chips in one resumable faces store.
 
-Each clip is decoded, aligned and written in chunks of frames (CHUNK_FRAMES), so memory does not grow
-with a clip's length. With one worker the clip is written straight into the store. With several (joblib
-loky processes, or a dask cluster), each worker writes its clip, encoded with the store's codec, into a
-part file of its own under ``<out>.parts/``; the main process, the only writer of the store, copies the
-finished clip in (HDF5 object copies, no decoding) and commits it whole with its ``complete`` mark last.
-Chips thus never travel through a pipe, and the store is the same whatever the worker count. A rerun
-skips complete clips; a bad clip goes into the failure log and the run carries on; a full disk stops the
-run with StoreFull (committed clips kept, the workers ended) and a rerun finishes it.
+Clips are planned into worker tasks (``plan_tasks``): short clips (a photo, a 16-frame DFEW clip) are batched
+into tasks of about ``task_frames`` frames, decoded and aligned in memory, their chips encoded with the store's
+codec, and handed back to the writer in memory; a clip of more than ``stream_frames`` frames is written in
+chunks (CHUNK_FRAMES), encoded, into a part file of its own under ``<out>.parts/``, so memory never grows with
+a clip's length. Tasks run in this process (one worker) or in joblib loky processes or on a dask cluster; the
+main process is the only writer of the store either way: it checks the disk space a clip needs, writes it
+whole (or copies it in from its part file: HDF5 object copies, no decoding) and commits it with its
+``complete`` mark last. No clip in flight is ever in the store's file, so a kill or a full disk loses at most
+the clips in flight, and the store is the same whatever the worker count. A rerun skips complete clips; a bad
+clip goes into the failure log and the run carries on; a full disk stops the run with StoreFull (committed
+clips kept, the workers ended) and a rerun finishes it.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import time
 import warnings
@@ -22,10 +26,10 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
-from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
 
 from emotion_attention.cache import HOW, FacesStore, StoreFull
+from emotion_attention.cache.common import FREE_RESERVE, free_bytes, is_disk_full
 from emotion_attention.cache.codecs import bytes_per_frame
 from emotion_attention.cache.errors import ConfigError, clip_filename
 from emotion_attention.cache.faces_store import ENCODED_FACES
@@ -43,7 +47,7 @@ from emotion_attention.pipeline.core.runtime import (
     warn_oversubscribed,
 )
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
-from emotion_attention.pipeline.data.clips import Clip, Problem
+from emotion_attention.pipeline.data.clips import Clip, DatasetError, Problem
 from emotion_attention.pipeline.data.decode import (
     DecodeStats,
     folder_is_square,
@@ -57,19 +61,21 @@ from emotion_attention.pipeline.faces.align import (
     CHUNK_FRAMES,
     align_clip_chunks,
     concat_chunks,
+    empty_clip_arrays,
     load_aligner,
     resize_prealigned_chunks,
 )
 
 HOW_NAMES = {code: name for name, code in HOW.items()}
-PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per clip in flight with several workers
+MAX_CLIP_ROWS = 200  # rows of the per-clip coverage table printed; a larger run prints the worst ones
+PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per long clip in flight (over stream_frames frames)
 
 
 # -- one clip, no store ---------------------------------------------------------------------------
 def is_prealigned(clip: Clip, cfg: FaceConfig) -> bool:
-    """Frame folders of already aligned faces skip detection. auto: every image is square (read from the
-    image headers, so one full frame among square faces sends the whole folder to detection)."""
-    if clip.kind != "frames" or cfg.prealigned == "no":
+    """Frame folders and still images of already aligned faces skip detection. auto: every image is square
+    (read from the image headers, so one full frame among square faces sends the whole folder to detection)."""
+    if clip.kind not in ("frames", "image") or cfg.prealigned == "no":
         return False
     if cfg.prealigned == "yes":
         return True
@@ -80,7 +86,7 @@ def process_clip_chunks(clip: Clip, cfg: PreprocessConfig) -> tuple[Iterator[dic
     """Decode one clip and align its subject's face in every kept frame, CHUNK_FRAMES frames at a time.
 
     Arguments:
-        clip: a Clip from scan_dataset (video file or frame folder).
+        clip: a Clip from scan_dataset (video file, frame folder or still image).
         cfg: PreprocessConfig (its face and decode parts are used).
     Returns:
         (chunks, clip_attrs): an iterator of faces-store arrays for consecutive runs of frames (see
@@ -92,7 +98,7 @@ def process_clip_chunks(clip: Clip, cfg: PreprocessConfig) -> tuple[Iterator[dic
         info = probe_video(clip.path)
         fps, total = info.fps, info.frame_count
     else:
-        fps, total = cfg.decode.folder_fps, len(list_frame_images(clip.path))
+        fps, total = cfg.decode.folder_fps, clip.frames if clip.frames >= 0 else len(list_frame_images(clip.path))
     stats = DecodeStats()  # decode side of the damage record: frames decoded vs the container's count
     frames = iter_clip_frames(clip.path, clip.kind, cfg.decode, stats)
     if is_prealigned(clip, cfg.face):
@@ -129,9 +135,41 @@ def process_clip(clip: Clip, cfg: PreprocessConfig) -> tuple[dict[str, np.ndarra
     return arrays, clip_attrs()
 
 
+def encoded_clip(clip: Clip, cfg: PreprocessConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """A short clip's faces-store arrays with its chips already encoded in the store's codec (``faces`` and
+    ``encoded_faces`` are then the same object array of bytes), chunk by chunk: what a worker hands the writer
+    in memory, a few KiB per JPEG chip instead of S x S x 3 bytes."""
+    chunks, clip_attrs = process_clip_chunks(clip, cfg)
+    codec = cfg.store_codec
+    parts = []
+    for chunk in chunks:
+        if codec.encoded:
+            chunk = {**chunk, "faces": codec.encode_many(chunk["faces"])}
+        parts.append(chunk)
+    if not parts:
+        arrays = empty_clip_arrays(cfg.face.size)
+    else:
+        arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    if codec.encoded:
+        arrays[ENCODED_FACES] = arrays["faces"]
+    return arrays, clip_attrs()
+
+
+def encoded_nbytes(arrays: dict) -> int:
+    """Bytes a clip's arrays put on disk (encoded chips counted by their length, not their pointers)."""
+    total = 0
+    for name, value in arrays.items():
+        if name == ENCODED_FACES:
+            continue
+        value = np.asarray(value)
+        total += sum(len(row) for row in value) if value.dtype == object else value.nbytes
+    return total
+
+
 def write_clip(store: FacesStore, clip: Clip, cfg: PreprocessConfig) -> int:
     """Decode, align and write one clip into ``store`` chunk by chunk, then commit it whole; returns its
-    frame count. A clip that fails midway leaves no group behind; StoreFull passes through."""
+    frame count. A clip that fails midway leaves no group behind; StoreFull passes through. (The stage
+    itself writes in-flight clips into part files or memory first, never into the store: see run_task.)"""
     chunks, clip_attrs = process_clip_chunks(clip, cfg)
     writer = store.begin_clip(clip.clip_id, cfg.face.size, cfg.compression)
     try:
@@ -148,11 +186,13 @@ def write_clip(store: FacesStore, clip: Clip, cfg: PreprocessConfig) -> int:
 
 @dataclass
 class ClipResult:
-    """What a clip job hands back to the writer: where its frames are, or why it failed."""
+    """What a clip job hands back to the writer: its rows in memory, the part file holding it, or why it failed."""
     clip: Clip
-    part: Optional[Path] = None   # part file holding the committed clip (several workers); None: in the store
-    error: Optional[str] = None   # why the clip failed (logged; the run carries on)
-    full: bool = False            # the disk filled: the run stops
+    part: Optional[Path] = None     # part file holding the committed clip (a long clip); None otherwise
+    arrays: Optional[dict] = None   # a short clip's rows, chips encoded in the store's codec (encoded_clip)
+    attrs: Optional[dict] = None    # its clip attributes (with ``arrays``)
+    error: Optional[str] = None     # why the clip failed (logged; the run carries on)
+    full: bool = False              # the disk filled: the run stops
     seconds: float = 0.0
 
 
@@ -160,21 +200,20 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_clip_in_store(store: FacesStore, clip: Clip, cfg: PreprocessConfig) -> ClipResult:
-    """One worker: write the clip straight into the store; a bad clip becomes an error for the log."""
+def run_clip_in_memory(clip: Clip, cfg: PreprocessConfig) -> ClipResult:
+    """A short clip, decoded and aligned into memory (chips encoded); never raises for a bad clip."""
     start = time.perf_counter()
     try:
-        write_clip(store, clip, cfg)
-    except StoreFull:
-        raise
+        arrays, attrs = encoded_clip(clip, cfg)
     except Exception as exc:  # any failure of one clip is logged and the run carries on
         return ClipResult(clip, error=failure_reason(exc), seconds=time.perf_counter() - start)
-    return ClipResult(clip, seconds=time.perf_counter() - start)
+    return ClipResult(clip, arrays=arrays, attrs=attrs, seconds=time.perf_counter() - start)
 
 
 def run_clip(clip: Clip, cfg: PreprocessConfig, store_config: dict, parts_dir: Path) -> ClipResult:
-    """A worker's job: write the clip, committed, into a part file of its own (``parts_dir``), encoded
-    with the store's codec; the writer copies it into the store. Never raises for a bad clip."""
+    """A long clip: written, committed, into a part file of its own (``parts_dir``), encoded with the store's
+    codec, so memory stays at one chunk; the writer copies it into the store. Never raises for a bad clip; a
+    full disk (also one that breaks HDF5's close of the part) is reported as ``full``."""
     start = time.perf_counter()
     part = Path(parts_dir) / clip_filename(clip.clip_id, ".h5")
     try:
@@ -186,36 +225,120 @@ def run_clip(clip: Clip, cfg: PreprocessConfig, store_config: dict, parts_dir: P
         return ClipResult(clip, error=str(exc), full=True, seconds=time.perf_counter() - start)
     except Exception as exc:  # any failure of one clip is logged and the run carries on
         part.unlink(missing_ok=True)
+        if is_disk_full(exc) or free_bytes(part) < FREE_RESERVE:  # HDF5 met the full disk (a close, a flush)
+            return ClipResult(clip, error=f"{part}: the disk filled while writing clip {clip.clip_id!r} ({exc})",
+                              full=True, seconds=time.perf_counter() - start)
         return ClipResult(clip, error=failure_reason(exc), seconds=time.perf_counter() - start)
     return ClipResult(clip, part=part, seconds=time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class Task:
+    """One worker job: short clips that travel in memory, or one long clip that streams into a part file."""
+    clips: tuple
+    stream: bool = False
+
+
+def run_task(task: Task, cfg: PreprocessConfig, store_config: dict, parts_dir: Path) -> list[ClipResult]:
+    """A worker's job (see plan_tasks); never raises for a bad clip."""
+    if task.stream:
+        return [run_clip(task.clips[0], cfg, store_config, parts_dir)]
+    return [run_clip_in_memory(clip, cfg) for clip in task.clips]
+
+
 # -- many clips ------------------------------------------------------------------------------------
+MAX_TASK_CLIPS = 256  # clips per task at most (clips of zero planned frames would otherwise pile up)
+
+
+def plan_tasks(clips: list[Clip], cfg: PreprocessConfig, frames: dict) -> list[Task]:
+    """Clips (longest first) in worker tasks: a clip of more than stream_frames planned frames alone, through a
+    part file; one of task_frames or more alone, in memory; shorter ones together until a task holds about
+    task_frames frames. One task per clip costs a dispatch, a pickle and a wake-up each, more than the faces
+    of one photo (bench/bench_faces_clips.py)."""
+    tasks, batch, held = [], [], 0
+    for clip in clips:
+        n = frames[clip.clip_id]
+        if n > cfg.stream_frames or n >= cfg.task_frames:
+            tasks.append(Task((clip,), stream=n > cfg.stream_frames))
+            continue
+        batch.append(clip)
+        held += n
+        if held >= cfg.task_frames or len(batch) >= MAX_TASK_CLIPS:
+            tasks.append(Task(tuple(batch)))
+            batch, held = [], 0
+    return tasks + ([Task(tuple(batch))] if batch else [])
+
+
 def clip_cost(clip: Clip) -> int:
     """Rough work estimate, to start the longest clips first so workers finish together."""
     if clip.kind == "video":
         return clip.path.stat().st_size if clip.path.is_file() else 0
-    return len(list_frame_images(clip.path)) * 50_000
+    return max(clip.frames, 0) * 50_000
 
 
-def run_clips(clips: list[Clip], cfg: PreprocessConfig, workers: int, backend: str, scheduler: Optional[str],
-              store: FacesStore, store_config: dict, parts_dir: Path) -> Iterator[ClipResult]:
-    """Results in completion order: in this process straight into the store (1 loky worker), or as part
-    files from loky processes or a dask cluster (whose workers must see ``parts_dir``)."""
+AHEAD = 2  # tasks submitted per worker ahead of the writer: workers never wait, results never pile up
+
+
+def run_tasks(tasks: list[Task], cfg: PreprocessConfig, workers: int, backend: str, scheduler: Optional[str],
+              store_config: dict, parts_dir: Path) -> Iterator[list[ClipResult]]:
+    """Each task's results in completion order: in this process (1 loky worker), or from joblib's loky
+    processes or a dask cluster (whose workers must see ``parts_dir`` for the long clips)."""
     if backend == "loky" and workers == 1:
-        return (run_clip_in_store(store, clip, cfg) for clip in clips)
-    jobs = (delayed(run_clip)(clip, cfg, store_config, parts_dir) for clip in clips)
+        return (run_task(task, cfg, store_config, parts_dir) for task in tasks)
     if backend == "loky":
-        return Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")(jobs)
-    return run_on_dask(jobs, workers, scheduler)
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        from joblib.externals.loky import get_reusable_executor
+
+        executor = get_reusable_executor(max_workers=workers, env=worker_env(workers))
+        return bounded(lambda task: executor.submit(run_task, task, cfg, store_config, parts_dir), tasks,
+                       AHEAD * workers, lambda fs: wait(fs, return_when=FIRST_COMPLETED))
+    return run_on_dask(tasks, cfg, workers, scheduler, store_config, parts_dir)
 
 
-def run_on_dask(jobs: Iterable, workers: int, scheduler: str) -> Iterator[ClipResult]:
-    """The same clip jobs through joblib's dask backend on the cluster at ``scheduler``."""
-    from dask.distributed import Client  # optional: only a dask run needs it
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
-    with Client(scheduler), parallel_config(backend="dask"):
-        yield from Parallel(n_jobs=workers, return_as="generator_unordered")(jobs)
+
+def worker_env(workers: int) -> dict:
+    """Thread limits for the libraries inside each worker, as joblib's loky backend sets them (cores // workers,
+    unless set here already): workers x threads never oversubscribe the cores. TBB coordinates over IPC."""
+    threads = str(max(usable_cores() // workers, 1))
+    env = {var: os.environ.get(var, threads) for var in THREAD_VARS}
+    return {**env, "ENABLE_IPC": os.environ.get("ENABLE_IPC", "1")}
+
+
+def run_on_dask(tasks: list[Task], cfg: PreprocessConfig, workers: int, scheduler: str, store_config: dict,
+                parts_dir: Path) -> Iterator[list[ClipResult]]:
+    """The same tasks on the dask cluster at ``scheduler``."""
+    from dask.distributed import Client, wait  # optional: only a dask run needs it
+
+    with Client(scheduler) as client:
+        yield from bounded(lambda task: client.submit(run_task, task, cfg, store_config, parts_dir, pure=False),
+                           tasks, AHEAD * workers, lambda fs: wait(fs, return_when="FIRST_COMPLETED"))
+
+
+def bounded(submit: Callable, tasks: Iterable, ahead: int, wait_first: Callable) -> Iterator:
+    """Results of ``submit(task)`` futures in completion order, with at most ``ahead`` tasks submitted and not
+    yet handed to the caller: when the single writer is slower than the workers (short prealigned clips), their
+    results wait as futures, not as a pile of every clip's chips in memory (joblib's Parallel dispatches the
+    next task when one completes, not when its result is consumed)."""
+    todo, pending = iter(tasks), set()
+    try:
+        for task in todo:
+            pending.add(submit(task))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            done, pending = wait_first(pending)
+            for future in done:
+                yield future.result()
+                task = next(todo, None)
+                if task is not None:
+                    pending.add(submit(task))
+    finally:
+        for future in pending:  # the writer stopped (a full disk, an interrupt): drop what has not started
+            future.cancel()
 
 
 def stop_workers(results: Iterable) -> None:
@@ -255,10 +378,16 @@ class PreprocessSummary:
         """False when more than max_fail_fraction of the clips failed (the CLI then exits non-zero)."""
         return self.fail_fraction <= self.max_fail_fraction
 
-    def format(self) -> str:
-        """Plain-text coverage tables (per clip, per class) and the run's counts."""
+    def format(self, max_clip_rows: int = MAX_CLIP_ROWS) -> str:
+        """Plain-text coverage tables (per clip, per class) and the run's counts. Past ``max_clip_rows`` clips,
+        the clip table lists the damaged clips and those with the lowest coverage only, and says so."""
         lines = [f"{'clip':<48} {'frames':>6} {'face':>6} {'cover':>6}  how"]
-        for row in self.clip_coverage:
+        rows = self.clip_coverage
+        if len(rows) > max_clip_rows:
+            rows = sorted(rows, key=lambda r: (not r.get("damage"), r["coverage"]))[:max_clip_rows]
+            lines[0] += (f"   ({max_clip_rows} of {len(self.clip_coverage)} clips: the damaged ones, then the lowest"
+                         " coverage)")
+        for row in rows:
             how = " ".join(f"{k}={v}" for k, v in row["how"].items())
             lines.append(f"{row['clip_id']:<48} {row['frames']:>6} {row['present']:>6} {row['coverage']:>6.1%}  {how}"
                          + (f"  WARNING {row['damage']}" if row.get("damage") else ""))
@@ -279,22 +408,32 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
-def coverage_report(store: FacesStore, clips: list[Clip]) -> tuple[list[dict], list[dict]]:
-    """Per-clip and per-class face coverage of the complete clips in the store (meta only, no pixels)."""
+def coverage_report(store: FacesStore, clips: list[Clip], seen: Optional[dict] = None) -> tuple[list[dict], list[dict]]:
+    """Per-clip and per-class face coverage of the complete clips in the store (meta only, no pixels).
+    ``seen``: clip id -> its coverage row, for the clips this run committed (the writer keeps them, so a
+    run of tens of thousands of clips does not read them all back); the others are read from the store."""
     per_clip, per_class = [], defaultdict(Counter)
+    seen = seen or {}
     for clip in clips:
-        if not store.is_complete(clip.clip_id):
-            continue
-        meta = store.read_meta(clip.clip_id)
-        frames, present = len(meta["present"]), int(meta["present"].sum())
-        how = Counter(HOW_NAMES.get(int(c), str(c)) for c in meta["how"])
-        per_clip.append({"clip_id": clip.clip_id, "label": clip.label, "frames": frames, "present": present,
-                         "coverage": present / max(frames, 1), "how": dict(sorted(how.items())),
-                         "damage": damage_note(store.attrs(clip.clip_id))})
-        per_class[clip.label].update(clips=1, frames=frames, present=present)
+        row = seen.get(clip.clip_id)
+        if row is None:
+            if not store.is_complete(clip.clip_id):
+                continue
+            meta = store.read_meta(clip.clip_id)
+            row = coverage_row(clip, meta["present"], meta["how"], store.attrs(clip.clip_id))
+        per_clip.append(row)
+        per_class[clip.label].update(clips=1, frames=row["frames"], present=row["present"])
     classes = [{"label": label, "clips": c["clips"], "frames": c["frames"], "present": c["present"],
                 "coverage": c["present"] / max(c["frames"], 1)} for label, c in sorted(per_class.items())]
     return per_clip, classes
+
+
+def coverage_row(clip: Clip, present: np.ndarray, how: np.ndarray, attrs: dict) -> dict:
+    """One clip's row of the coverage table."""
+    frames, found = len(present), int(np.sum(present))
+    counts = Counter(HOW_NAMES.get(int(c), str(c)) for c in how)
+    return {"clip_id": clip.clip_id, "label": clip.label, "frames": frames, "present": found,
+            "coverage": found / max(frames, 1), "how": dict(sorted(counts.items())), "damage": damage_note(attrs)}
 
 
 def damage_note(attrs: dict) -> str:
@@ -348,9 +487,11 @@ def problem_failure(problem: Problem) -> Failure:
 
 
 def planned_frames(clip: Clip, cfg: DecodeConfig) -> int:
-    """Frames a clip will keep, from the container's count (no decoding) or the folder's images."""
-    if clip.kind == "frames":
-        total, fps = len(list_frame_images(clip.path)), cfg.folder_fps
+    """Frames a clip will keep, from the container's count (no decoding) or the folder's images (counted by
+    the scan)."""
+    if clip.kind in ("frames", "image"):
+        total = clip.frames if clip.frames >= 0 else len(list_frame_images(clip.path))
+        fps = cfg.folder_fps
     else:
         cap = cv2.VideoCapture(str(clip.path))
         total, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), float(cap.get(cv2.CAP_PROP_FPS) or 0)
@@ -361,10 +502,10 @@ def planned_frames(clip: Clip, cfg: DecodeConfig) -> int:
     return min(kept, cfg.max_frames) if cfg.max_frames is not None else kept
 
 
-def check_space(out_path: Path, clips: list[Clip], cfg: PreprocessConfig) -> int:
+def check_space(out_path: Path, clips: list[Clip], cfg: PreprocessConfig, planned: Optional[dict] = None) -> int:
     """Refuse a run whose store cannot fit on its disk (frames x bytes per frame of the codec), before any
-    work; returns the estimated bytes still to write."""
-    frames = sum(planned_frames(c, cfg.decode) for c in clips)
+    work; returns the estimated bytes still to write. ``planned``: clip id -> planned frames, when known."""
+    frames = sum(planned[c.clip_id] if planned else planned_frames(c, cfg.decode) for c in clips)
     needed = frames * bytes_per_frame(cfg.store_codec, cfg.face.size)
     free = shutil.disk_usage(out_path.parent).free
     if needed > free:
@@ -387,33 +528,37 @@ def shard_clips(clips: list[Clip], shard: Optional[str]) -> list[Clip]:
 def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = PreprocessConfig(),
                        workers: Optional[int] = None, backend: Optional[str] = None,
                        scheduler: Optional[str] = None, progress: bool = True, layout: Optional[str] = None,
-                       shard: Optional[str] = None) -> PreprocessSummary:
+                       shard: Optional[str] = None, frame_root: Optional[str] = None) -> PreprocessSummary:
     """Align every clip's faces into a faces store; resumable, one writer, failures logged.
 
     Arguments:
-        source: dataset folder (AFEW or ``<split>/<label>/<clip>``) or ``path,label,split`` CSV.
+        source: dataset folder (AFEW, ``<split>/<label>/<clip>``, a release) or ``path,label,split`` CSV.
         out_path: the faces store (``.h5``); created, or resumed when it holds the same config.
-        cfg: PreprocessConfig (face, decode, class names, compression, codec, max_fail_fraction).
-        workers, backend, scheduler, layout, shard: override the config's run fields of the same names
-            (``cfg.workers`` None: the cores this process may use; backend "loky" (this machine) or "dask" (a
-            cluster at ``scheduler``, whose workers see ``out``'s folder); layout None: detected; shard "K/N":
-            only shard K of N of the clips, into a store of its own, joined with ``emo-cache merge``).
+        cfg: PreprocessConfig (face, decode, class names, compression, codec, max_fail_fraction, batching).
+        workers, backend, scheduler, layout, shard, frame_root: override the config's run fields of the same
+            names (``cfg.workers`` None: the cores this process may use; backend "loky" (this machine) or "dask"
+            (a cluster at ``scheduler``, whose workers see ``out``'s folder); layout None: detected; shard
+            "K/N": only shard K of N of the clips, into a store of its own, joined with ``emo-cache merge``;
+            frame_root: the folder a release's clips are read from, when several hold them).
         progress: show a tqdm bar.
     Returns:
         PreprocessSummary: counts, failures (also in ``<out>.failures.jsonl``) and per-clip and
         per-class coverage. ``summary.ok`` is False when more than max_fail_fraction of clips failed.
         Raises StoreFull when the store cannot fit, or when the disk fills (committed clips are kept; a
-        rerun finishes the job).
+        rerun finishes the job), and DatasetError when the dataset, a split or a fold yields no clip.
 
     >>> summary = preprocess_dataset(Path("data/demo"), Path("runs/faces.h5"), PreprocessConfig(), workers=2)
     >>> print(summary.format())
     """
     cfg = replace(cfg, **{k: v for k, v in dict(workers=workers, backend=backend, scheduler=scheduler,
-                                                layout=layout, shard=shard).items() if v is not None})
-    workers, backend, scheduler, layout, shard = (usable_cores() if cfg.workers is None else cfg.workers,
-                                                  cfg.backend, cfg.scheduler, cfg.layout, cfg.shard)
+                                                layout=layout, shard=shard, frame_root=frame_root).items()
+                          if v is not None})
+    workers, backend, scheduler, layout, shard, frame_root = (
+        usable_cores() if cfg.workers is None else cfg.workers, cfg.backend, cfg.scheduler, cfg.layout, cfg.shard,
+        cfg.frame_root)
     check_run_arguments(source, cfg, workers, backend, scheduler)
-    scan = scan_dataset(Path(source), cfg.class_names, layout)
+    scan = scan_dataset(Path(source), cfg.class_names, layout, **({"frame_root": frame_root} if frame_root else {}))
+    refuse_empty(scan)
     clips = shard_clips(scan.clips, shard)
     out_path, log_path = Path(out_path), failure_log_path(out_path)
     store_config = cfg.store_config(scan.class_names)
@@ -426,40 +571,69 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
         for failure in failures:
             log.add(failure)
         todo = sorted((c for c in clips if not store.is_complete(c.clip_id)), key=clip_cost, reverse=True)
-        check_space(out_path, todo, cfg)
+        planned = {c.clip_id: planned_frames(c, cfg.decode) for c in todo}
+        check_space(out_path, todo, cfg, planned)
         shutil.rmtree(parts_dir, ignore_errors=True)  # parts of a killed run: we hold the store's lock
-        if workers > 1 or backend != "loky":
+        tasks = plan_tasks(todo, cfg, planned)
+        if any(task.stream for task in tasks):
             parts_dir.mkdir(parents=True, exist_ok=True)
-        results = run_clips(todo, cfg, workers, backend, scheduler, store, store_config, parts_dir)
+        results = run_tasks(tasks, cfg, workers, backend, scheduler, store_config, parts_dir)
+        bar, seen = tqdm(total=len(todo), desc="faces", unit="clip", disable=not progress), {}
         try:
-            clip_failures = commit_results(store, tqdm(results, total=len(todo), desc="faces", unit="clip",
-                                                       disable=not progress), log)
+            clip_failures = commit_results(store, results, log, cfg, bar, seen)
         except BaseException:
             stop_workers(results)
             raise
         finally:
+            bar.close()
             shutil.rmtree(parts_dir, ignore_errors=True)
-        clip_cov, class_cov = coverage_report(store, clips)
+        clip_cov, class_cov = coverage_report(store, clips, seen)
     return PreprocessSummary(out_path, log_path, len(clips) + len(scan.errors), len(todo) - len(clip_failures),
                              len(clips) - len(todo), failures + clip_failures, clip_cov, class_cov,
                              cfg.max_fail_fraction)
 
 
-def commit_results(store: FacesStore, results: Iterable[ClipResult], log: FailureLog) -> list[Failure]:
-    """The single writer: copy each finished part file's clip in and commit it whole (clips written in
-    place are committed already); log each failed clip (flushed at once); stop on a full disk."""
+def refuse_empty(scan) -> None:
+    """A dataset, split or fold that yields no clip stops the run before any work (DatasetError naming each,
+    with what was ignored and why)."""
+    empty = [p for p in scan.problems if p.reason == "empty"]
+    if empty:
+        raise DatasetError("\n  ".join(f"{p.path}: {p.message}" for p in empty)
+                           + ("\n  " + "\n  ".join(scan.notes) if not scan.clips and scan.notes else "")
+                           + "\n  (`emo-cache check` lists every problem)")
+
+
+def commit_results(store: FacesStore, results: Iterable[list[ClipResult]], log: FailureLog,
+                   cfg: Optional[PreprocessConfig] = None, bar=None, seen: Optional[dict] = None) -> list[Failure]:
+    """The single writer: each finished clip is written whole from memory, or copied in from its part file,
+    and committed with its ``complete`` mark last; each failed clip is logged (flushed at once); a full disk
+    stops the run. Space is checked before a clip's first byte, so HDF5 never meets a full disk mid-clip.
+    ``seen`` collects each committed clip's coverage row."""
     failures = []
-    for result in results:
-        if result.full:
-            raise StoreFull(result.error)
-        if result.error is None:
-            if result.part is not None:
+    seen = {} if seen is None else seen
+    for batch in results:
+        for result in (batch if isinstance(batch, list) else [batch]):
+            if result.full:
+                raise StoreFull(result.error)
+            clip = result.clip
+            if result.error is not None:
+                failures.append(log.add(Failure("faces", str(clip.path), clip.clip_id, result.error)))
+            elif result.part is not None:
                 with FacesStore(result.part, "r") as part:
-                    copy_clip(part, store, result.clip.clip_id)
+                    store.ensure_space(clip.clip_id, result.part.stat().st_size)
+                    copy_clip(part, store, clip.clip_id)
+                    meta = part.read_meta(clip.clip_id)
+                    seen[clip.clip_id] = coverage_row(clip, meta["present"], meta["how"], part.attrs(clip.clip_id))
                 result.part.unlink()
-            log.succeeded(result.clip.clip_id)
-            continue
-        failures.append(log.add(Failure("faces", str(result.clip.path), result.clip.clip_id, result.error)))
+            elif result.arrays is not None:
+                store.ensure_space(clip.clip_id, encoded_nbytes(result.arrays))
+                compression = cfg.compression if cfg is not None else None
+                store.write_clip(clip.clip_id, result.arrays, result.attrs, compression)
+                seen[clip.clip_id] = coverage_row(clip, result.arrays["present"], result.arrays["how"], result.attrs)
+            if result.error is None:
+                log.succeeded(clip.clip_id)
+            if bar is not None:
+                bar.update(1)
     return failures
 
 
