@@ -358,6 +358,106 @@ def create_checked_dataset(grp: h5py.Group, name: str, data: Optional[np.ndarray
     return grp.create_dataset(name, data=data, fletcher32=True, **kwargs)
 
 
+# -- chunks written whole, their fletcher32 sums computed here -------------------------------------------
+
+def _hdf5_fletcher32():
+    """HDF5's own ``H5_checksum_fletcher32`` (the function its fletcher32 filter calls), through ctypes, or
+    None where the library h5py loaded does not export it. ctypes releases the GIL during the call."""
+    import ctypes
+
+    from h5py import h5
+
+    path = None
+    libdir = Path(h5py.__file__).resolve().parent.parent / "h5py.libs"  # the wheel's bundled library
+    for candidate in sorted(libdir.glob("libhdf5-*.so*")) if libdir.is_dir() else []:
+        if "_hl" not in candidate.name:
+            path = candidate
+    try:
+        lib = ctypes.CDLL(str(path) if path else "libhdf5.so")
+        fn = lib.H5_checksum_fletcher32
+    except (OSError, AttributeError):
+        return None
+    if tuple(lib_version(lib)) != tuple(h5.get_libversion()):
+        return None  # another libhdf5 than the one h5py uses: do not trust it
+    fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+def lib_version(lib) -> tuple[int, int, int]:
+    import ctypes
+
+    v = [ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint()]
+    if lib.H5get_libversion(*[ctypes.byref(x) for x in v]) < 0:
+        return (0, 0, 0)
+    return tuple(x.value for x in v)
+
+
+def fletcher32_numpy(data: np.ndarray) -> int:
+    """HDF5's fletcher32 of ``data``'s bytes (even length), in numpy: 16-bit big-endian words w_i, i < n,
+    s1 = sum w_i and s2 = sum (n - i) w_i, each folded into 1..65535 (0 only when every word is 0) the way
+    HDF5 folds them (H5checksum.c); the sum is s2 << 16 | s1.
+
+    >>> hex(fletcher32_numpy(np.frombuffer(b"\\x01\\x02\\x03\\x04", np.uint8)))
+    '0x5080406'
+    """
+    words = np.frombuffer(memoryview(np.ascontiguousarray(data)).cast("B"), dtype=">u2")
+    n = len(words)
+    block = 4096  # rows of a (k, 4096) view: sums of 4096 words of <= 65535 stay exact in int64
+    pad = (-n) % block
+    w = np.concatenate([words, np.zeros(pad, ">u2")]) if pad else words
+    w = w.reshape(-1, block)
+    rows = w.sum(axis=1, dtype=np.int64)                                     # per block: sum of words
+    s1 = int(rows.sum())
+    # sum (n - i) w_i over i = k * block + j: (n - k * block) * rows_k - sum_j j * w_kj
+    starts = n - np.arange(len(rows), dtype=np.int64) * block
+    inner = w.astype(np.int64) @ np.arange(block, dtype=np.int64)            # (k,) sum_j j * w_kj
+    s2 = int((starts * rows).sum() - inner.sum())
+
+    def fold(x: int) -> int:
+        return 0 if x == 0 else (x - 1) % 65535 + 1
+    return fold(s2) << 16 | fold(s1)
+
+
+_FLETCHER = []  # [function]: HDF5's through ctypes, or fletcher32_numpy; found on first use
+
+
+def fletcher32(row: np.ndarray, nbytes: int) -> int:
+    """fletcher32 (HDF5's filter sum) of the first ``nbytes`` bytes of the contiguous uint8 ``row``."""
+    if not _FLETCHER:
+        _FLETCHER.append(_hdf5_fletcher32())
+    fn = _FLETCHER[0]
+    if fn is None:
+        return fletcher32_numpy(row[:nbytes])
+    return fn(row.ctypes.data, nbytes)
+
+
+def writes_direct(ds: h5py.Dataset) -> bool:
+    """True when ``ds``'s chunks can be written whole from memory, their fletcher32 sum appended here: one
+    chunk per leading-axis-1 row, and fletcher32 the only filter (no compression)."""
+    if ds.chunks is None or ds.chunks[1] != 1 or ds.chunks[0] != ds.shape[0] or ds.chunks[2:] != ds.shape[2:]:
+        return False
+    dcpl = ds.id.get_create_plist()
+    return [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())] == [h5py.h5z.FILTER_FLETCHER32]
+
+
+def write_chunks(ds: h5py.Dataset, positions: np.ndarray, rows: np.ndarray, timed=None) -> None:
+    """Write whole chunks along axis 1 of ``ds`` (``writes_direct``) straight from ``rows``: uint8 (n, B + 4),
+    row i holding chunk ``positions[i]``'s B bytes then 4 spare bytes, which receive its fletcher32 sum. The
+    file gets exactly what HDF5's filter would write (the data, then the sum little-endian), without the
+    filter pipeline's copies. ``timed(phase, seconds)`` gets the "checksum" and "write" thread CPU seconds."""
+    nbytes = rows.shape[1] - 4
+    lead = (0,) * (ds.ndim - 2)
+    t = time.thread_time()
+    sums = np.array([fletcher32(row, nbytes) for row in rows], "<u4")
+    rows[:, nbytes:] = sums.view(np.uint8).reshape(len(rows), 4)
+    t2 = time.thread_time()
+    for pos, row in zip(positions, rows):
+        ds.id.write_direct_chunk((0, int(pos)) + lead, row)
+    if timed:
+        timed("checksum", t2 - t)
+        timed("write", time.thread_time() - t2)
+
+
 CRC_DATASET = "faces_crc32"  # uint32 (F,): crc32 of each encoded chip; HDF5 allows no checksum filter on vlen data
 
 
@@ -369,11 +469,8 @@ def crc32_rows(rows) -> np.ndarray:
     return np.array([zlib.crc32(np.asarray(r, dtype=np.uint8).tobytes()) for r in rows], dtype=np.uint32)
 
 
-def verify_crc32(grp: h5py.Group, positions: np.ndarray, rows, path: Path, clip_id: str) -> None:
-    """StoreDamaged when an encoded chip's bytes no longer match the crc32 stored when it was written."""
-    if CRC_DATASET not in grp:
-        return  # a store written before the sums existed
-    stored = read_checked(grp[CRC_DATASET])[np.asarray(positions, dtype=np.int64)]
+def check_crc32(rows, stored: np.ndarray, positions: np.ndarray, path: Path, clip_id: str) -> None:
+    """StoreDamaged naming the first of ``rows`` (frames ``positions``) whose crc32 is not ``stored``."""
     bad = np.flatnonzero(crc32_rows(rows) != stored)
     if len(bad):
         raise damaged(path, f"face chip of frame {int(positions[bad[0]])} fails its crc32", clip_id)
@@ -652,7 +749,19 @@ class ClipStore:
 
     def read_present(self, clip_id: str) -> np.ndarray:
         """bool (F,) face mask of a clip, without reading its pixels or maps."""
-        return read_checked(self._group(clip_id)["present"])
+        return read_checked(self._datasets(clip_id, "present")[0])
+
+    def _datasets(self, clip_id: str, *names: str) -> list[h5py.Dataset]:
+        """The named data sets of a complete clip, opened (and only those: a reader that needs one pays for
+        one); damaged metadata is StoreDamaged naming the clip, as in ``_group``."""
+        if not self.is_complete(clip_id):
+            raise StoreError(f"{self.path}: clip {clip_id!r} is not in the store (or was not completed);"
+                             f" rerun `{self.STAGE}` to finish it")
+        grp = self._f[clip_key(clip_id)]
+        try:
+            return [grp[name] for name in names]
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise damaged(self.path, f"its data sets cannot be opened: {exc}", clip_id) from None
 
     def _group(self, clip_id: str) -> h5py.Group:
         if not self.is_complete(clip_id):

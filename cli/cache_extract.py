@@ -13,7 +13,14 @@ import click
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.cli.common import UserErrorCommand
 from emotion_attention.pipeline.configs import BACKBONES as NAMES
-from emotion_attention.pipeline.configs import COMPRESSIONS, DEVICES, MAP_DTYPES, PRECISIONS, ExtractConfig
+from emotion_attention.pipeline.configs import (
+    COMPRESSIONS,
+    DEVICES,
+    MAP_DTYPES,
+    OVERLAPS,
+    PRECISIONS,
+    ExtractConfig,
+)
 
 DEFAULTS = ExtractConfig()
 
@@ -49,15 +56,24 @@ DEFAULTS = ExtractConfig()
 @click.option("--shard", default=DEFAULTS.shard, metavar="K/N",
               help="Only shard K of N (K = 0..N-1, a stable hash of the clip id) into its own --out; join the"
                    " shards with `emo-cache merge`. Under torchrun each rank does this and rank 0 merges.")
+@click.option("--overlap", type=click.Choice(OVERLAPS), default=DEFAULTS.overlap, show_default=True,
+              help="Reading, decoding and writing beside the network: auto = on for CUDA, off on CPU (they run"
+                   " between batches so the network keeps every core).")
+@click.option("--decode-threads", type=int, default=DEFAULTS.decode_threads, show_default=True,
+              help="Threads decoding JPEG/PNG chips; 0: one per core.")
+@click.option("--gpu-decode/--no-gpu-decode", default=DEFAULTS.gpu_decode, show_default=True,
+              help="On CUDA, decode JPEG chips on the GPU (nvJPEG); --no-gpu-decode decodes them on the host.")
 def extract(faces_path: Path, out: Path, weights: str, seed: int | None, backbone: str, input_size: int | None,
             crop: int | None, views: str, precision: str, device: str, batch_size: int, compression: str,
-            frames_per_clip: int | None, map_dtype: str, shard: str | None) -> None:
+            frames_per_clip: int | None, map_dtype: str, shard: str | None, overlap: str, decode_threads: int,
+            gpu_decode: bool) -> None:
     """Cache backbone maps of every face in FACES.h5 into the features store OUT (resumable)."""
     from emotion_attention.pipeline.stages.extract import extract_features
 
     cfg = ExtractConfig(backbone=backbone, weights=weights, seed=seed, input_size=input_size, crop=crop,
                         views=int(views), precision=precision, device=device, batch_size=batch_size,
-                        compression=compression, frames_per_clip=frames_per_clip, map_dtype=map_dtype, shard=shard)
+                        compression=compression, frames_per_clip=frames_per_clip, map_dtype=map_dtype, shard=shard,
+                        overlap=overlap, decode_threads=decode_threads, gpu_decode=gpu_decode)
     try:
         cfg.validate()
     except ConfigError as exc:

@@ -14,6 +14,7 @@ from emotion_attention.cache.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 COMPRESSIONS = ("none", "lzf")
+OVERLAPS = ("auto", "on", "off")  # ExtractConfig.overlap
 BACKBONES = ("vgg16", "fer-minixception", "resnet18")  # the paper's VGG16; fer's offline mini-Xception; Emotion-FAN's ResNet-18
 DEFAULT_BACKBONE = "vgg16"  # the paper's backbone
 MAP_DTYPES = ("float16", "uint8")  # = cache.features_store.MAP_DTYPES (kept here so the CLI needs no h5py import)
@@ -38,6 +39,12 @@ class ExtractConfig:
     map_dtype: str = "float16"          # "uint8": 8-bit maps with a per (view, frame, channel) offset and scale,
     #                                     about half the bytes; readers dequantise to float16 (bench_extract.py)
     shard: Optional[str] = None         # "K/N": only the clips of shard K of N (stable hash of the clip id)
+    overlap: str = "auto"               # host I/O beside the network: auto = on for CUDA (the GPU computes while
+    #                                     threads read and write), off on CPU (reading, decoding and writing run
+    #                                     between batches, so they never take the network's cores); on/off force it
+    decode_threads: int = 0             # threads decoding JPEG/PNG chips; 0: one per core this process may use
+    gpu_decode: bool = True             # on CUDA, JPEG chips are decoded on the GPU in batches (nvJPEG) and the
+    #                                     host only reads bytes; nvJPEG may differ from OpenCV by a level per pixel
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad field; never changes a value.
@@ -60,6 +67,10 @@ class ExtractConfig:
                                      ("map_dtype", self.map_dtype, MAP_DTYPES)):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.overlap not in OVERLAPS:
+            raise ConfigError(f"overlap must be one of {OVERLAPS}, got {self.overlap!r}")
+        if self.decode_threads < 0:
+            raise ConfigError(f"decode_threads must be >= 0 (0: one per core), got {self.decode_threads}")
         if self.batch_size < 1 or self.queue_clips < 1:
             raise ConfigError(f"batch_size and queue_clips must be >= 1, got {self.batch_size}, {self.queue_clips}")
         if self.frames_per_clip is not None and self.frames_per_clip < 1:
