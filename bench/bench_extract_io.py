@@ -161,7 +161,7 @@ def run_stage(src: Path | None, faces: Path, out: Path, views: int, extra: tuple
     """(wall seconds, summary) of one whole `emo-cache extract` process with the null network."""
     env = {**os.environ, "PYTHONPATH": str(src) if src else ""}
     args = ["extract", str(faces), "--out", str(out), "--weights", "random", "--seed", "0", "--views", str(views),
-            *extra]
+            "--precision", "fp32", *extra]  # one precision for both builds: the provenance (and store) must match
     t = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env, cwd=out.parent)
     seconds = time.perf_counter() - t

@@ -821,10 +821,39 @@ class ClipStore:
             self._f.close()
         self._f = None
 
+    def abandon(self) -> None:
+        """Close without writing another byte into the file: after a full disk, HDF5's closing flush would
+        write part of its metadata and leave the file inconsistent (a rerun then fails on the clip in flight),
+        or fail and crash the process at exit. Every later write of the library goes to /dev/null instead, so
+        the file stays exactly as the last commit's flush (and the data written since) left it: the state a
+        kill leaves, which a rerun resumes."""
+        f = getattr(self, "_f", None)
+        if not f:
+            return
+        try:
+            fd = f.id.get_vfd_handle() if f.driver == "sec2" else None
+        except (OSError, RuntimeError, ValueError):
+            fd = None
+        if fd is not None:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)  # HDF5 keeps writing to its descriptor, which no longer reaches the file
+            finally:
+                os.close(null)
+        try:
+            self.close()
+        except (OSError, RuntimeError):
+            self._f = None  # the descriptor could not be swapped: the close failed as it must, nothing more to do
+
     def disk_full(self, exc: BaseException, what: str, needed_bytes: int | None = None) -> StoreFull:
-        """The one StoreFull error for a disk that filled while this store wrote ``what`` (a clip, a close)."""
-        need = f"; about {needed_bytes / 2**30:.2f} GiB more are needed" if needed_bytes else ""
-        return StoreFull(f"{self.path}: the disk filled while writing {what} ({exc}){need}. The clips committed"
+        """The one StoreFull error for a disk that filled while this store wrote ``what`` (a clip, a close).
+
+        One line: HDF5's own text (several lines: time, descriptor, buffer address) is left out; the OS's
+        reason stays."""
+        quota = getattr(exc, "errno", None) == errno.EDQUOT or "errno = 122" in str(exc) or "quota" in str(exc)
+        reason = os.strerror(errno.EDQUOT if quota else errno.ENOSPC)
+        need = f"; about {needed_bytes / 2**20:,.1f} MiB more are needed" if needed_bytes and needed_bytes > 0 else ""
+        return StoreFull(f"{self.path}: the disk filled while writing {what} ({reason}){need}. The clips committed"
                          " so far are kept: free space (or move the store to a larger disk) and rerun the same"
                          " command to finish.")
 
@@ -832,10 +861,15 @@ class ClipStore:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """Close; when the body already failed (a full disk, say), a failing close does not hide its error."""
+        """Close; when the body already failed, a failing close does not hide its error, and after a full disk
+        the file is abandoned as the last commit left it (``abandon``)."""
+        writing = getattr(self, "_f", None) and self._f.mode != "r"
+        if writing and exc_type is not None and (issubclass(exc_type, StoreFull) or is_disk_full(exc)):
+            self.abandon()
+            return
         try:
             self.close()
-        except OSError as close_error:
+        except (OSError, RuntimeError) as close_error:  # HDF5 reports a failed metadata flush as either
             if exc_type is not None:
                 return
             if is_disk_full(close_error):

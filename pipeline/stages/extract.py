@@ -464,11 +464,15 @@ def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, 
     threads = cfg.decode_threads or len(os.sched_getaffinity(0))
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and fx.cuda)
     chip_shape = faces.chip_shape()
-    with ThreadPoolExecutor(threads, thread_name_prefix="extract-decode") as pool, \
-            tqdm(total=n_faces, unit="face", desc="extract", smoothing=0.1) as bar:
-        run = run_overlapped if overlap else run_inline
-        run(fx, jobs, lambda buffers: Feeder(faces, cfg, buffers, None if gpu_decode else pool, fail_job, clock,
-                                             gpu_decode), writer, chip_shape, bar, fail_job)
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="extract-decode") as pool, \
+                tqdm(total=n_faces, unit="face", desc="extract", smoothing=0.1) as bar:
+            run = run_overlapped if overlap else run_inline
+            run(fx, jobs, lambda buffers: Feeder(faces, cfg, buffers, None if gpu_decode else pool, fail_job, clock,
+                                                 gpu_decode), writer, chip_shape, bar, fail_job)
+    finally:
+        for job in jobs:  # the clips in flight when a run stops: their h5py objects go before the store closes,
+            job.writer = None  # never at interpreter exit, when a store whose close failed (full disk) may crash
     return failures
 
 
