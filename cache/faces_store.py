@@ -169,24 +169,18 @@ class FacesStore(ClipStore):
     def read_chips(self, clip_id: str, frames: np.ndarray, timed: Optional[Timed] = None) -> list[np.ndarray] | np.ndarray:
         """The stored form of the given frame positions (increasing, no repeats), not decoded: for an encoded
         store a list of uint8 rows, each checked against its crc32 (for a decoder elsewhere: a thread pool, the
-        GPU); for a raw store the uint8 (n, S, S, 3) chips. Opens only the data sets it reads.
+        GPU); for a raw store the uint8 (n, S, S, 3) chips. See ``open_chips`` to read one clip in pieces."""
+        return self.open_chips(clip_id).read(frames, timed)
 
-        ``timed(phase, seconds)``, when given, receives the thread CPU seconds of the "read" and the
-        "checksum" (crc32) work.
-        """
-        t = time.thread_time()
-        frames = np.asarray(frames, dtype=np.int64)
-        ds = self._datasets(clip_id, "faces")[0]
-        if ds.dtype == np.uint8:  # raw chips
-            chips = read_rows(ds, frames)
-            if timed:
-                timed("read", time.thread_time() - t)
-            return chips
-        return self._encoded_rows(ds, clip_id, frames, timed, t)
+    def open_chips(self, clip_id: str) -> "ChipReader":
+        """A clip's chips opened once for reading in pieces (``ChipReader.read``); opens only the data sets it
+        reads, so a reader of many short clips pays little per clip."""
+        return ChipReader(self, clip_id, self._datasets(clip_id, "faces")[0])
 
     def _encoded_rows(self, ds: h5py.Dataset, clip_id: str, unique: np.ndarray, timed: Optional[Timed] = None,
-                      t: float = 0.0) -> list[np.ndarray]:
-        """crc32-checked encoded rows at increasing positions: one read of the span when it is dense."""
+                      t: float = 0.0, crc: Optional[h5py.Dataset] = None) -> list[np.ndarray]:
+        """crc32-checked encoded rows at increasing positions: one read of the span when it is dense. ``crc``:
+        the clip's crc32 data set, when the caller opened it already."""
         if len(unique) == 0:
             return []
         lo, hi = int(unique[0]), int(unique[-1]) + 1
@@ -195,8 +189,9 @@ class FacesStore(ClipStore):
             rows = list(rows) if hi - lo == len(unique) else list(rows[unique - lo])
         else:
             rows = [read_checked(ds, int(i)) for i in unique]
-        stored = read_checked(ds.parent[CRC_DATASET], slice(lo, hi))[unique - lo] \
-            if CRC_DATASET in ds.parent else None  # a store written before the sums existed has none
+        if crc is None and CRC_DATASET in ds.parent:
+            crc = ds.parent[CRC_DATASET]
+        stored = read_checked(crc, slice(lo, hi))[unique - lo] if crc is not None else None  # none in old stores
         if timed:
             t2 = time.thread_time()
             timed("read", t2 - t)
@@ -234,6 +229,27 @@ class FacesStore(ClipStore):
         writer = self.begin_clip(clip_id, size, compression)
         writer.append(arrays)
         writer.commit(attrs)
+
+
+class ChipReader:
+    """One clip's stored chips, opened once: ``read(frames)`` gives the bytes (encoded store, crc32-checked) or
+    the uint8 chips (raw store) of increasing frame positions; ``timed(phase, seconds)``, when given, receives
+    the thread CPU seconds of the "read" and the "checksum" work."""
+
+    def __init__(self, store: FacesStore, clip_id: str, ds: h5py.Dataset):
+        self.store, self.clip_id, self.ds = store, clip_id, ds
+        self.raw = ds.dtype == np.uint8  # raw chips (also every store written before codecs existed)
+        self.crc = ds.parent[CRC_DATASET] if not self.raw and CRC_DATASET in ds.parent else None
+
+    def read(self, frames: np.ndarray, timed: Optional[Timed] = None) -> list[np.ndarray] | np.ndarray:
+        t = time.thread_time() if timed else 0.0
+        frames = np.asarray(frames, dtype=np.int64)
+        if self.raw:
+            chips = read_rows(self.ds, frames)
+            if timed:
+                timed("read", time.thread_time() - t)
+            return chips
+        return self.store._encoded_rows(self.ds, self.clip_id, frames, timed, t, self.crc)
 
 
 class FacesClipWriter:

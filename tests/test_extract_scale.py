@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from emotion_attention.cache import ConfigError, FacesStore, FeaturesStore, StoreError, StoreFull, StoreMismatch
+from emotion_attention.cache.faces_store import ChipReader
 from emotion_attention.cache.features_store import ClipWriter, dequantise, quantise
 from emotion_attention.pipeline.stages.extract import bytes_per_row, extract_features, select_frames, shard_path
 from emotion_attention.pipeline.core.runtime import parse_shard, select_shard, shard_of
@@ -26,9 +27,9 @@ def test_a_clip_is_read_and_written_in_chunks_of_batch_size(tmp_path, samples_di
     clips = make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=3, frames=21)
     whole = extract_features(tmp_path / "faces.h5", tmp_path / "whole.h5", cfg(batch_size=64), **QUIET)
     reads, writes = [], []
-    read_chips, write_faces = FacesStore.read_chips, ClipWriter.write_faces
-    monkeypatch.setattr(FacesStore, "read_chips", lambda self, cid, frames, timed=None: (
-        reads.append(len(frames)), read_chips(self, cid, frames, timed))[1])
+    read, write_faces = ChipReader.read, ClipWriter.write_faces
+    monkeypatch.setattr(ChipReader, "read", lambda self, frames, timed=None: (
+        reads.append(len(frames)), read(self, frames, timed))[1])
     monkeypatch.setattr(ClipWriter, "write_faces", lambda self, positions, rows, timed=None: (
         writes.append(len(rows)), write_faces(self, positions, rows, timed))[1])
     chunked = extract_features(tmp_path / "faces.h5", tmp_path / "chunked.h5", cfg(batch_size=4), **QUIET)

@@ -143,9 +143,14 @@ class FeatureExtractor:
         self.cuda = self.device.type == "cuda"
         self._staging: Optional[torch.Tensor] = None    # forward_batch's input buffer (pinned on CUDA)
         self._scratch: Optional[MapsBuffer] = None      # forward_batch's output buffer
-        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # downloads beside compute
+        self.streams = CudaStreams(self.device) if self.cuda else None  # downloads beside compute (None: in line)
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # one fixed batch shape: the autotuned kernel is reused
+
+    @property
+    def decodes_jpeg(self) -> bool:
+        """True when ``launch`` takes encoded JPEG chips and decodes them on the device (CUDA, gpu_decode)."""
+        return self.cuda and self.cfg.gpu_decode
 
     @property
     def backbone_name(self) -> str:
@@ -193,7 +198,7 @@ class FeatureExtractor:
         out_maps = out_maps.clamp_(max=FP16_MAX)
         b = self.cfg.batch_size
         by_face = out_maps.view(self.cfg.views, b, *out_maps.shape[1:]).transpose(0, 1)  # (B, V, L, D)
-        if not self.cuda:
+        if self.streams is None:
             out.maps.copy_(by_face)                        # float16 rounding, into the rows the store writes
             return Pending(out)
         return self._download(by_face, out)
@@ -208,18 +213,10 @@ class FeatureExtractor:
         return x.to(self.device, non_blocking=True) if self.cuda else x  # pinned: an asynchronous upload
 
     def _download(self, by_face: torch.Tensor, out: MapsBuffer) -> Pending:
-        """float16 rows on the GPU, then their download on the copy stream, after the compute that made them."""
+        """float16 rows on the device, then their download on the copy stream, after the compute that made them."""
         dev = MapsBuffer.allocate(by_face.shape[0], *by_face.shape[1:], device=self.device)
         dev.maps.copy_(by_face)                            # (B, V, L, D) float16, in the chunk-row layout
-        computed = torch.cuda.Event()
-        computed.record(torch.cuda.current_stream(self.device))
-        self._copy_stream.wait_event(computed)
-        with torch.cuda.stream(self._copy_stream):
-            out.raw.copy_(dev.raw, non_blocking=True)     # one contiguous DMA into pinned memory
-        dev.raw.record_stream(self._copy_stream)           # not reused by the allocator before the copy ends
-        ready = torch.cuda.Event()
-        ready.record(self._copy_stream)
-        return Pending(out, ready)
+        return Pending(out, self.streams.download(dev.raw, out.raw, self.streams.computed()))
 
     def forward_batch(self, faces: np.ndarray) -> np.ndarray:
         """uint8 (n, S, S, 3), n <= batch_size -> float16 (V, n, L, D); zero-pads to batch_size first."""
@@ -253,6 +250,32 @@ class FeatureExtractor:
         if not parts:
             return np.zeros((self.cfg.views, 0, self.spec.L, self.spec.D), np.float16)
         return np.concatenate(parts, axis=1)
+
+
+class CudaStreams:
+    """The compute stream (the current one) and a copy stream beside it: a batch's download waits for its own
+    compute only, so it runs while the next batch computes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.copy = torch.cuda.Stream(device)
+
+    def computed(self) -> "torch.cuda.Event":
+        """An event at the current end of the compute stream."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def download(self, src: torch.Tensor, dst: torch.Tensor, after: "torch.cuda.Event") -> "torch.cuda.Event":
+        """Copy ``src`` (device) into ``dst`` (pinned host) on the copy stream once ``after`` has happened; the
+        returned event marks the end of the copy."""
+        self.copy.wait_event(after)
+        with torch.cuda.stream(self.copy):
+            dst.copy_(src, non_blocking=True)  # one contiguous DMA into pinned memory
+        src.record_stream(self.copy)           # the allocator keeps src until the copy is done
+        ready = torch.cuda.Event()
+        ready.record(self.copy)
+        return ready
 
 
 def decode_jpegs_on(encoded: list, batch: int, device: torch.device) -> torch.Tensor:

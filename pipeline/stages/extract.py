@@ -95,6 +95,7 @@ class ClipJob:
     done: int = 0            # present faces written so far
     aborted: bool = False    # a piece could not be read or decoded: the clip is a failure, never committed
     writer: object = None    # cache.features_store.ClipWriter while the clip is being written
+    chips: object = None     # cache.faces_store.ChipReader while the clip is being read
 
     @property
     def finished(self) -> bool:
@@ -226,10 +227,15 @@ class Feeder:
         """Read faces start..start+take-1 of ``job`` into ``batch`` (decoding started); a read error fails the job."""
         frames = job.rows[job.compute[start:start + take]]
         try:
-            chips = self.faces.read_chips(job.clip_id, frames, timed=self.clock.add)
+            if job.chips is None:
+                job.chips = self.faces.open_chips(job.clip_id)
+            chips = job.chips.read(frames, timed=self.clock.add)
         except READ_ERRORS as exc:
+            job.chips = None
             self.failed(job, f"cannot read faces: {exc}")
             return
+        if start + take == len(job.compute):
+            job.chips = None  # read whole: its h5py objects go now
         at = batch.n
         batch.pieces.append(Piece(job, start, take))
         batch.n += take
@@ -460,7 +466,7 @@ def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, 
         fail_clip(clip_id, message)
     L, D = fx.spec.L, fx.spec.D
     writer = Writer(store, cfg, L, D, WriteTally(planned, bytes_per_row(cfg.views, L, D, cfg.map_dtype)), clock)
-    gpu_decode = fx.cuda and cfg.gpu_decode and faces.codec.name == "jpeg"
+    gpu_decode = fx.decodes_jpeg and faces.codec.name == "jpeg"
     threads = cfg.decode_threads or len(os.sched_getaffinity(0))
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and fx.cuda)
     chip_shape = faces.chip_shape()
@@ -471,8 +477,8 @@ def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, 
             run(fx, jobs, lambda buffers: Feeder(faces, cfg, buffers, None if gpu_decode else pool, fail_job, clock,
                                                  gpu_decode), writer, chip_shape, bar, fail_job)
     finally:
-        for job in jobs:  # the clips in flight when a run stops: their h5py objects go before the store closes,
-            job.writer = None  # never at interpreter exit, when a store whose close failed (full disk) may crash
+        for job in jobs:  # the clips in flight when a run stops: their h5py objects go before the stores close,
+            job.writer = job.chips = None  # not at interpreter exit
     return failures
 
 
