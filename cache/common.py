@@ -741,7 +741,8 @@ class ClipStore:
             raise damaged(self.path, f"its group cannot be read: {exc}", clip_id) from None
 
     def attrs(self, clip_id: str) -> dict:
-        grp = self._group(clip_id)
+        """A complete clip's attributes (its data sets are not opened: a reader of many clips pays little)."""
+        grp = self._complete_group(clip_id)
         try:
             return {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items()}
         except (OSError, RuntimeError, KeyError) as exc:
@@ -754,20 +755,21 @@ class ClipStore:
     def _datasets(self, clip_id: str, *names: str) -> list[h5py.Dataset]:
         """The named data sets of a complete clip, opened (and only those: a reader that needs one pays for
         one); damaged metadata is StoreDamaged naming the clip, as in ``_group``."""
-        if not self.is_complete(clip_id):
-            raise StoreError(f"{self.path}: clip {clip_id!r} is not in the store (or was not completed);"
-                             f" rerun `{self.STAGE}` to finish it")
-        grp = self._f[clip_key(clip_id)]
+        grp = self._complete_group(clip_id)
         try:
             return [grp[name] for name in names]
         except (OSError, RuntimeError, KeyError) as exc:
             raise damaged(self.path, f"its data sets cannot be opened: {exc}", clip_id) from None
 
-    def _group(self, clip_id: str) -> h5py.Group:
+    def _complete_group(self, clip_id: str) -> h5py.Group:
+        """The clip's group, unopened data sets; StoreError when the clip is absent or not complete."""
         if not self.is_complete(clip_id):
             raise StoreError(f"{self.path}: clip {clip_id!r} is not in the store (or was not completed);"
                              f" rerun `{self.STAGE}` to finish it")
-        grp = self._f[clip_key(clip_id)]
+        return self._f[clip_key(clip_id)]
+
+    def _group(self, clip_id: str) -> h5py.Group:
+        grp = self._complete_group(clip_id)
         try:  # opening each data set reads its header: damaged metadata is caught here, named, not a KeyError
             for name in grp:
                 grp[name]

@@ -19,7 +19,14 @@ import torch
 from emotion_attention.cache import FacesStore
 from emotion_attention.cache.codecs import Codec
 from emotion_attention.cache.common import fletcher32, fletcher32_numpy, write_chunks, writes_direct
-from emotion_attention.pipeline.models.extractor import FeatureExtractor, MapsBuffer, Pending, decode_jpegs_on, overlapped
+from emotion_attention.pipeline.models.extractor import (
+    FeatureExtractor,
+    MapsBuffer,
+    Pending,
+    decode_jpegs_on,
+    overlapped,
+    to_rows,
+)
 from emotion_attention.pipeline.stages.extract import extract_features
 from test_extract import cfg, make_faces_store
 
@@ -87,6 +94,17 @@ def test_maps_buffer_rows_are_the_chunks_of_the_store():
     for i in range(3):
         assert rows[i, :-4].tobytes() == maps[i].numpy().tobytes()
     np.testing.assert_array_equal(buf.views_first(2), maps[:2].numpy().transpose(1, 0, 2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float16_rows_are_the_old_clamp_then_round_bit_for_bit(dtype):
+    values = torch.tensor([0.0, 1.5, 3.1e-8, 65503.0, 65504.0, 65505.0, 65519.9, 65520.0, 7e4, 1e30, float("inf"),
+                           float("nan"), -7e4, -1e9])
+    maps = torch.cat([values, torch.randn(2 * 3 * 4 * 2 - len(values)) * 3e4]).to(dtype).view(2, 3, 4, 2)
+    out = MapsBuffer.allocate(2, 3, 4, 2)
+    to_rows(maps, out)
+    old = maps.float().clamp_(max=65504.0).half()  # what forward_batch did before
+    assert torch.equal(out.maps.view(torch.int16), old.view(torch.int16))
 
 
 def test_overlapped_launches_batch_k_plus_1_before_waiting_for_batch_k():

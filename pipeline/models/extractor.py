@@ -193,13 +193,12 @@ class FeatureExtractor:
             x = torch.cat([x, x.flip(2)])                  # (V*B, S, S, 3); flip(2) mirrors left-right
         inp = self.backbone.prepare(x).to(TORCH_DTYPES[self.precision]).contiguous(memory_format=torch.channels_last)
         out_maps = self.backbone.forward_maps(inp)         # (V*B, L, D)
-        if out_maps.dtype != torch.float32:
-            out_maps = out_maps.float()                    # clamp in fp32: bf16 cannot hold FP16_MAX
-        out_maps = out_maps.clamp_(max=FP16_MAX)
+        if out_maps.dtype == torch.float16:
+            out_maps = out_maps.float()                    # as before: NaN payloads then match bit for bit
         b = self.cfg.batch_size
         by_face = out_maps.view(self.cfg.views, b, *out_maps.shape[1:]).transpose(0, 1)  # (B, V, L, D)
         if self.streams is None:
-            out.maps.copy_(by_face)                        # float16 rounding, into the rows the store writes
+            to_rows(by_face, out)                          # into the rows the store writes
             return Pending(out)
         return self._download(by_face, out)
 
@@ -215,7 +214,7 @@ class FeatureExtractor:
     def _download(self, by_face: torch.Tensor, out: MapsBuffer) -> Pending:
         """float16 rows on the device, then their download on the copy stream, after the compute that made them."""
         dev = MapsBuffer.allocate(by_face.shape[0], *by_face.shape[1:], device=self.device)
-        dev.maps.copy_(by_face)                            # (B, V, L, D) float16, in the chunk-row layout
+        to_rows(by_face, dev)                              # (B, V, L, D) float16, in the chunk-row layout
         return Pending(out, self.streams.download(dev.raw, out.raw, self.streams.computed()))
 
     def forward_batch(self, faces: np.ndarray) -> np.ndarray:
@@ -250,6 +249,16 @@ class FeatureExtractor:
         if not parts:
             return np.zeros((self.cfg.views, 0, self.spec.L, self.spec.D), np.float16)
         return np.concatenate(parts, axis=1)
+
+
+def to_rows(maps: torch.Tensor, out: MapsBuffer) -> None:
+    """fp32/bf16 (B, V, L, D) maps -> float16 rows of ``out``, values above FP16_MAX (inf included) clamped to it.
+
+    Rounded first, then clamped in float16: the same bits as clamping in fp32 and rounding (a value above
+    FP16_MAX rounds to FP16_MAX or inf, both clamped), with one pass fewer over fp32 data.
+    """
+    out.maps.copy_(maps)
+    out.maps.clamp_(max=FP16_MAX)
 
 
 class CudaStreams:
