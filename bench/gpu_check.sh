@@ -17,6 +17,11 @@
 #   extract    FeatureExtractor (pinned host memory, non-blocking copies) in fp32, bf16 and fp16 on the same
 #              faces: faces/s, achieved TFLOP/s as a share of a matmul peak measured in this run, relative
 #              error against fp32; then the whole `emo-cache extract` stage (auto precision) into a store
+#   scale      the whole `emo-cache extract` stage (2 views, bf16, GPU JPEG decoding, overlapped I/O) on a
+#              generated JPEG faces store of >= 20,000 faces, against the network alone (input already on the
+#              GPU) and the bf16 matmul peak, all measured in this step: the stage as a share of the network
+#              alone (target >= 60 %) and the network as a share of the peak (target >= 50 %)
+#   phases     bench/gpu_extract_phases.py: where a batch's time goes, and the overlapped launches' rate
 #   heads      `emo-train heads` for a few epochs on the device
 #   finetune   `emo-train finetune` VGG16 + heads with --precision fp16 (autocast + GradScaler), a few steps
 #   predict    `emo-predict` on a sample video (needs dlib and its 68-point model); without dlib, the same
@@ -36,12 +41,12 @@ for d in pipeline cli cache; do ln -sfn "$REPO/$d" "$WORK/src/emotion_attention/
 export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPU_CHECK_DEVICE="$DEVICE"
 if [ "$DEVICE" = cpu ]; then   # a dry run of every step: tiny sizes, minutes on 2 cores
     CLIPS=${CLIPS:-7} FRAMES=${FRAMES:-6} BENCH_FACES=${BENCH_FACES:-16} BATCH=${BATCH:-8} SIZE=${SIZE:-64}
-    LIMIT=${STEP_LIMIT:-300}
+    SCALE_FACES=${SCALE_FACES:-96} LIMIT=${STEP_LIMIT:-300}
 else                            # one H200: every step in seconds to a minute
     CLIPS=${CLIPS:-28} FRAMES=${FRAMES:-32} BENCH_FACES=${BENCH_FACES:-2048} BATCH=${BATCH:-256} SIZE=${SIZE:-256}
-    LIMIT=${STEP_LIMIT:-150}
+    SCALE_FACES=${SCALE_FACES:-20480} LIMIT=${STEP_LIMIT:-150}
 fi
-export CLIPS FRAMES BENCH_FACES BATCH SIZE WORK PYTHON DEVICE REPO
+export CLIPS FRAMES BENCH_FACES BATCH SIZE SCALE_FACES WORK PYTHON DEVICE REPO
 TABLE="$WORK/table.tsv"
 : > "$TABLE"
 echo "gpu_check: device $DEVICE, python $PYTHON, work folder $WORK, clips $CLIPS x $FRAMES frames, ${SIZE} px"
@@ -234,6 +239,83 @@ extract_stage() {
     return $rc
 }
 step extract_stage extract_stage
+
+# -- the stage at scale, against the network alone and the bf16 peak -----------------------------------------
+cat > "$WORK/scale.py" <<'EOF'
+"""Whole `emo-cache extract` on >= 20,000 generated JPEG faces vs the network alone vs the bf16 matmul peak."""
+import json, os, subprocess, sys, time
+from pathlib import Path
+import torch
+sys.path.insert(0, os.path.join(os.environ["REPO"], "bench"))
+from bench_extract_io import make_faces_store
+from emotion_attention.pipeline.configs import ExtractConfig
+from emotion_attention.pipeline.models.extractor import TORCH_DTYPES, FeatureExtractor
+
+dev, work, batch, size = os.environ["GPU_CHECK_DEVICE"], Path(os.environ["WORK"]), int(os.environ["BATCH"]), \
+    int(os.environ["SIZE"])
+n = int(os.environ["SCALE_FACES"])
+t = time.perf_counter()
+_, faces = make_faces_store(work / "scale.h5", max(1, n // 32), 32, size, absent=0.0)
+print(f"faces store: {faces} faces in {time.perf_counter() - t:.0f} s")
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+fx = FeatureExtractor(ExtractConfig(weights="random", seed=0, input_size=size, batch_size=batch, device=dev, views=2,
+                                    precision="bf16"))
+flops = []  # per network image, from the conv layers' output shapes
+hooks = [m.register_forward_hook(lambda m, i, o: flops.append(
+    2 * o.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]))
+    for m in fx.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+x = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8, device=fx.device)
+with torch.inference_mode():
+    inp = fx.backbone.prepare(torch.cat([x, x.flip(2)])).to(TORCH_DTYPES[fx.precision]).contiguous(
+        memory_format=torch.channels_last)                                      # (2B, 3, S, S): 2 views
+    fx.backbone.forward_maps(inp[:1])
+    per_image = sum(flops)
+    for h in hooks:
+        h.remove()
+    for _ in range(3):
+        fx.backbone.forward_maps(inp)
+    sync()
+    reps = 10 if dev == "cuda" else 1
+    t = time.perf_counter()
+    for _ in range(reps):
+        fx.backbone.forward_maps(inp)
+    sync()
+    alone = reps * batch / (time.perf_counter() - t)                            # faces/s, 2 views each
+k = 8192 if dev == "cuda" else 1024
+a, b = (torch.randn(k, k, device=fx.device, dtype=torch.bfloat16) for _ in range(2))
+for _ in range(3):
+    a @ b
+sync()
+t = time.perf_counter()
+for _ in range(10):
+    a @ b
+sync()
+peak = 2 * k ** 3 * 10 / (time.perf_counter() - t)
+achieved = alone * 2 * per_image
+cli = "from emotion_attention.cli.emo_cache import main; main(prog_name='emo-cache')"
+t = time.perf_counter()
+done = subprocess.run([sys.executable, "-c", cli, "extract", str(work / "scale.h5"), "--out",
+                       str(work / "scale_feats.h5"), "--weights", "random", "--seed", "0", "--input-size", str(size),
+                       "--device", dev, "--batch-size", str(batch), "--views", "2", "--precision", "bf16"],
+                      capture_output=True, text=True)
+seconds = time.perf_counter() - t
+if done.returncode != 0:
+    sys.exit(done.stderr[-3000:])
+summary = json.loads(done.stdout[done.stdout.index("{\n"):])
+stage = summary["faces"] / seconds
+print(json.dumps({"stage_whole": stage, "stage_steady": summary["faces_per_s"], "network_alone": alone,
+                  "peak_tflops": peak / 1e12, "host_seconds": summary.get("host_seconds")}))
+print(f"FIGURE stage {stage:.0f} faces/s whole process ({summary['faces']} faces, 2 views, start-up included;"
+      f" {summary['faces_per_s']:.0f} in its steady state) = {stage / alone:.0%} of the network alone"
+      f" ({alone:.0f} faces/s; target >= 60%)")
+print(f"FIGURE network {achieved / 1e12:.3g} TFLOP/s = {achieved / peak:.0%} of the bf16 matmul peak"
+      f" {peak / 1e12:.3g} TFLOP/s (target >= 50%)")
+(work / "scale_feats.h5").unlink()
+EOF
+step scale "$PYTHON" "$WORK/scale.py"
+phases() { "$PYTHON" "$REPO/bench/gpu_extract_phases.py" --batch "$BATCH" --size "$SIZE" --precision bf16 \
+    --batches "$([ "$DEVICE" = cpu ] && echo 2 || echo 8)"; }
+step phases phases
 
 # -- heads --------------------------------------------------------------------------------------------
 heads() {

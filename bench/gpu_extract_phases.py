@@ -1,11 +1,12 @@
-"""Where a CUDA extraction batch spends its time: host copy, upload, prepare, network, download.
+"""Where a CUDA extraction batch spends its time: host copy, upload (or GPU JPEG decoding), prepare, network,
+float16 rows, download; and what the overlapped launches (``launch`` k+1 before ``wait`` k) achieve.
 
     python3 bench/gpu_extract_phases.py [--batch 256] [--precision bf16]
 
-Each phase is timed with CUDA synchronisation around it over the same batches, after a warm-up, and the
-network alone is also timed on input already on the GPU: if the network alone is much faster than the whole
-batch, the pipeline around it is the limit, not cuDNN. Run on a GPU machine (bench/gpu_check.sh runs the
-whole chain).
+Each phase is timed with CUDA synchronisation around it over the same batches, after a warm-up. The network
+alone runs on input already on the GPU: if it is much faster than the overlapped whole, the pipeline around it
+is the limit, not cuDNN. Run on a GPU machine (bench/gpu_check.sh runs the whole chain); on CPU the same
+phases run without the CUDA ones (a dry run).
 """
 from __future__ import annotations
 
@@ -15,18 +16,15 @@ import time
 import numpy as np
 import torch
 
-from emotion_attention.pipeline.models.extractor import TORCH_DTYPES, FeatureExtractor
+from emotion_attention.cache.codecs import Codec
 from emotion_attention.pipeline.configs import ExtractConfig
-
-
-def pinned_download(fx: FeatureExtractor, out: torch.Tensor) -> np.ndarray:
-    """What forward_batch does on CUDA: into the reused pinned buffer, wait for it, one host copy."""
-    if out.device.type != "cuda":
-        return out.numpy()
-    host = fx._buffer("_download", tuple(out.shape), out.dtype)
-    host.copy_(out, non_blocking=True)
-    torch.cuda.current_stream().synchronize()
-    return host.numpy().copy()
+from emotion_attention.pipeline.models.extractor import (
+    TORCH_DTYPES,
+    FeatureExtractor,
+    MapsBuffer,
+    decode_jpegs_on,
+    overlapped,
+)
 
 
 def main() -> None:
@@ -38,8 +36,11 @@ def main() -> None:
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     fx = FeatureExtractor(ExtractConfig(weights="random", seed=0, input_size=args.size, batch_size=args.batch,
-                                        precision=args.precision, device=dev))
-    faces = np.random.default_rng(0).integers(0, 255, (args.batch, args.size, args.size, 3), dtype=np.uint8)
+                                        precision=args.precision, device=dev, views=2))
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 255, (args.batch, args.size, args.size, 3), dtype=np.uint8)
+    codec = Codec("jpeg", 100, 75)
+    encoded = [codec.encode(f) for f in faces]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     phases: dict[str, list[float]] = {}
 
@@ -52,33 +53,37 @@ def main() -> None:
         return out
 
     dtype = TORCH_DTYPES[fx.precision]
+    staging, out = fx.faces_buffer(faces.shape[1:]), fx.maps_buffer()
     for i in range(args.batches + 2):
-        x = timed("host copy into staging", lambda: fx.staging(faces.shape).copy_(torch.from_numpy(faces)))
-        x = timed("upload (pinned, non-blocking)", lambda: x.to(fx.device, non_blocking=True))
+        timed("host copy into the pinned batch buffer", lambda: staging.copy_(torch.from_numpy(faces)))
+        x = timed("upload (pinned, non-blocking)", lambda: staging.to(fx.device, non_blocking=True))
+        timed("JPEG decoding on the device (batched)", lambda: decode_jpegs_on(encoded, args.batch, fx.device))
         with torch.inference_mode():
-            inp = timed("prepare (resize, normalise)", lambda: fx.backbone.prepare(x).to(dtype).contiguous(
-                memory_format=torch.channels_last))
-            out = timed("network", lambda: fx.backbone.forward_maps(inp))
-            out = timed("to float16", lambda: out.float().clamp_(max=65504).half())
-            timed("download (.cpu, pageable)", lambda: out.cpu().numpy())
-            timed("download (pinned + copy)", lambda: pinned_download(fx, out))
+            inp = timed("prepare (mirror, resize, normalise)", lambda: fx.backbone.prepare(
+                torch.cat([x, x.flip(2)])).to(dtype).contiguous(memory_format=torch.channels_last))
+            maps = timed("network", lambda: fx.backbone.forward_maps(inp))
+            dev_rows = MapsBuffer.allocate(args.batch, 2, fx.spec.L, fx.spec.D, device=fx.device)
+            timed("float16 rows (chunk layout)", lambda: dev_rows.maps.copy_(
+                maps.float().clamp_(max=65504).view(2, args.batch, fx.spec.L, fx.spec.D).transpose(0, 1)))
+            timed("download into pinned rows", lambda: out.raw.copy_(dev_rows.raw, non_blocking=True))
         if i == 1:
             phases.clear()  # two warm-up batches: cudnn autotuning, allocator
-    whole = fx.maps(np.concatenate([faces] * 2))  # the extractor's own path, for its total per face
+    total = sum(np.median(v) for k, v in phases.items() if "JPEG" not in k)  # the host-decoded path
+    print(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, {fx.precision}, batch {args.batch} x 2 views,"
+          f" {args.size} px; median ms per batch (share of the host-decoded path's sum):")
+    for name, v in phases.items():
+        share = "" if "JPEG" in name else f"{np.median(v) / total:6.1%}"
+        print(f"  {name:<40} {1e3 * np.median(v):8.2f} ms  {share}")
+    print(f"  network alone: {args.batch / np.median(phases['network']):.0f} faces/s (2 views each)")
+    ring = [fx.maps_buffer() for _ in range(2)]
+    inputs = [encoded if fx.decodes_jpeg else staging] * args.batches
     sync()
     t = time.perf_counter()
-    for _ in range(args.batches // 2):
-        fx.maps(np.concatenate([faces] * 2))
+    for k, (_, done) in enumerate(overlapped(range(len(inputs)), lambda k: fx.launch(inputs[k], ring[k % 2]))):
+        done.rows(args.batch)  # what the writer gets: pinned rows, no further copy
     sync()
-    per_face_whole = (time.perf_counter() - t) / (args.batches // 2 * 2 * args.batch)
-    total = sum(np.median(v) for k, v in phases.items() if "pageable" not in k)  # the path forward_batch takes
-    print(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, {args.precision}, batch {args.batch},"
-          f" {args.size} px; median ms per batch (share of the sum, which leaves out the pageable download):")
-    for name, v in phases.items():
-        print(f"  {name:<32} {1e3 * np.median(v):8.2f} ms  {np.median(v) / total:6.1%}")
-    print(f"  {'sum of phases':<32} {1e3 * total:8.2f} ms = {args.batch / total:.0f} faces/s")
-    print(f"  network alone: {args.batch / np.median(phases['network']):.0f} faces/s;"
-          f" FeatureExtractor.maps: {1 / per_face_whole:.0f} faces/s ({whole.shape})")
+    print(f"  overlapped launches ({'GPU' if fx.decodes_jpeg else 'host'} decoding, download of k beside compute of"
+          f" k+1): {args.batches * args.batch / (time.perf_counter() - t):.0f} faces/s")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Figures from ``bench/bench_codecs.py`` (README, "Faces store codecs") chose the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable
 
 import numpy as np
@@ -17,6 +18,16 @@ import numpy as np
 from emotion_attention.cache.errors import ConfigError
 
 CODECS = ("raw", "png", "jpeg")
+
+
+@lru_cache(maxsize=1)
+def _rgb_flag():
+    """cv2.IMREAD_COLOR_RGB (OpenCV >= 4.10: the decoder writes RGB order itself), or None."""
+    import cv2
+
+    return getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
 PNG_LEVEL = 1  # zlib level 1: ~3x faster than the default 3 at a few % more bytes (bench_codecs.py)
 
 
@@ -50,13 +61,26 @@ class Codec:
         return buf.reshape(-1)
 
     def decode(self, data: np.ndarray) -> np.ndarray:
-        """uint8 (n,) encoded bytes -> uint8 (S, S, 3) RGB; ValueError when the bytes are not an image."""
+        """uint8 (n,) encoded bytes -> uint8 (S, S, 3) RGB; ValueError when the bytes are not an image.
+
+        Where OpenCV can (>= 4.10), the decoder writes RGB order itself: the same pixels as decoding to BGR and
+        swapping (tests/test_extract_io.py checks it), without the swap.
+        """
         import cv2
 
-        bgr = cv2.imdecode(np.asarray(data, np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
+        flag = _rgb_flag()
+        img = cv2.imdecode(np.asarray(data, np.uint8), cv2.IMREAD_COLOR if flag is None else flag)
+        if img is None:
             raise ValueError(f"{len(data)} bytes do not decode as {self.name}")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if flag is None else img
+
+    def decode_into(self, data: np.ndarray, out: np.ndarray) -> None:
+        """Decode uint8 (n,) encoded bytes into ``out``, a uint8 (S, S, 3) view (a row of a batch buffer);
+        ValueError when they are not an image of that shape."""
+        rgb = self.decode(data)
+        if rgb.shape != out.shape:
+            raise ValueError(f"{len(data)} bytes decode to {rgb.shape}, not {out.shape}")
+        out[...] = rgb
 
     def encode_many(self, chips: Iterable[np.ndarray]) -> np.ndarray:
         """object (n,) array of encoded uint8 rows (the form h5py writes into a vlen dataset)."""

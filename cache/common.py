@@ -358,6 +358,106 @@ def create_checked_dataset(grp: h5py.Group, name: str, data: Optional[np.ndarray
     return grp.create_dataset(name, data=data, fletcher32=True, **kwargs)
 
 
+# -- chunks written whole, their fletcher32 sums computed here -------------------------------------------
+
+def _hdf5_fletcher32():
+    """HDF5's own ``H5_checksum_fletcher32`` (the function its fletcher32 filter calls), through ctypes, or
+    None where the library h5py loaded does not export it. ctypes releases the GIL during the call."""
+    import ctypes
+
+    from h5py import h5
+
+    path = None
+    libdir = Path(h5py.__file__).resolve().parent.parent / "h5py.libs"  # the wheel's bundled library
+    for candidate in sorted(libdir.glob("libhdf5-*.so*")) if libdir.is_dir() else []:
+        if "_hl" not in candidate.name:
+            path = candidate
+    try:
+        lib = ctypes.CDLL(str(path) if path else "libhdf5.so")
+        fn = lib.H5_checksum_fletcher32
+    except (OSError, AttributeError):
+        return None
+    if tuple(lib_version(lib)) != tuple(h5.get_libversion()):
+        return None  # another libhdf5 than the one h5py uses: do not trust it
+    fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+def lib_version(lib) -> tuple[int, int, int]:
+    import ctypes
+
+    v = [ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint()]
+    if lib.H5get_libversion(*[ctypes.byref(x) for x in v]) < 0:
+        return (0, 0, 0)
+    return tuple(x.value for x in v)
+
+
+def fletcher32_numpy(data: np.ndarray) -> int:
+    """HDF5's fletcher32 of ``data``'s bytes (even length), in numpy: 16-bit big-endian words w_i, i < n,
+    s1 = sum w_i and s2 = sum (n - i) w_i, each folded into 1..65535 (0 only when every word is 0) the way
+    HDF5 folds them (H5checksum.c); the sum is s2 << 16 | s1.
+
+    >>> hex(fletcher32_numpy(np.frombuffer(b"\\x01\\x02\\x03\\x04", np.uint8)))
+    '0x5080406'
+    """
+    words = np.frombuffer(memoryview(np.ascontiguousarray(data)).cast("B"), dtype=">u2")
+    n = len(words)
+    block = 4096  # rows of a (k, 4096) view: sums of 4096 words of <= 65535 stay exact in int64
+    pad = (-n) % block
+    w = np.concatenate([words, np.zeros(pad, ">u2")]) if pad else words
+    w = w.reshape(-1, block)
+    rows = w.sum(axis=1, dtype=np.int64)                                     # per block: sum of words
+    s1 = int(rows.sum())
+    # sum (n - i) w_i over i = k * block + j: (n - k * block) * rows_k - sum_j j * w_kj
+    starts = n - np.arange(len(rows), dtype=np.int64) * block
+    inner = w.astype(np.int64) @ np.arange(block, dtype=np.int64)            # (k,) sum_j j * w_kj
+    s2 = int((starts * rows).sum() - inner.sum())
+
+    def fold(x: int) -> int:
+        return 0 if x == 0 else (x - 1) % 65535 + 1
+    return fold(s2) << 16 | fold(s1)
+
+
+_FLETCHER = []  # [function]: HDF5's through ctypes, or fletcher32_numpy; found on first use
+
+
+def fletcher32(row: np.ndarray, nbytes: int) -> int:
+    """fletcher32 (HDF5's filter sum) of the first ``nbytes`` bytes of the contiguous uint8 ``row``."""
+    if not _FLETCHER:
+        _FLETCHER.append(_hdf5_fletcher32())
+    fn = _FLETCHER[0]
+    if fn is None:
+        return fletcher32_numpy(row[:nbytes])
+    return fn(row.ctypes.data, nbytes)
+
+
+def writes_direct(ds: h5py.Dataset) -> bool:
+    """True when ``ds``'s chunks can be written whole from memory, their fletcher32 sum appended here: one
+    chunk per leading-axis-1 row, and fletcher32 the only filter (no compression)."""
+    if ds.chunks is None or ds.chunks[1] != 1 or ds.chunks[0] != ds.shape[0] or ds.chunks[2:] != ds.shape[2:]:
+        return False
+    dcpl = ds.id.get_create_plist()
+    return [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())] == [h5py.h5z.FILTER_FLETCHER32]
+
+
+def write_chunks(ds: h5py.Dataset, positions: np.ndarray, rows: np.ndarray, timed=None) -> None:
+    """Write whole chunks along axis 1 of ``ds`` (``writes_direct``) straight from ``rows``: uint8 (n, B + 4),
+    row i holding chunk ``positions[i]``'s B bytes then 4 spare bytes, which receive its fletcher32 sum. The
+    file gets exactly what HDF5's filter would write (the data, then the sum little-endian), without the
+    filter pipeline's copies. ``timed(phase, seconds)`` gets the "checksum" and "write" thread CPU seconds."""
+    nbytes = rows.shape[1] - 4
+    lead = (0,) * (ds.ndim - 2)
+    t = time.thread_time()
+    sums = np.array([fletcher32(row, nbytes) for row in rows], "<u4")
+    rows[:, nbytes:] = sums.view(np.uint8).reshape(len(rows), 4)
+    t2 = time.thread_time()
+    for pos, row in zip(positions, rows):
+        ds.id.write_direct_chunk((0, int(pos)) + lead, row)
+    if timed:
+        timed("checksum", t2 - t)
+        timed("write", time.thread_time() - t2)
+
+
 CRC_DATASET = "faces_crc32"  # uint32 (F,): crc32 of each encoded chip; HDF5 allows no checksum filter on vlen data
 
 
@@ -369,11 +469,8 @@ def crc32_rows(rows) -> np.ndarray:
     return np.array([zlib.crc32(np.asarray(r, dtype=np.uint8).tobytes()) for r in rows], dtype=np.uint32)
 
 
-def verify_crc32(grp: h5py.Group, positions: np.ndarray, rows, path: Path, clip_id: str) -> None:
-    """StoreDamaged when an encoded chip's bytes no longer match the crc32 stored when it was written."""
-    if CRC_DATASET not in grp:
-        return  # a store written before the sums existed
-    stored = read_checked(grp[CRC_DATASET])[np.asarray(positions, dtype=np.int64)]
+def check_crc32(rows, stored: np.ndarray, positions: np.ndarray, path: Path, clip_id: str) -> None:
+    """StoreDamaged naming the first of ``rows`` (frames ``positions``) whose crc32 is not ``stored``."""
     bad = np.flatnonzero(crc32_rows(rows) != stored)
     if len(bad):
         raise damaged(path, f"face chip of frame {int(positions[bad[0]])} fails its crc32", clip_id)
@@ -644,7 +741,8 @@ class ClipStore:
             raise damaged(self.path, f"its group cannot be read: {exc}", clip_id) from None
 
     def attrs(self, clip_id: str) -> dict:
-        grp = self._group(clip_id)
+        """A complete clip's attributes (its data sets are not opened: a reader of many clips pays little)."""
+        grp = self._complete_group(clip_id)
         try:
             return {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items()}
         except (OSError, RuntimeError, KeyError) as exc:
@@ -652,13 +750,26 @@ class ClipStore:
 
     def read_present(self, clip_id: str) -> np.ndarray:
         """bool (F,) face mask of a clip, without reading its pixels or maps."""
-        return read_checked(self._group(clip_id)["present"])
+        return read_checked(self._datasets(clip_id, "present")[0])
 
-    def _group(self, clip_id: str) -> h5py.Group:
+    def _datasets(self, clip_id: str, *names: str) -> list[h5py.Dataset]:
+        """The named data sets of a complete clip, opened (and only those: a reader that needs one pays for
+        one); damaged metadata is StoreDamaged naming the clip, as in ``_group``."""
+        grp = self._complete_group(clip_id)
+        try:
+            return [grp[name] for name in names]
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise damaged(self.path, f"its data sets cannot be opened: {exc}", clip_id) from None
+
+    def _complete_group(self, clip_id: str) -> h5py.Group:
+        """The clip's group, unopened data sets; StoreError when the clip is absent or not complete."""
         if not self.is_complete(clip_id):
             raise StoreError(f"{self.path}: clip {clip_id!r} is not in the store (or was not completed);"
                              f" rerun `{self.STAGE}` to finish it")
-        grp = self._f[clip_key(clip_id)]
+        return self._f[clip_key(clip_id)]
+
+    def _group(self, clip_id: str) -> h5py.Group:
+        grp = self._complete_group(clip_id)
         try:  # opening each data set reads its header: damaged metadata is caught here, named, not a KeyError
             for name in grp:
                 grp[name]
@@ -712,10 +823,39 @@ class ClipStore:
             self._f.close()
         self._f = None
 
+    def abandon(self) -> None:
+        """Close without writing another byte into the file: after a full disk, HDF5's closing flush would
+        write part of its metadata and leave the file inconsistent (a rerun then fails on the clip in flight),
+        or fail and crash the process at exit. Every later write of the library goes to /dev/null instead, so
+        the file stays exactly as the last commit's flush (and the data written since) left it: the state a
+        kill leaves, which a rerun resumes."""
+        f = getattr(self, "_f", None)
+        if not f:
+            return
+        try:
+            fd = f.id.get_vfd_handle() if f.driver == "sec2" else None
+        except (OSError, RuntimeError, ValueError):
+            fd = None
+        if fd is not None:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)  # HDF5 keeps writing to its descriptor, which no longer reaches the file
+            finally:
+                os.close(null)
+        try:
+            self.close()
+        except (OSError, RuntimeError):
+            self._f = None  # the descriptor could not be swapped: the close failed as it must, nothing more to do
+
     def disk_full(self, exc: BaseException, what: str, needed_bytes: int | None = None) -> StoreFull:
-        """The one StoreFull error for a disk that filled while this store wrote ``what`` (a clip, a close)."""
-        need = f"; about {needed_bytes / 2**30:.2f} GiB more are needed" if needed_bytes else ""
-        return StoreFull(f"{self.path}: the disk filled while writing {what} ({exc}){need}. The clips committed"
+        """The one StoreFull error for a disk that filled while this store wrote ``what`` (a clip, a close).
+
+        One line: HDF5's own text (several lines: time, descriptor, buffer address) is left out; the OS's
+        reason stays."""
+        quota = getattr(exc, "errno", None) == errno.EDQUOT or "errno = 122" in str(exc) or "quota" in str(exc)
+        reason = os.strerror(errno.EDQUOT if quota else errno.ENOSPC)
+        need = f"; about {needed_bytes / 2**20:,.1f} MiB more are needed" if needed_bytes and needed_bytes > 0 else ""
+        return StoreFull(f"{self.path}: the disk filled while writing {what} ({reason}){need}. The clips committed"
                          " so far are kept: free space (or move the store to a larger disk) and rerun the same"
                          " command to finish.")
 
@@ -723,10 +863,15 @@ class ClipStore:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """Close; when the body already failed (a full disk, say), a failing close does not hide its error."""
+        """Close; when the body already failed, a failing close does not hide its error, and after a full disk
+        the file is abandoned as the last commit left it (``abandon``)."""
+        writing = getattr(self, "_f", None) and self._f.mode != "r"
+        if writing and exc_type is not None and (issubclass(exc_type, StoreFull) or is_disk_full(exc)):
+            self.abandon()
+            return
         try:
             self.close()
-        except OSError as close_error:
+        except (OSError, RuntimeError) as close_error:  # HDF5 reports a failed metadata flush as either
             if exc_type is not None:
                 return
             if is_disk_full(close_error):

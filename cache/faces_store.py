@@ -22,8 +22,9 @@ image format's own checks (PNG's CRCs, JPEG's markers) and a chip that does not 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import h5py
 import numpy as np
@@ -43,12 +44,13 @@ from emotion_attention.cache.common import (
     open_h5,
     read_checked,
     read_rows,
+    check_crc32,
     sha256_text,
-    verify_crc32,
 )
-from emotion_attention.cache.errors import StoreError, StoreMismatch, key_to_id
+from emotion_attention.cache.errors import StoreDamaged, StoreError, StoreMismatch, key_to_id
 
 FORMAT = "emotion-faces/1"
+Timed = Callable[[str, float], None]  # receives (phase, thread CPU seconds) from the read path
 
 
 FRAME_DATASETS = {
@@ -156,20 +158,55 @@ class FacesStore(ClipStore):
         frames = np.arange(ds.shape[0]) if frames is None else np.asarray(frames, dtype=np.int64)
         unique = np.unique(frames)
         if len(unique) == 0:
-            return np.zeros((0,) + self._chip_shape(), np.uint8)
-        lo, hi = int(unique[0]), int(unique[-1]) + 1
-        if hi - lo <= 8 * len(unique):  # one read of the span, as read_rows does
-            rows = read_checked(ds, slice(lo, hi))[unique - lo]
-        else:
-            rows = [read_checked(ds, int(i)) for i in unique]
-        verify_crc32(ds.parent, unique, rows, self.path, clip_id)
+            return np.zeros((0,) + self.chip_shape(), np.uint8)
+        rows = self._encoded_rows(ds, clip_id, unique)
         try:
             chips = np.stack(decode_rows(self.codec, rows))              # (U, S, S, 3)
         except ValueError as exc:
-            raise damaged(self.path, f"a face chip does not decode ({exc})", clip_id) from None
+            raise self.undecodable(clip_id, exc) from None
         return chips[np.searchsorted(unique, frames)]
 
-    def _chip_shape(self) -> tuple:
+    def read_chips(self, clip_id: str, frames: np.ndarray, timed: Optional[Timed] = None) -> list[np.ndarray] | np.ndarray:
+        """The stored form of the given frame positions (increasing, no repeats), not decoded: for an encoded
+        store a list of uint8 rows, each checked against its crc32 (for a decoder elsewhere: a thread pool, the
+        GPU); for a raw store the uint8 (n, S, S, 3) chips. See ``open_chips`` to read one clip in pieces."""
+        return self.open_chips(clip_id).read(frames, timed)
+
+    def open_chips(self, clip_id: str) -> "ChipReader":
+        """A clip's chips opened once for reading in pieces (``ChipReader.read``); opens only the data sets it
+        reads, so a reader of many short clips pays little per clip."""
+        return ChipReader(self, clip_id, self._datasets(clip_id, "faces")[0])
+
+    def _encoded_rows(self, ds: h5py.Dataset, clip_id: str, unique: np.ndarray, timed: Optional[Timed] = None,
+                      t: float = 0.0, crc: Optional[h5py.Dataset] = None) -> list[np.ndarray]:
+        """crc32-checked encoded rows at increasing positions: one read of the span when it is dense. ``crc``:
+        the clip's crc32 data set, when the caller opened it already."""
+        if len(unique) == 0:
+            return []
+        lo, hi = int(unique[0]), int(unique[-1]) + 1
+        if hi - lo <= 8 * len(unique):  # one read of the span, as read_rows does
+            rows = read_checked(ds, slice(lo, hi))
+            rows = list(rows) if hi - lo == len(unique) else list(rows[unique - lo])
+        else:
+            rows = [read_checked(ds, int(i)) for i in unique]
+        if crc is None and CRC_DATASET in ds.parent:
+            crc = ds.parent[CRC_DATASET]
+        stored = read_checked(crc, slice(lo, hi))[unique - lo] if crc is not None else None  # none in old stores
+        if timed:
+            t2 = time.thread_time()
+            timed("read", t2 - t)
+        if stored is not None:
+            check_crc32(rows, stored, unique, self.path, clip_id)
+        if timed:
+            timed("checksum", time.thread_time() - t2)
+        return rows
+
+    def undecodable(self, clip_id: str, exc: Exception) -> StoreDamaged:
+        """The StoreDamaged error of a chip whose bytes pass their crc32 but do not decode."""
+        return damaged(self.path, f"a face chip does not decode ({exc})", clip_id)
+
+    def chip_shape(self) -> tuple:
+        """(S, S, 3) of the store's chips, from its config."""
         size = self.config.get("face", {}).get("size", self.config.get("size", 256))
         return (size, size, 3)
 
@@ -188,10 +225,31 @@ class FacesStore(ClipStore):
         if missing:
             raise ValueError(f"clip {clip_id}: arrays lack {sorted(missing)}")
         faces = np.asarray(arrays["faces"])
-        size = faces.shape[1] if faces.ndim == 4 else self._chip_shape()[0]
+        size = faces.shape[1] if faces.ndim == 4 else self.chip_shape()[0]
         writer = self.begin_clip(clip_id, size, compression)
         writer.append(arrays)
         writer.commit(attrs)
+
+
+class ChipReader:
+    """One clip's stored chips, opened once: ``read(frames)`` gives the bytes (encoded store, crc32-checked) or
+    the uint8 chips (raw store) of increasing frame positions; ``timed(phase, seconds)``, when given, receives
+    the thread CPU seconds of the "read" and the "checksum" work."""
+
+    def __init__(self, store: FacesStore, clip_id: str, ds: h5py.Dataset):
+        self.store, self.clip_id, self.ds = store, clip_id, ds
+        self.raw = ds.dtype == np.uint8  # raw chips (also every store written before codecs existed)
+        self.crc = ds.parent[CRC_DATASET] if not self.raw and CRC_DATASET in ds.parent else None
+
+    def read(self, frames: np.ndarray, timed: Optional[Timed] = None) -> list[np.ndarray] | np.ndarray:
+        t = time.thread_time() if timed else 0.0
+        frames = np.asarray(frames, dtype=np.int64)
+        if self.raw:
+            chips = read_rows(self.ds, frames)
+            if timed:
+                timed("read", time.thread_time() - t)
+            return chips
+        return self.store._encoded_rows(self.ds, self.clip_id, frames, timed, t, self.crc)
 
 
 class FacesClipWriter:

@@ -19,6 +19,7 @@ maps: a uint8 store is dequantised in ``read_clip``.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -35,6 +36,7 @@ from emotion_attention.cache.common import (
     read_checked,
     read_rows,
     to_attr,
+    write_chunks,
 )
 from emotion_attention.cache.errors import StoreError, StoreMismatch, key_to_id
 
@@ -258,6 +260,9 @@ class ClipWriter:
         kw = {"chunks": (views, 1, L, D), "compression": compression} if f else {}
         self.maps = create_checked_dataset(self.grp, "maps", shape=(views, f, L, D), dtype=np.dtype(map_dtype),
                                            fillvalue=0, **kw)
+        # float16 maps, one fletcher32-summed chunk per frame: written whole from the caller's rows (write_faces)
+        self.direct = f > 0 and compression is None and map_dtype == "float16"
+        self.shape = (views, L, D)
         if map_dtype == "uint8":
             skw = {"chunks": (views, min(f, 256), D)} if f else {}
             self.lo = create_checked_dataset(self.grp, "map_lo", shape=(views, f, D), dtype=np.float16, fillvalue=0,
@@ -288,6 +293,29 @@ class ClipWriter:
         breaks = np.flatnonzero(np.diff(positions) != 1) + 1
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(positions)]):
             self.write(int(positions[lo]), maps[:, lo:hi])
+
+    def write_faces(self, positions: np.ndarray, rows: np.ndarray, timed=None) -> None:
+        """Write the maps of frames at increasing row ``positions`` from ``rows``: uint8 (n, V*L*D*2 + 4), each
+        row one frame's float16 (V, L, D) maps then 4 spare bytes (``pipeline.models.extractor.MapsBuffer``).
+
+        A float16 store without compression gets each frame's chunk written whole from its row, the spare bytes
+        taking its fletcher32 sum: the bytes HDF5's filter would write, without its copies. Other stores
+        (uint8 maps, lzf) go through ``write_rows``.
+        ``timed(phase, seconds)``, when given, receives the thread CPU seconds of the "checksum" and
+        "write" work.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) and (positions[0] < 0 or positions[-1] >= self.maps.shape[1]):
+            raise ValueError(f"clip {self.clip_id}: rows {positions[0]}..{positions[-1]} outside"
+                             f" 0..{self.maps.shape[1]}")
+        if self.direct:
+            write_chunks(self.maps, positions, rows, timed)
+            return
+        t = time.thread_time()
+        maps = rows[:, :-4].view(np.float16).reshape((len(rows),) + self.shape)  # (n, V, L, D)
+        self.write_rows(positions, maps.transpose(1, 0, 2, 3))                    # (V, n, L, D)
+        if timed:
+            timed("write", time.thread_time() - t)
 
     def commit(self, present: np.ndarray, attrs: dict) -> None:
         """Mask, source rows and attributes, flushed; then the ``complete`` mark, flushed."""

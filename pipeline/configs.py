@@ -25,6 +25,7 @@ from emotion_attention.cache.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 COMPRESSIONS = ("none", "lzf")
+OVERLAPS = ("auto", "on", "off")  # ExtractConfig.overlap
 BACKBONES = ("vgg16", "fer-minixception", "resnet18")  # the paper's VGG16; fer's offline mini-Xception;
 #                                                        Emotion-FAN's ResNet-18 (models/backbones.py REGISTRY)
 DEFAULT_BACKBONE = "vgg16"  # the paper's backbone
@@ -283,6 +284,13 @@ class ExtractConfig(Settings):
     shard: Optional[str] = setting(None, "Only shard K of N (K = 0..N-1, a stable hash of the clip id) into its"
                                    " own --out; join the shards with `emo-cache merge`. Under torchrun each rank"
                                    " does this and rank 0 merges.")
+    overlap: str = setting("auto", "Reading, decoding and writing beside the network: auto = on for CUDA, off on CPU"
+                           " (they run between batches so the network keeps every core).", choices=OVERLAPS)
+    #  on CUDA the GPU computes while threads read and write; on a CPU they would take the network's cores
+    decode_threads: int = setting(0, "Threads decoding JPEG/PNG chips; 0: one per core.")
+    gpu_decode: bool = setting(True, "On CUDA, decode JPEG chips on the GPU (nvJPEG); --no-gpu-decode decodes them"
+                               " on the host.", flag="--gpu-decode/--no-gpu-decode")
+    #  the host then only reads bytes; nvJPEG may differ from OpenCV by a level per pixel
 
     def check_values(self) -> None:
         if (self.weights == "random") != (self.seed is not None):
@@ -294,6 +302,9 @@ class ExtractConfig(Settings):
                                      ("compression", self.compression, COMPRESSIONS),
                                      ("map_dtype", self.map_dtype, MAP_DTYPES)):
             _one_of(name, value, allowed)
+        _one_of("overlap", self.overlap, OVERLAPS)
+        if self.decode_threads < 0:
+            raise ConfigError(f"decode_threads must be >= 0 (0: one per core), got {self.decode_threads}")
         if self.batch_size < 1 or self.queue_clips < 1:
             raise ConfigError(f"batch_size and queue_clips must be >= 1, got {self.batch_size}, {self.queue_clips}")
         if self.frames_per_clip is not None and self.frames_per_clip < 1:

@@ -95,6 +95,7 @@ def test_trunk_is_torchvision_vgg16_up_to_conv5_3_relu():
     tv = vgg16(weights=None).features[:30]
     trunk = build_vgg16_trunk()
     assert [type(m) for m in trunk] == [type(m) for m in tv]
+    assert [repr(m) for m in trunk] == [repr(m) for m in tv]  # kernel, stride, padding, inplace: the same layers
     assert {k: v.shape for k, v in trunk.state_dict().items()} == {k: v.shape for k, v in tv.state_dict().items()}
     assert isinstance(trunk[-1], torch.nn.ReLU) and isinstance(trunk[-2], torch.nn.Conv2d)  # no pool5
 

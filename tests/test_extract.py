@@ -303,23 +303,26 @@ def test_unreadable_clip_is_logged_and_the_run_carries_on(tmp_path, samples_dir,
     assert sorted(read_all(tmp_path / "feats.h5")) == sorted(clips)
 
 
-def test_an_error_mid_run_stops_the_threads_even_with_one_queued_clip(tmp_path, samples_dir, monkeypatch):
-    """With queue_clips=1 the reader used to block on its final put and the run hung instead of raising."""
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_an_error_mid_run_stops_the_threads_even_with_one_queued_clip(tmp_path, samples_dir, monkeypatch, overlap):
+    """With queue_clips=1 the reader used to block on its final put and the run hung instead of raising; with
+    overlap on, the feeder and writer threads must stop too."""
     import threading
     make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=6, frames=6)
-    original, calls = FeatureExtractor.forward_batch, []
+    original, calls = FeatureExtractor.launch, []
 
-    def fail_second_batch(self, faces):
+    def fail_second_batch(self, faces, out):
         calls.append(len(faces))
         if len(calls) == 2:
             raise RuntimeError("compute failed")
-        return original(self, faces)
-    monkeypatch.setattr(FeatureExtractor, "forward_batch", fail_second_batch)
+        return original(self, faces, out)
+    monkeypatch.setattr(FeatureExtractor, "launch", fail_second_batch)
     raised = []
 
     def run():
         try:
-            extract_features(tmp_path / "faces.h5", tmp_path / "feats.h5", cfg(queue_clips=1), log=lambda m: None)
+            extract_features(tmp_path / "faces.h5", tmp_path / "feats.h5", cfg(queue_clips=1, overlap=overlap),
+                             log=lambda m: None)
         except RuntimeError as exc:
             raised.append(str(exc))
     worker = threading.Thread(target=run, daemon=True)
@@ -327,3 +330,5 @@ def test_an_error_mid_run_stops_the_threads_even_with_one_queued_clip(tmp_path, 
     worker.join(timeout=60)
     assert not worker.is_alive(), "extract_features hung after an error"
     assert raised == ["compute failed"] and len(calls) == 2
+    left = [t.name for t in threading.enumerate() if t.name.startswith("extract")]
+    assert left == [], left  # no feeder, writer or decoding thread left behind

@@ -189,12 +189,22 @@ def resolve_device(name: str, local_rank: int = 0):
     return device
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 dot-product instructions; without them oneDNN emulates bf16
+
+
 def cpu_has_bf16() -> bool:
-    """True when oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX), so bf16 is fast."""
+    """True when oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX), so bf16 is fast.
+
+    oneDNN also "supports" bf16 on plain AVX-512 by emulation, which runs VGG16 about 4x slower than fp32
+    (bench/bench_extract_io.py on an AVX-512 Xeon without AVX512-BF16): the CPU's own flags decide.
+    """
     import torch  # lazy: torch is paid only when this runs
 
     mkldnn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(mkldnn_check()) if mkldnn_check is not None else False
+    if mkldnn_check is None or not mkldnn_check():
+        return False
+    flags = cpu_flags()
+    return any(f in flags.split() for f in BF16_CPU_FLAGS) or flags.startswith("unknown")
 
 
 def file_sha256(path: str | Path) -> str:

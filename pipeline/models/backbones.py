@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.vgg import cfgs, make_layers
 
 from emotion_attention.cache.errors import ConfigError, UserError
 from emotion_attention.pipeline.configs import BACKBONES as NAMES
@@ -121,13 +120,26 @@ class Backbone(nn.Module):
 
 
 # -- VGG16 -------------------------------------------------------------------------------------
+# torchvision's ``cfgs["D"]`` (VGG16): conv widths, "M" a 2x2 max pool. Spelled out here rather than imported:
+# importing torchvision.models pulls in torch._dynamo, about 2 s of every command's start-up.
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
 def build_vgg16_trunk() -> nn.Sequential:
-    """VGG16 ``features[:30]``: conv1_1 ... conv5_3 + ReLU, no pool5, randomly initialised.
+    """VGG16 ``features[:30]``: conv1_1 ... conv5_3 + ReLU, no pool5, randomly initialised; the layers of
+    torchvision's ``make_layers(cfgs["D"])`` (tests/test_backbones.py compares them).
 
     >>> len(build_vgg16_trunk())
     30
     """
-    return make_layers(cfgs["D"])[:VGG16_TRUNK_LEN]  # cfgs["D"] is VGG16; the same layers torchvision's vgg16 has
+    layers, cin = [], 3
+    for c in VGG16_CFG:
+        if c == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(cin, c, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            cin = c
+    return nn.Sequential(*layers[:VGG16_TRUNK_LEN])
 
 
 def vgg16_conv_keys(layout: str) -> list[tuple[int, str]]:
@@ -146,7 +158,7 @@ def vgg16_expected_shapes(layout: str) -> dict[str, tuple[int, ...]]:
     >>> vgg16_expected_shapes("vggface")["conv5_3.weight"]
     (512, 512, 3, 3)
     """
-    channels = [c for c in cfgs["D"] if c != "M"]  # out channels of conv1_1 ... conv5_3
+    channels = [c for c in VGG16_CFG if c != "M"]  # out channels of conv1_1 ... conv5_3
     shapes = {}
     for (_, key), cin, cout in zip(vgg16_conv_keys(layout), [3] + channels[:-1], channels):
         shapes[f"{key}.weight"] = (cout, cin, 3, 3)

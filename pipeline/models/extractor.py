@@ -1,12 +1,20 @@
 """The in-memory feature extractor: uint8 faces in, float16 (V, N, L, D) maps out, with the speed settings
-applied (channels_last, bf16 where the hardware has it, pinned buffers on CUDA). ``emo-cache extract`` wraps it
-in a store-to-store stage; ``emo-predict`` uses it without any store."""
+applied (channels_last, bf16 where the hardware has it). ``emo-cache extract`` wraps it in a store-to-store
+stage; ``emo-predict`` uses it without any store.
+
+Batches go in through ``launch`` and come back through ``Pending.wait``: on CPU the two are one call in a row;
+on CUDA ``launch`` only queues the work (upload or GPU JPEG decoding, the network, the download on a second
+stream into a pinned ``MapsBuffer``), so the caller launches batch k+1 before it waits for batch k, and the
+download of k overlaps the compute of k+1 (``overlapped``). A ``MapsBuffer`` row is one face's maps laid out as
+its features-store chunk, with room for the chunk's checksum, so the store writes it without another copy.
+"""
 from __future__ import annotations
 
 import copy
 import os
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +27,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 FP16_MAX = 65504.0  # maps are stored as float16; larger values would become inf
+CHECKSUM_BYTES = 4  # a features-store chunk is its maps then a fletcher32 sum (cache.common.write_chunks)
 
 
 def extract_device(name: str) -> torch.device:
@@ -47,6 +56,67 @@ def resolve_precision(name: str, device: torch.device, backbone: str = "vgg16") 
     return get_backbone(backbone).precision(device.type, device.type == "cpu" and cpu_has_bf16(), cuda_bf16)
 
 
+@dataclass
+class MapsBuffer:
+    """Host memory for one batch's maps, one row per face: its float16 (V, L, D) maps, which are exactly the
+    bytes of its features-store chunk, then ``CHECKSUM_BYTES`` spare bytes for the chunk's fletcher32 sum.
+
+    Pinned on CUDA, so the download is an asynchronous DMA straight into the rows the store writes from.
+    """
+    raw: torch.Tensor   # uint8 (B, V*L*D*2 + CHECKSUM_BYTES)
+    maps: torch.Tensor  # float16 (B, V, L, D), a view of raw's rows without their spare bytes
+
+    @classmethod
+    def allocate(cls, batch: int, views: int, L: int, D: int, pin: bool = False,
+                 device: Optional[torch.device] = None) -> "MapsBuffer":
+        row = views * L * D * 2
+        raw = torch.empty((batch, row + CHECKSUM_BYTES), dtype=torch.uint8, device=device, pin_memory=pin)
+        maps = raw[:, :row].view(torch.float16).view(batch, views, L, D)  # (B, V, L, D), row stride kept
+        return cls(raw, maps)
+
+    def rows(self, n: int) -> np.ndarray:
+        """uint8 (n, V*L*D*2 + 4): the first n rows, as the store writes them (no copy)."""
+        return self.raw[:n].numpy()
+
+    def views_first(self, n: int) -> np.ndarray:
+        """float16 (V, n, L, D) copy of the first n faces' maps (the layout readers get)."""
+        return np.ascontiguousarray(self.maps[:n].numpy().transpose(1, 0, 2, 3))
+
+
+class Pending:
+    """A launched batch: ``wait()`` returns its MapsBuffer once the maps are in it (at once on CPU)."""
+
+    def __init__(self, out: MapsBuffer, ready: Optional["torch.cuda.Event"] = None):
+        self.out, self._ready = out, ready
+
+    def wait(self) -> MapsBuffer:
+        if self._ready is not None:
+            self._ready.synchronize()  # releases the GIL while the download finishes
+            self._ready = None
+        return self.out
+
+
+T = TypeVar("T")
+
+
+def overlapped(items: Iterable[T], launch: Callable[[T], Pending]) -> Iterator[tuple[T, MapsBuffer]]:
+    """(item, maps) in order, launching item k+1 before waiting for item k.
+
+    On CUDA this keeps the GPU busy while the caller handles item k's maps (the download of k runs on the copy
+    stream while k+1 computes); on CPU ``launch`` computes at once and this is a plain loop. A caller that
+    hands each item its own MapsBuffer from a ring needs two of them: item k's buffer is free again when the
+    caller asks for the next pair.
+    """
+    previous: Optional[tuple[T, Pending]] = None
+    for item in items:
+        pending = launch(item)
+        if previous is not None:
+            yield previous[0], previous[1].wait()
+        previous = (item, pending)
+    if previous is not None:
+        yield previous[0], previous[1].wait()
+
+
 class FeatureExtractor:
     """A loaded backbone with the speed settings applied: uint8 faces in, float16 maps out.
 
@@ -69,10 +139,17 @@ class FeatureExtractor:
             bb = build_backbone(cfg.backbone, cfg.weights, cfg.seed, cfg.input_size, cfg.crop)
         self.spec = bb.spec
         self.backbone = bb.to(self.device, dtype=TORCH_DTYPES[self.precision], memory_format=torch.channels_last)
-        self._staging: Optional[torch.Tensor] = None   # pinned host buffers, reused by every CUDA batch
-        self._download: Optional[torch.Tensor] = None
-        if self.device.type == "cuda":
+        self.cuda = self.device.type == "cuda"
+        self._staging: Optional[torch.Tensor] = None    # forward_batch's input buffer (pinned on CUDA)
+        self._scratch: Optional[MapsBuffer] = None      # forward_batch's output buffer
+        self.streams = CudaStreams(self.device) if self.cuda else None  # downloads beside compute (None: in line)
+        if self.cuda:
             torch.backends.cudnn.benchmark = True  # one fixed batch shape: the autotuned kernel is reused
+
+    @property
+    def decodes_jpeg(self) -> bool:
+        """True when ``launch`` takes encoded JPEG chips and decodes them on the device (CUDA, gpu_decode)."""
+        return self.cuda and self.cfg.gpu_decode
 
     @property
     def backbone_name(self) -> str:
@@ -88,47 +165,69 @@ class FeatureExtractor:
                 "frames_per_clip": self.cfg.frames_per_clip, "map_dtype": self.cfg.map_dtype,
                 "faces_fingerprint": faces_fingerprint}
 
+    # -- buffers ---------------------------------------------------------------------------------------
+    def maps_buffer(self) -> MapsBuffer:
+        """A MapsBuffer of one batch (pinned on CUDA)."""
+        return MapsBuffer.allocate(self.cfg.batch_size, self.cfg.views, self.spec.L, self.spec.D, pin=self.cuda)
+
+    def faces_buffer(self, chip_shape: tuple) -> torch.Tensor:
+        """uint8 (B, S, S, 3) input buffer of one batch (pinned on CUDA, so its upload is asynchronous)."""
+        return torch.zeros((self.cfg.batch_size,) + tuple(chip_shape), dtype=torch.uint8, pin_memory=self.cuda)
+
+    # -- compute ---------------------------------------------------------------------------------------
     @torch.inference_mode()
+    def launch(self, faces, out: MapsBuffer) -> Pending:
+        """Start the maps of one batch into ``out``.
+
+        Arguments:
+            faces: uint8 (B, S, S, 3) RGB chips, B = batch_size, rows past the real faces zeroed (a fixed
+                shape keeps a face's maps independent of its batch); or, on CUDA, a list of at most B encoded
+                JPEG chips (uint8 1-D arrays), decoded on the GPU.
+            out: where the maps go (``maps_buffer``); row i holds face i's.
+        Returns:
+            Pending; its ``wait()`` returns ``out`` filled.
+        """
+        x = self._device_input(faces)                      # (B, S, S, 3) uint8 on the device
+        if self.cfg.views == 2:
+            x = torch.cat([x, x.flip(2)])                  # (V*B, S, S, 3); flip(2) mirrors left-right
+        inp = self.backbone.prepare(x).to(TORCH_DTYPES[self.precision]).contiguous(memory_format=torch.channels_last)
+        out_maps = self.backbone.forward_maps(inp)         # (V*B, L, D)
+        if out_maps.dtype == torch.float16:
+            out_maps = out_maps.float()                    # as before: NaN payloads then match bit for bit
+        b = self.cfg.batch_size
+        by_face = out_maps.view(self.cfg.views, b, *out_maps.shape[1:]).transpose(0, 1)  # (B, V, L, D)
+        if self.streams is None:
+            to_rows(by_face, out)                          # into the rows the store writes
+            return Pending(out)
+        return self._download(by_face, out)
+
+    def _device_input(self, faces) -> torch.Tensor:
+        b = self.cfg.batch_size
+        if isinstance(faces, list):  # encoded chips: decoded on the GPU, the host only read their bytes
+            return decode_jpegs_on(faces, b, self.device)
+        x = faces if isinstance(faces, torch.Tensor) else torch.from_numpy(faces)
+        if x.shape[0] != b:
+            raise ValueError(f"launch needs a full batch of {b} chips (zero-padded), got {x.shape[0]}")
+        return x.to(self.device, non_blocking=True) if self.cuda else x  # pinned: an asynchronous upload
+
+    def _download(self, by_face: torch.Tensor, out: MapsBuffer) -> Pending:
+        """float16 rows on the device, then their download on the copy stream, after the compute that made them."""
+        dev = MapsBuffer.allocate(by_face.shape[0], *by_face.shape[1:], device=self.device)
+        to_rows(by_face, dev)                              # (B, V, L, D) float16, in the chunk-row layout
+        return Pending(out, self.streams.download(dev.raw, out.raw, self.streams.computed()))
+
     def forward_batch(self, faces: np.ndarray) -> np.ndarray:
         """uint8 (n, S, S, 3), n <= batch_size -> float16 (V, n, L, D); zero-pads to batch_size first."""
         n, b = len(faces), self.cfg.batch_size
         if n > b:
             raise ValueError(f"forward_batch got {n} faces, batch_size is {b}")
-        x = self.staging((b,) + faces.shape[1:])  # fixed shape: results independent of batching
+        if self._staging is None or tuple(self._staging.shape[1:]) != tuple(faces.shape[1:]):
+            self._staging = self.faces_buffer(faces.shape[1:])
+            self._scratch = self.maps_buffer()
+        x = self._staging
         x[:n] = torch.from_numpy(np.ascontiguousarray(faces))
         x[n:] = 0
-        if self.device.type == "cuda":
-            x = x.to(self.device, non_blocking=True)  # from pinned memory: an async copy
-        if self.cfg.views == 2:
-            x = torch.cat([x, x.flip(2)])  # (V*b, S, S, 3); flip(2) mirrors left-right
-        inp = self.backbone.prepare(x).to(TORCH_DTYPES[self.precision]).contiguous(memory_format=torch.channels_last)
-        out = self.backbone.forward_maps(inp)  # (V*b, L, D)
-        out = out.float().clamp_(max=FP16_MAX).half().view(self.cfg.views, b, *out.shape[1:])  # (V, b, L, D)
-        if self.device.type != "cuda":
-            return out[:, :n].numpy()
-        # Into a reused pinned buffer, then one host copy: on an H200 a 67 MB download into fresh pageable
-        # memory took 40 ms per batch of 256, more than the network (bench/gpu_extract_phases.py).
-        host = self._buffer("_download", tuple(out.shape), torch.float16)
-        host.copy_(out, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return host[:, :n].numpy().copy()
-
-    def staging(self, shape: tuple) -> torch.Tensor:
-        """The uint8 input buffer of one batch: allocated (and pinned, on CUDA) once, not per batch.
-
-        Pinning a fresh tensor per batch costs a cudaHostAlloc each time; the copy of batch k+1 into the
-        buffer waits for batch k's upload, which the synchronised download at the end of forward_batch
-        has finished.
-        """
-        return self._buffer("_staging", shape, torch.uint8)
-
-    def _buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A host buffer kept on the extractor (pinned on CUDA), reallocated only when the shape changes."""
-        buf = getattr(self, name, None)
-        if buf is None or tuple(buf.shape) != shape:
-            buf = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
-            setattr(self, name, buf)
-        return buf
+        return self.launch(x, self._scratch).wait().views_first(n)
 
     def maps(self, faces: np.ndarray) -> np.ndarray:
         """Maps of uint8 (N, S, S, 3) RGB chips, in batches of ``batch_size``.
@@ -149,3 +248,58 @@ class FeatureExtractor:
         if not parts:
             return np.zeros((self.cfg.views, 0, self.spec.L, self.spec.D), np.float16)
         return np.concatenate(parts, axis=1)
+
+
+def to_rows(maps: torch.Tensor, out: MapsBuffer) -> None:
+    """fp32/bf16 (B, V, L, D) maps -> float16 rows of ``out``, values above FP16_MAX (inf included) clamped to it.
+
+    Rounded first, then clamped in float16: the same bits as clamping in fp32 and rounding (a value above
+    FP16_MAX rounds to FP16_MAX or inf, both clamped), with one pass fewer over fp32 data.
+    """
+    out.maps.copy_(maps)
+    out.maps.clamp_(max=FP16_MAX)
+
+
+class CudaStreams:
+    """The compute stream (the current one) and a copy stream beside it: a batch's download waits for its own
+    compute only, so it runs while the next batch computes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.copy = torch.cuda.Stream(device)
+
+    def computed(self) -> "torch.cuda.Event":
+        """An event at the current end of the compute stream."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def download(self, src: torch.Tensor, dst: torch.Tensor, after: "torch.cuda.Event") -> "torch.cuda.Event":
+        """Copy ``src`` (device) into ``dst`` (pinned host) on the copy stream once ``after`` has happened; the
+        returned event marks the end of the copy."""
+        self.copy.wait_event(after)
+        with torch.cuda.stream(self.copy):
+            dst.copy_(src, non_blocking=True)  # one contiguous DMA into pinned memory
+        src.record_stream(self.copy)           # the allocator keeps src until the copy is done
+        ready = torch.cuda.Event()
+        ready.record(self.copy)
+        return ready
+
+
+def decode_jpegs_on(encoded: list, batch: int, device: torch.device) -> torch.Tensor:
+    """Encoded JPEG chips -> uint8 (batch, S, S, 3) RGB on ``device``, decoded there in one batched call
+    (torchvision's nvJPEG path on CUDA), rows past the chips zero.
+
+    nvJPEG's pixels may differ from OpenCV's (libjpeg-turbo) by a level here and there; ``--no-gpu-decode``
+    decodes on the host instead. On CPU (tests) the same call runs libjpeg-turbo.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(np.ascontiguousarray(e, np.uint8), dtype=torch.uint8) for e in encoded]
+    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []  # each (3, S, S)
+    if not images:
+        raise ValueError("decode_jpegs_on got no chips")
+    side = images[0].shape[1:]
+    x = torch.zeros((batch, 3, *side), dtype=torch.uint8, device=device)  # (B, 3, S, S)
+    torch.stack(images, out=x[:len(images)])
+    return x.permute(0, 2, 3, 1)                                         # (B, S, S, 3), as prepare expects

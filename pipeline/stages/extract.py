@@ -3,15 +3,20 @@
 ``FeatureExtractor`` is the in-memory part (uint8 faces in, float16 (V, N, L, D) maps out); it is used
 without any store by ``emo-predict``. ``extract_features`` is the stage: faces store -> features store.
 
-Speed (the CPU has bf16 dot-product units, often; a GPU, sometimes):
+Speed (bench/bench_extract.py for the network, bench/bench_extract_io.py for everything around it):
 - faces from many clips are packed into batches of exactly ``batch_size`` (the last one zero-padded), so a
   face's maps never depend on which faces shared its batch: a resumed run equals an uninterrupted one;
 - channels_last memory format and bf16 weights/activations where the hardware supports bf16;
-- a reader thread reads the next faces and a writer thread writes finished maps while the main thread
-  computes (torch releases the GIL inside its kernels); one lock serialises every HDF5 call;
-- on CUDA: pinned host memory, non-blocking copies, half precision.
+- the host path: a clip's mask and attributes are read once; a batch's encoded chips are read as bytes
+  (crc32-checked) and decoded by a pool of one thread per core straight into the batch buffer (OpenCV
+  releases the GIL); each face's maps land in a row laid out as its features-store chunk, which the store
+  writes whole with its fletcher32 sum (no filter-pipeline copies); a clip is committed with its last piece;
+- on CPU the host's work runs between batches (decoding batch k+1 while batch k is written), never beside
+  the network, so the network keeps every core; on CUDA a feeder and a writer thread run beside it, JPEG chips
+  are decoded on the GPU, and the download of batch k (second stream, pinned double buffers) overlaps the
+  compute of batch k+1; the store writes from the pinned memory.
 
-Memory is bounded whatever the clip length: faces are read in chunks of ``batch_size`` and maps written
+Memory is bounded whatever the clip length: faces are read in pieces of at most ``batch_size`` and maps written
 batch by batch into the clip's group (``FeaturesStore.begin_clip``), whose ``complete`` mark comes last.
 Scale: ``--frames-per-clip`` and ``--map-dtype uint8`` shrink the store; ``--shard K/N`` and torchrun
 (one rank per GPU, rank 0 merges) spread the work.
@@ -24,10 +29,10 @@ import queue
 import shutil
 import threading
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -43,7 +48,7 @@ from emotion_attention.pipeline.core.runtime import (
     select_shard,
 )
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
-from emotion_attention.pipeline.models.extractor import FeatureExtractor
+from emotion_attention.pipeline.models.extractor import FeatureExtractor, Pending, overlapped
 
 DISK_MARGIN = 1.02  # refuse unless the free disk holds the planned bytes plus 2 % (HDF5 metadata, chunk index)
 
@@ -80,35 +85,74 @@ def bytes_per_row(views: int, L: int, D: int, map_dtype: str) -> int:
 
 @dataclass
 class ClipJob:
-    """One clip in flight. Its faces travel in chunks of at most ``batch_size``; its maps are written as
-    each batch is computed, so neither the clip's pixels nor its maps are ever in memory whole."""
+    """One clip to extract: which rows it keeps and which of them the network sees. Its faces travel in pieces
+    of at most ``batch_size``; its maps are written as each batch is computed, so neither the clip's pixels
+    nor its maps are ever in memory whole."""
     clip_id: str
     rows: np.ndarray         # int (F,): the faces-store rows the features store keeps, in time order
     present: np.ndarray      # bool (F,): the faces store's mask of those rows
     attrs: dict
     compute: np.ndarray      # int (P,): positions (in rows) of the present faces, the ones the network sees
-    done: int = 0            # present faces computed so far
-    aborted: bool = False    # a chunk could not be read: the clip is a failure, never committed
-    writer: object = None    # cache.features_store.ClipWriter, set by the writer thread
+    done: int = 0            # present faces written so far
+    aborted: bool = False    # a piece could not be read or decoded: the clip is a failure, never committed
+    writer: object = None    # cache.features_store.ClipWriter while the clip is being written
+    chips: object = None     # cache.faces_store.ChipReader while the clip is being read
 
     @property
     def finished(self) -> bool:
         return self.done == len(self.compute)
 
 
-def plan_size(faces: FacesStore, todo: list[str], cfg: ExtractConfig, L: int, D: int) -> tuple[int, int, int]:
-    """(frames, present faces, bytes) the clips in ``todo`` will take in the features store.
+@dataclass
+class Piece:
+    """Faces ``start .. start + n - 1`` of a job's present faces, at consecutive rows of a batch."""
+    job: ClipJob
+    start: int
+    n: int
 
-    A clip whose mask cannot be read is left out of the plan; the reader logs it as a failure.
-    """
-    frames = present = 0
+
+@dataclass
+class Batch:
+    """Up to ``batch_size`` faces from one or more clips, in piece order; ``n`` rows of ``faces`` are real.
+
+    ``faces`` is a uint8 (B, S, S, 3) buffer (rows past ``n`` zero), or on CUDA with GPU decoding the list of
+    the encoded chips. ``decoding`` holds the thread-pool decodes still filling the buffer."""
+    faces: object
+    pieces: list = field(default_factory=list)
+    n: int = 0
+    decoding: list = field(default_factory=list)  # (job, future)
+
+    def ready(self, failed: Callable[[ClipJob, str], None]) -> None:
+        """Wait for the decodes; a chip that does not decode fails its clip (logged), the rest go on."""
+        for job, future in self.decoding:
+            try:
+                future.result()
+            except READ_ERRORS as exc:
+                if not job.aborted:
+                    failed(job, f"cannot read faces: {exc}")
+        self.decoding = []
+
+
+def plan_jobs(faces: FacesStore, todo: list[str], cfg: ExtractConfig) -> tuple[list, list[tuple[str, str]]]:
+    """(jobs, unreadable) for the clips in ``todo``: each clip's mask and attributes read once, up front
+    (the disk check needs the frame counts); a clip whose mask cannot be read is (clip id, why)."""
+    jobs, unreadable = [], []
     for cid in todo:
         try:
             mask = faces.read_present(cid).astype(bool)
-        except READ_ERRORS:
+            attrs = faces.attrs(cid)
+        except READ_ERRORS as exc:
+            unreadable.append((cid, f"cannot read faces: {exc}"))
             continue
         rows = select_frames(mask, cfg.frames_per_clip)
-        frames, present = frames + len(rows), present + int(mask[rows].sum())
+        jobs.append(ClipJob(cid, rows, mask[rows], attrs, np.flatnonzero(mask[rows])))
+    return jobs, unreadable
+
+
+def plan_size(jobs: list[ClipJob], cfg: ExtractConfig, L: int, D: int) -> tuple[int, int, int]:
+    """(frames, present faces, bytes) the jobs will take in the features store."""
+    frames = sum(len(j.rows) for j in jobs)
+    present = sum(len(j.compute) for j in jobs)
     return frames, present, frames * bytes_per_row(cfg.views, L, D, cfg.map_dtype)
 
 
@@ -123,47 +167,112 @@ def check_disk(out_path: Path, planned: int, log: Callable) -> None:
                         " (--crop 224, --map-dtype uint8, --frames-per-clip N)")
 
 
-def read_clips(faces: FacesStore, todo: list[str], cfg: ExtractConfig, lock: threading.Lock,
-               out: queue.Queue, stop: threading.Event, errors: list) -> None:
-    """Reader thread: per clip, ("clip", job) then ("faces", job, start, chips) chunks of <= batch_size faces;
-    ("error", clip_id, message) for a clip it cannot read, ("abort", job, message) when a later chunk fails;
-    None at the end.
+class PhaseClock:
+    """CPU seconds of the host's work by phase (read, checksum, decode, write), summed over threads; what
+    bench/bench_extract_io.py prints as shares."""
 
-    A clip that cannot be read is a failure and the run goes on; anything else (out of memory, a bug)
-    goes into ``errors`` for the main thread to raise, so no clip is dropped silently.
+    def __init__(self):
+        self.seconds: dict[str, float] = {"read": 0.0, "checksum": 0.0, "decode": 0.0, "write": 0.0}
+        self._lock = threading.Lock()
+
+    def add(self, phase: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[phase] += seconds
+
+
+class Feeder:
+    """Turns jobs into batches: reads each piece's chips (the bytes, crc32-checked) and starts their decoding
+    on the thread pool straight into the batch's buffer; on CUDA with GPU decoding it only collects the bytes.
+
+    Arguments:
+        faces: the faces store. cfg: the run's settings.
+        buffers: a function giving an empty uint8 (B, S, S, 3) batch buffer (blocks while all are in use).
+        pool: decoding threads (None: raw chips, or GPU decoding).
+        failed: logs a clip that cannot be read (clip id, why).
     """
-    try:
-        for cid in todo:
-            if stop.is_set():
+
+    def __init__(self, faces: FacesStore, cfg: ExtractConfig, buffers: Callable[[], object],
+                 pool: Optional[ThreadPoolExecutor], failed: Callable[[ClipJob, str], None], clock: PhaseClock,
+                 gpu_decode: bool):
+        self.faces, self.cfg, self.buffers, self.pool = faces, cfg, buffers, pool
+        self.failed, self.clock, self.gpu_decode = failed, clock, gpu_decode
+        self.codec = faces.codec
+
+    def batches(self, jobs: list[ClipJob], stop: Optional[threading.Event] = None) -> Iterator[Batch]:
+        """Batches of exactly ``batch_size`` faces (the last one fewer), clips packed across batches;
+        clips without a face ride along as empty pieces, so they are committed in order too."""
+        b = self.cfg.batch_size
+        batch = self._new_batch()
+        for job in jobs:
+            if stop is not None and stop.is_set():
                 return
-            try:
-                with lock:
-                    mask = faces.read_present(cid).astype(bool)
-                    attrs = faces.attrs(cid)
-            except READ_ERRORS as exc:
-                out.put(("error", cid, f"cannot read faces: {exc}"))
-                continue
-            rows = select_frames(mask, cfg.frames_per_clip)
-            job = ClipJob(cid, rows, mask[rows], attrs, np.flatnonzero(mask[rows]))
-            out.put(("clip", job))
-            for start in range(0, len(job.compute), cfg.batch_size):
-                if stop.is_set():
-                    return
-                try:
-                    with lock:
-                        chips = faces.read_faces(cid, rows[job.compute[start:start + cfg.batch_size]])
-                except READ_ERRORS as exc:
-                    out.put(("abort", job, f"cannot read faces: {exc}"))
-                    break
-                out.put(("faces", job, start, chips))
-    except Exception as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
-        errors.append(exc)
-    finally:
-        out.put(None)
+            if not len(job.compute):
+                batch.pieces.append(Piece(job, 0, 0))
+            start = 0
+            while start < len(job.compute) and not job.aborted:
+                take = min(b - batch.n, len(job.compute) - start)
+                self._add(batch, job, start, take)
+                start += take
+                if batch.n == b:
+                    yield batch
+                    batch = self._new_batch()
+        if batch.pieces:
+            if not self.gpu_decode:
+                batch.faces[batch.n:] = 0  # a reused buffer: the padding rows must be zero
+            yield batch
+
+    def _new_batch(self) -> Batch:
+        return Batch([] if self.gpu_decode else self.buffers())
+
+    def _add(self, batch: Batch, job: ClipJob, start: int, take: int) -> None:
+        """Read faces start..start+take-1 of ``job`` into ``batch`` (decoding started); a read error fails the job."""
+        frames = job.rows[job.compute[start:start + take]]
+        try:
+            if job.chips is None:
+                job.chips = self.faces.open_chips(job.clip_id)
+            chips = job.chips.read(frames, timed=self.clock.add)
+        except READ_ERRORS as exc:
+            job.chips = None
+            self.failed(job, f"cannot read faces: {exc}")
+            return
+        if start + take == len(job.compute):
+            job.chips = None  # read whole: its h5py objects go now
+        at = batch.n
+        batch.pieces.append(Piece(job, start, take))
+        batch.n += take
+        if self.gpu_decode:
+            batch.faces.extend(chips)
+        elif isinstance(chips, np.ndarray):  # raw chips
+            batch.faces[at:at + take] = torch_from(chips)
+        else:
+            out = batch.faces.numpy()
+            for i in range(0, take, DECODE_TASK):
+                part = chips[i:i + DECODE_TASK]
+                future = self.pool.submit(self._decode, part, out[at + i:at + i + len(part)], job.clip_id)
+                batch.decoding.append((job, future))
+
+    def _decode(self, rows: list, out: np.ndarray, clip_id: str) -> None:
+        t = time.thread_time()
+        try:
+            for row, dst in zip(rows, out):
+                self.codec.decode_into(row, dst)
+        except ValueError as exc:
+            raise self.faces.undecodable(clip_id, exc) from None
+        finally:
+            self.clock.add("decode", time.thread_time() - t)
+
+
+DECODE_TASK = 4  # chips per thread-pool task: few hand-offs, and the pool's threads still share a batch
+
+
+def torch_from(chips: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(chips))
 
 
 class WriteTally:
-    """Bytes still to write, for the StoreFull message; updated by the writer thread only."""
+    """Bytes still to write, for the StoreFull message; updated by the writer only."""
 
     def __init__(self, planned: int, row_bytes: int):
         self.remaining, self.row_bytes = planned, row_bytes
@@ -172,94 +281,52 @@ class WriteTally:
         self.remaining -= len(job.rows) * self.row_bytes
 
 
-def write_clips(store: FeaturesStore, cfg: ExtractConfig, L: int, D: int, lock: threading.Lock,
-                items: queue.Queue, errors: list, tally: WriteTally) -> None:
-    """Writer thread: ("begin", job), ("maps", job, positions, maps), ("commit", job) until None.
+class Writer:
+    """Writes batches of maps into the features store in piece order: a clip's group is begun at its first
+    piece, its rows written straight from the MapsBuffer, and it is committed (mark last) with its last piece.
+    A full disk becomes StoreFull naming the store and the bytes still needed."""
 
-    After an error it only drains; a full disk becomes StoreFull naming the store and the space needed.
-    """
-    compression = None if cfg.compression == "none" else cfg.compression
-    while True:
-        item = items.get()
-        if item is None:
-            return
-        if errors:
-            continue  # the main thread re-raises the first error; keep the queue moving until then
-        kind, job = item[0], item[1]
+    def __init__(self, store: FeaturesStore, cfg: ExtractConfig, L: int, D: int, tally: WriteTally,
+                 clock: PhaseClock):
+        self.store, self.cfg, self.L, self.D, self.tally, self.clock = store, cfg, L, D, tally, clock
+        self.compression = None if cfg.compression == "none" else cfg.compression
+
+    def write(self, batch: Batch, out) -> None:
+        """Write ``batch``'s maps, row i of ``out`` (a MapsBuffer, None for a batch without faces) for its face i."""
+        rows = out.rows(batch.n) if out is not None else None
+        offset, job = 0, None
         try:
-            with lock:
-                if kind == "begin":
-                    job.writer = store.begin_clip(job.clip_id, cfg.views, job.rows, L, D, compression, cfg.map_dtype)
-                elif kind == "maps":
-                    job.writer.write_rows(item[2], item[3])
-                else:
-                    job.writer.commit(job.present, clip_attrs(job.attrs))
-                    tally.committed(job)
+            for piece in batch.pieces:
+                job = piece.job
+                if not job.aborted:
+                    self._write_piece(piece, rows[offset:offset + piece.n] if piece.n else None)
+                offset += piece.n
         except OSError as exc:
-            errors.append(store.disk_full(exc, f"clip {job.clip_id!r}", tally.remaining) if is_disk_full(exc) else exc)
-        except Exception as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
-            errors.append(exc)
+            if is_disk_full(exc):
+                raise self.store.disk_full(exc, f"clip {job.clip_id!r}", self.tally.remaining) from None
+            raise
+
+    def _write_piece(self, piece: Piece, rows: Optional[np.ndarray]) -> None:
+        job, t = piece.job, time.thread_time()
+        if job.writer is None:
+            job.writer = self.store.begin_clip(job.clip_id, self.cfg.views, job.rows, self.L, self.D,
+                                               self.compression, self.cfg.map_dtype)
+        self.clock.add("write", time.thread_time() - t)
+        if piece.n:
+            job.writer.write_faces(job.compute[piece.start:piece.start + piece.n], rows, timed=self.clock.add)
+        job.done += piece.n
+        if job.finished:
+            t = time.thread_time()
+            job.writer.commit(job.present, clip_attrs(job.attrs))
+            job.writer = None  # its h5py objects go now, not at the end of the run
+            self.tally.committed(job)
+            self.clock.add("write", time.thread_time() - t)
 
 
 def clip_attrs(attrs: dict) -> dict:
     """The faces-store clip attributes the features store keeps."""
     return {k: attrs[k] for k in ("label", "split", "source", "fps", "total_frames", "folds", "decoded_frames",
                                    "truncated") if k in attrs}  # folds: one features store serves every fold
-
-
-def pack_batches(items: queue.Queue, batch_size: int, started: Callable[[ClipJob], None],
-                 failed: Callable[[str, str], None]) -> Iterator[tuple[np.ndarray, list[tuple[ClipJob, int, int]]]]:
-    """Yield (faces (n, S, S, 3), pieces) batches across clips; a piece (job, start, n) says that rows
-    start..start+n-1 of the job's present faces are in the batch. Every batch but the last has n = batch_size.
-    """
-    pending: deque = deque()  # [job, start, chips] chunks not handed out yet, oldest first
-    count, reader_done = 0, False
-    while True:
-        while not reader_done and count < batch_size:
-            item = items.get()
-            if item is None:
-                reader_done = True
-            elif item[0] == "error":
-                failed(item[1], item[2])
-            elif item[0] == "abort":
-                job = item[1]
-                job.aborted = True
-                failed(job.clip_id, item[2])
-                count -= sum(len(c[2]) for c in pending if c[0] is job)
-                pending = deque(c for c in pending if c[0] is not job)
-            elif item[0] == "clip":
-                started(item[1])
-            else:
-                pending.append(list(item[1:]))
-                count += len(item[3])
-        if count == 0:
-            return
-        chunks, pieces, taken = [], [], 0
-        while taken < batch_size and pending:
-            job, start, chips = pending[0]
-            n = min(batch_size - taken, len(chips))
-            chunks.append(chips[:n])
-            pieces.append((job, start, n))
-            taken += n
-            if n == len(chips):
-                pending.popleft()
-            else:
-                pending[0] = [job, start + n, chips[n:]]
-        count -= taken
-        yield np.concatenate(chunks), pieces
-
-
-def scatter_maps(maps: np.ndarray, pieces: list[tuple[ClipJob, int, int]], put: Callable[[tuple], None]) -> None:
-    """Hand a batch's (V, n, L, D) maps to the writer, piece by piece; a clip's last piece is followed by
-    its commit."""
-    offset = 0
-    for job, start, n in pieces:
-        if not job.aborted:
-            put(("maps", job, job.compute[start:start + n], maps[:, offset:offset + n]))
-            job.done += n
-            if job.finished:
-                put(("commit", job))
-        offset += n
 
 
 def refuse_same_path(faces_path: Path, out_path: Path) -> None:
@@ -327,14 +394,15 @@ def extract_store(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Cal
                 all_ids = select_shard(all_ids, *shard)
             todo = [cid for cid in all_ids if not store.is_complete(cid)]
             L, D = fx.spec.L, fx.spec.D
-            frames, present, planned = plan_size(faces, todo, cfg, L, D)
+            jobs, unreadable = plan_jobs(faces, todo, cfg)
+            frames, present, planned = plan_size(jobs, cfg, L, D)
             log(f"extract: {len(all_ids)} clips in {faces_path}{f' (shard {cfg.shard})' if shard else ''},"
                 f" {len(all_ids) - len(todo)} already done, {len(todo)} to do: {frames} frames x"
                 f" {bytes_per_row(cfg.views, L, D, cfg.map_dtype)} bytes/frame ({present} faces to compute;"
                 f" {fx.spec.name}, {fx.precision}, {fx.device}, maps {cfg.map_dtype})")
             check_disk(out_path, planned, log)
-            t0 = time.perf_counter()
-            failures = run_pipeline(fx, faces, store, todo, present, out_path, planned)
+            t0, clock = time.perf_counter(), PhaseClock()
+            failures = run_pipeline(fx, faces, store, jobs, present, out_path, planned, unreadable, clock)
             seconds = time.perf_counter() - t0
     failed_ids = {f["clip_id"] for f in failures}
     with FailureLog(failure_log_path(out_path)) as flog:  # clips done now leave the log of earlier runs
@@ -346,7 +414,8 @@ def extract_store(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Cal
     return {"clips_total": len(all_ids), "clips_skipped": len(all_ids) - len(todo),
             "clips_written": len(todo) - len(failures), "failures": failures, "frames": frames,
             "faces": present, "seconds": seconds, "faces_per_s": present / seconds if seconds > 0 else 0.0,
-            "planned_bytes": planned, "out": str(out_path), "provenance": prov}
+            "planned_bytes": planned, "out": str(out_path), "provenance": prov,
+            "host_seconds": {k: round(v, 3) for k, v in clock.seconds.items()}}
 
 
 def extract_ranked(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Callable, rank: int,
@@ -376,62 +445,155 @@ def extract_ranked(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Ca
     return {**summary, "out": str(out_path), "shard_out": str(own), "rank": rank, "world_size": world}
 
 
-def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, todo: list[str],
-                 n_faces: int, out_path: Path, planned: int = 0) -> list[dict]:
-    """Reader thread -> batched compute (this thread) -> writer thread. Returns the failed clips."""
-    cfg = fx.cfg
-    lock = threading.Lock()  # HDF5 is not re-entrant: one store call at a time, whichever thread
-    stop = threading.Event()
-    to_compute: queue.Queue = queue.Queue(maxsize=cfg.queue_clips)  # chunks of <= batch_size faces
-    to_write: queue.Queue = queue.Queue(maxsize=cfg.queue_clips)    # batches of maps
-    thread_errors: list = []  # the first error of the writer or the reader thread, re-raised here
-    failures: list[dict] = []
-    L, D = fx.spec.L, fx.spec.D
-    tally = WriteTally(planned, bytes_per_row(cfg.views, L, D, cfg.map_dtype))
-    reader = threading.Thread(target=read_clips, name="extract-reader", daemon=True,
-                              args=(faces, todo, cfg, lock, to_compute, stop, thread_errors))
-    writer = threading.Thread(target=write_clips, name="extract-writer", daemon=True,
-                              args=(store, cfg, L, D, lock, to_write, thread_errors, tally))
+def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, jobs: list[ClipJob],
+                 n_faces: int, out_path: Path, planned: int = 0, unreadable: Iterable[tuple[str, str]] = (),
+                 clock: Optional[PhaseClock] = None) -> list[dict]:
+    """Read, decode, compute and write every job; returns the failed clips (also in the failure log).
 
-    def failed(clip_id: str, message: str) -> None:
-        with FailureLog(failure_log_path(out_path)) as flog:  # the one schema (core.runtime.Failure)
+    On CPU (``overlap`` auto/off) one thread runs the loop and the decoding pool fills batch k+1 while batch k
+    is written: the host's work never runs beside the network, whose threads keep every core. On CUDA (or
+    ``overlap on``) a feeder thread reads and decodes ahead, this thread keeps the device busy, and a writer
+    thread writes finished batches (``run_overlapped``).
+    """
+    cfg = fx.cfg
+    clock = clock or PhaseClock()
+    failures: list[dict] = []
+    lock = threading.Lock()  # failures come from the feeder thread too
+
+    def fail_clip(clip_id: str, message: str) -> None:
+        with lock, FailureLog(failure_log_path(out_path)) as flog:  # the one schema (core.runtime.Failure)
             failures.append(asdict(flog.add(Failure("extract", str(faces.path), clip_id, message))))
 
-    def put(item: tuple) -> None:
-        if thread_errors:
-            raise thread_errors[0]
-        to_write.put(item)
+    def fail_job(job: ClipJob, message: str) -> None:
+        job.aborted = True
+        fail_clip(job.clip_id, message)
 
-    def started(job: ClipJob) -> None:
-        put(("begin", job))
-        if job.finished:  # no present face: nothing to compute, commit at once
-            put(("commit", job))
-
-    reader.start()
-    writer.start()
+    for clip_id, message in unreadable:
+        fail_clip(clip_id, message)
+    L, D = fx.spec.L, fx.spec.D
+    writer = Writer(store, cfg, L, D, WriteTally(planned, bytes_per_row(cfg.views, L, D, cfg.map_dtype)), clock)
+    gpu_decode = fx.decodes_jpeg and faces.codec.name == "jpeg"
+    threads = cfg.decode_threads or len(os.sched_getaffinity(0))
+    overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and fx.cuda)
+    chip_shape = faces.chip_shape()
     try:
-        with tqdm(total=n_faces, unit="face", desc="extract", smoothing=0.1) as bar:
-            for chips, pieces in pack_batches(to_compute, cfg.batch_size, started, failed):
-                scatter_maps(fx.forward_batch(chips), pieces, put)
-                bar.update(len(chips))
+        with ThreadPoolExecutor(threads, thread_name_prefix="extract-decode") as pool, \
+                tqdm(total=n_faces, unit="face", desc="extract", smoothing=0.1) as bar:
+            run = run_overlapped if overlap else run_inline
+            run(fx, jobs, lambda buffers: Feeder(faces, cfg, buffers, None if gpu_decode else pool, fail_job, clock,
+                                                 gpu_decode), writer, chip_shape, bar, fail_job)
     finally:
-        stop.set()
-        while reader.is_alive():  # a reader unblocked by one drain may put a chunk, then its final None: keep emptying
-            drain(to_compute)
-            reader.join(timeout=0.05)
-        to_write.put(None)
-        writer.join()
-    if thread_errors:
-        raise thread_errors[0]
+        for job in jobs:  # the clips in flight when a run stops: their h5py objects go before the stores close,
+            job.writer = job.chips = None  # not at interpreter exit
     return failures
 
 
-def drain(q: queue.Queue) -> None:
+def run_inline(fx: FeatureExtractor, jobs: list[ClipJob], feeder: Callable, writer: Writer, chip_shape: tuple,
+               bar, failed: Callable) -> None:
+    """One thread: read batch k+1 and start its decoding, write batch k while the pool decodes, then compute
+    k+1 with every core. One input buffer and one MapsBuffer serve the whole run."""
+    buffer, out = fx.faces_buffer(chip_shape), fx.maps_buffer()
+    previous: Optional[Batch] = None
+    for batch in feeder(lambda: buffer).batches(jobs):
+        if previous is not None:
+            writer.write(previous, out if previous.n else None)
+        batch.ready(failed)
+        if batch.n:
+            fx.launch(batch.faces, out).wait()
+            bar.update(batch.n)
+        previous = batch
+    if previous is not None:
+        writer.write(previous, out if previous.n else None)
+
+
+def run_overlapped(fx: FeatureExtractor, jobs: list[ClipJob], feeder: Callable, writer: Writer,
+                   chip_shape: tuple, bar, failed: Callable) -> None:
+    """Three threads: a feeder reads and decodes up to ``queue_clips`` batches ahead, this thread launches
+    each batch (``overlapped``: batch k+1 is launched before batch k is waited for) and a writer thread writes
+    them. Buffers circulate through queues of free ones, which bounds memory and paces the feeder. The first
+    error of any thread stops all three and is raised here."""
+    depth = fx.cfg.queue_clips
+    stop, errors = threading.Event(), []
+    free_faces: queue.Queue = queue.Queue()
+    free_maps: queue.Queue = queue.Queue()
+    for _ in range(depth + 3):  # queued, being filled or written, launched twice over
+        free_faces.put(fx.faces_buffer(chip_shape))
+        free_maps.put(fx.maps_buffer())
+    to_compute: queue.Queue = queue.Queue(maxsize=depth)
+    to_write: queue.Queue = queue.Queue(maxsize=depth)
+
+    def guarded(work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+            except Stopped:
+                pass
+            except Exception as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
+                errors.append(exc)
+                stop.set()
+        return run
+
+    def feed() -> None:
+        for batch in feeder(lambda: take(free_faces, stop)).batches(jobs, stop):
+            batch.ready(failed)
+            give(to_compute, batch, stop)
+        give(to_compute, None, stop)
+
+    def write() -> None:
+        for batch, out in iter(lambda: take(to_write, stop), None):
+            writer.write(batch, out)
+            if out is not None:
+                free_maps.put(out)
+
+    def launch(batch: Batch) -> Pending:
+        return fx.launch(batch.faces, take(free_maps, stop)) if batch.n else Pending(None)
+
+    threads = [threading.Thread(target=guarded(feed), name="extract-feeder", daemon=True),
+               threading.Thread(target=guarded(write), name="extract-writer", daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        for batch, out in overlapped(iter(lambda: take(to_compute, stop), None), launch):
+            if not isinstance(batch.faces, list):
+                free_faces.put(batch.faces)  # computed, so uploaded: the buffer can be refilled
+            bar.update(batch.n)
+            give(to_write, (batch, out), stop)
+        give(to_write, None, stop)
+    except Stopped:
+        pass  # another thread failed: its error is raised below
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+
+
+class Stopped(Exception):
+    """A queue operation gave up because the run is stopping (another thread failed)."""
+
+
+def take(q: queue.Queue, stop: threading.Event):
+    """q.get(); Stopped once ``stop`` is set."""
     while True:
         try:
-            q.get_nowait()
+            return q.get(timeout=0.05)
         except queue.Empty:
+            if stop.is_set():
+                raise Stopped from None
+
+
+def give(q: queue.Queue, item, stop: threading.Event) -> None:
+    """q.put(item); Stopped once ``stop`` is set."""
+    while True:
+        try:
+            q.put(item, timeout=0.05)
             return
+        except queue.Full:
+            if stop.is_set():
+                raise Stopped from None
 
 
 def run(cfg: ExtractConfig, inputs: Sequence[Path], out: Path, *, log=print, progress: bool = True

