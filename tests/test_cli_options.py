@@ -45,8 +45,10 @@ PREVIOUS = {
     "cv": {"--out": None, "--folds": "all", "--eval-frames": "all", "--test-split": None, "--spatial": "sa",
            "--epochs": 30, "--holdout": 0.1},
     "finetune": {"--out": None, "--backbone": "vgg16", "--init": None, "--weights": "", "--seed": 0,
-                 "--split": "Train", "--epochs": 30, "--frames-per-clip": 16, "--batch-clips": 4, "--crop": None,
-                 "--mirror": True, "--lr-backbone": None, "--lr-heads": 0.1, "--lr": 0.1, "--weight-decay": 5e-5,
+                 "--split": "Train", "--epochs": 30, "--frames-per-clip": 16, "--crop": None,
+                 "--mirror": True, "--lr-backbone": None, "--weight-decay": 5e-5,
+                 # issue 16: unset means the recipe's (--recipe paper: 4 clips, 0.1), see RECIPE_DEFAULTS below
+                 "--batch-clips": None, "--lr-heads": None, "--lr": None,
                  "--sgdr-t0": 10, "--sgdr-tmult": 1, "--freeze-blocks": 0, "--precision": "auto",
                  "--grad-checkpoint": False, "--workers": 2, "--device": "auto", "--heads": 2, "--hidden": 128,
                  "--reg": 1.0, "--holdout": 0.1, "--resume": True},
@@ -161,3 +163,15 @@ def test_help_imports_neither_torch_nor_h5py(command):
     assert done.returncode == 0, done.stderr
     assert "Usage:" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "HEAVY", done.stdout.splitlines()[-1]
+
+
+def test_finetune_paper_recipe_restores_the_previous_defaults_and_given_options_win():
+    from emotion_attention.pipeline.configs import FinetuneConfig
+
+    paper = FinetuneConfig(recipe="paper").with_recipe()
+    assert (paper.batch_clips, paper.lr_heads, paper.warmup_epochs, paper.grad_clip, paper.guard_drop) == \
+        (4, 0.1, 0, 0.0, 0.0)                                   # the defaults before issue 16, Sec. 4.2 as written
+    stable = FinetuneConfig().with_recipe()
+    assert (stable.warmup_epochs, stable.grad_clip, stable.guard_drop) == (1, 1.0, 0.2)
+    assert stable.batch_clips is None and stable.lr_heads is None   # the backbone's batch, heads' rate per clip
+    assert FinetuneConfig(recipe="paper", grad_clip=0.5).with_recipe().grad_clip == 0.5

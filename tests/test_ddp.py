@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 
 def _cfg(weights, batch_clips):
-    return FinetuneConfig(weights=str(weights), epochs=1, frames_per_clip=4, batch_clips=batch_clips,
+    return FinetuneConfig(weights=str(weights), recipe="paper", epochs=1, frames_per_clip=4, batch_clips=batch_clips,
                           crop=32, sgdr_t0=100, precision="fp32", workers=0, heads_hidden=16)
 
 

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 
 
 def tiny_cfg(weights, **kw):
-    base = dict(weights=str(weights), epochs=6, frames_per_clip=4, batch_clips=3, crop=32, sgdr_t0=100,
+    base = dict(weights=str(weights), recipe="paper", epochs=6, frames_per_clip=4, batch_clips=3, crop=32, sgdr_t0=100,
                 lr_heads=0.05, precision="fp32", workers=0, heads_hidden=16)  # 0.1 oscillates on 3 clips
     return FinetuneConfig(**{**base, **kw})
 

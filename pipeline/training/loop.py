@@ -18,6 +18,7 @@ files of an epoch are for that stage); the loop owns what must be the same every
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 import warnings
@@ -85,6 +86,61 @@ def check_resume(path: Path, saved: dict, asked: dict, free: Sequence[str], what
 def sgdr(optimizer: torch.optim.Optimizer, restart_epochs: int, restart_mult: int):
     """SGDR (Loshchilov & Hutter): cosine cycles of ``restart_epochs`` epochs, stepped with fractional epochs."""
     return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=restart_epochs, T_mult=restart_mult)
+
+
+def sgdr_factor(position: float, restart_epochs: int, restart_mult: int) -> float:
+    """SGDR's share of the base rate at epoch ``position`` (``CosineAnnealingWarmRestarts`` with eta_min 0).
+
+    >>> sgdr_factor(0.0, 10, 1), sgdr_factor(5.0, 10, 1), round(sgdr_factor(10.0, 10, 1), 6)
+    (1.0, 0.5, 1.0)
+    """
+    t_i = float(restart_epochs)
+    t_cur = float(position)
+    if restart_mult == 1:
+        t_cur = t_cur % t_i
+    else:
+        while t_cur >= t_i:
+            t_cur -= t_i
+            t_i *= restart_mult
+    return 0.5 * (1.0 + math.cos(math.pi * t_cur / t_i))
+
+
+class PhasedSGDR:
+    """SGDR whose base rates change between phases (fine-tuning: heads alone, then heads and backbone).
+
+    ``phases`` are (first epoch, {param group name: base rate}); within a phase the rate is the phase's base rate
+    times ``sgdr_factor`` of the epochs since the phase began, so each phase starts a fresh cosine cycle. A rate
+    depends on the position alone, so a resumed run continues exactly; ``step(position)`` is stepped like ``sgdr``.
+    One phase from epoch 0 is ``sgdr`` exactly.
+
+    >>> opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": "heads"}], lr=0.1)
+    >>> sched = PhasedSGDR(opt, [(0, {"heads": 0.1}), (2, {"heads": 0.01})], 10, 1)
+    >>> sched.step(2.0); opt.param_groups[0]["lr"]
+    0.01
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, phases: Sequence[tuple[int, dict]], restart_epochs: int,
+                 restart_mult: int):
+        self.optimizer, self.phases = optimizer, sorted(phases, key=lambda p: p[0])
+        self.restart_epochs, self.restart_mult = restart_epochs, restart_mult
+        self.position = 0.0
+        self.step(0.0)
+
+    def phase(self, position: float) -> tuple[int, dict]:
+        return [p for p in self.phases if p[0] <= position + 1e-9][-1]
+
+    def step(self, position: float) -> None:
+        self.position = float(position)
+        start, rates = self.phase(self.position)
+        factor = sgdr_factor(self.position - start, self.restart_epochs, self.restart_mult)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rates[group["name"]] * factor
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step(state["position"])
 
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int, lr: float, world_size: int = 1,
@@ -181,13 +237,39 @@ def log_row(epoch: int, stats: dict, held: Optional[dict], lrs: dict, seconds: f
             "clips": int(stats["clips"]), "skipped": int(stats.get("skipped", 0))}
 
 
+def collapse(history: Sequence[dict], metric: str, drop: float) -> Optional[str]:
+    """Why training should stop: the last epoch's held-out score fell more than ``drop`` below the best so far.
+
+    >>> collapse([{"epoch": 1, "holdout_acc": 0.8}, {"epoch": 2, "holdout_acc": 0.5}], "acc", 0.2)[:33]
+    'held-out acc fell from 0.800 (epo'
+    """
+    if drop <= 0 or not history or history[-1].get("holdout_acc", "") == "":
+        return None
+    key = "holdout_acc" if metric == "acc" else "holdout_uar"
+    top = max(history, key=lambda r: float(r[key]))
+    last = float(history[-1][key])
+    if float(top[key]) - last <= drop:
+        return None
+    return (f"held-out {metric} fell from {float(top[key]):.3f} (epoch {top['epoch']}) to {last:.3f} (epoch"
+            f" {history[-1]['epoch']}), more than the guard's {drop:g}")
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """The per-epoch progress line of every training stage: loss, train accuracy and the held-out columns."""
+    held = (f", held-out acc {row['holdout_acc']:.3f} UAR {row['holdout_uar']:.3f} loss {row['holdout_nll']:.3f}"
+            if row.get("holdout_acc", "") != "" else "")
+    return f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, train acc {row['train_acc']:.3f}{held} ({row['seconds']:.1f} s)"
+
+
 def run_epochs(task: TrainTask, start: int, epochs: int, history: list, best: tuple, metric: str,
                log_path: Optional[Path], desc: str = "train", is_main: bool = True,
-               sync: Callable[[], None] = lambda: None, log: Callable[[str], None] = lambda _m: None) -> tuple:
+               sync: Callable[[], None] = lambda: None, log: Callable[[str], None] = lambda _m: None,
+               stop: Callable[[list], Optional[str]] = lambda _h: None) -> tuple:
     """Epochs ``start .. epochs - 1``: train, score the held-out clips, save, log. Returns (history, best).
 
     ``best`` is the selection score of the best epoch so far ((-1, 0) before any); without held-out clips
-    every epoch counts as better than the one before, so "best" is the last.
+    every epoch counts as better than the one before, so "best" is the last. ``stop(history)`` returning a
+    reason ends the run after that epoch is saved (the same answer on every process: it reads the history).
     """
     for epoch in tqdm(range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs,
                       disable=not is_main):
@@ -203,9 +285,12 @@ def run_epochs(task: TrainTask, start: int, epochs: int, history: list, best: tu
             task.save(epoch, history, best, is_best)
             if log_path is not None:
                 write_log(log_path, history)
-            log(f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, train acc {row['train_acc']:.3f}"
-                + (f", held-out acc {row['holdout_acc']:.3f}" if held else "") + f" ({row['seconds']:.1f} s)")
+            log(epoch_line(row, epochs))
         sync()
+        reason = stop(history)
+        if reason:
+            log(f"stopped after epoch {epoch + 1}: {reason}")
+            break
     return history, best
 
 
