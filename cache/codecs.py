@@ -23,7 +23,7 @@ CODECS = ("raw", "png", "jpeg")
 @lru_cache(maxsize=1)
 def _rgb_flag():
     """cv2.IMREAD_COLOR_RGB (OpenCV >= 4.10: the decoder writes RGB order itself), or None."""
-    import cv2
+    import cv2  # lazy: OpenCV, only png/jpeg chips need it (a raw store never loads it)
 
     return getattr(cv2, "IMREAD_COLOR_RGB", None)
 
@@ -45,7 +45,7 @@ class Codec:
 
     def encode(self, chip: np.ndarray) -> np.ndarray:
         """uint8 (S, S, 3) RGB -> uint8 (n,) encoded bytes."""
-        import cv2
+        import cv2  # lazy: OpenCV, only png/jpeg chips need it (a raw store never loads it)
 
         bgr = cv2.cvtColor(np.ascontiguousarray(chip), cv2.COLOR_RGB2BGR)
         if self.name == "png":
@@ -66,7 +66,7 @@ class Codec:
         Where OpenCV can (>= 4.10), the decoder writes RGB order itself: the same pixels as decoding to BGR and
         swapping (tests/test_extract_io.py checks it), without the swap.
         """
-        import cv2
+        import cv2  # lazy: OpenCV, only png/jpeg chips need it (a raw store never loads it)
 
         flag = _rgb_flag()
         img = cv2.imdecode(np.asarray(data, np.uint8), cv2.IMREAD_COLOR if flag is None else flag)

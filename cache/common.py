@@ -12,6 +12,7 @@ Rules every store follows (README, "Stores: safety"):
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -28,6 +29,7 @@ from typing import Any, Iterable, Optional
 import h5py
 import numpy as np
 from filelock import SoftFileLock, Timeout
+from h5py import h5
 
 from emotion_attention.cache.errors import (
     StoreDamaged,
@@ -363,10 +365,6 @@ def create_checked_dataset(grp: h5py.Group, name: str, data: Optional[np.ndarray
 def _hdf5_fletcher32():
     """HDF5's own ``H5_checksum_fletcher32`` (the function its fletcher32 filter calls), through ctypes, or
     None where the library h5py loaded does not export it. ctypes releases the GIL during the call."""
-    import ctypes
-
-    from h5py import h5
-
     path = None
     libdir = Path(h5py.__file__).resolve().parent.parent / "h5py.libs"  # the wheel's bundled library
     for candidate in sorted(libdir.glob("libhdf5-*.so*")) if libdir.is_dir() else []:
@@ -384,8 +382,6 @@ def _hdf5_fletcher32():
 
 
 def lib_version(lib) -> tuple[int, int, int]:
-    import ctypes
-
     v = [ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint()]
     if lib.H5get_libversion(*[ctypes.byref(x) for x in v]) < 0:
         return (0, 0, 0)

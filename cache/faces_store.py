@@ -22,7 +22,9 @@ image format's own checks (PNG's CRCs, JPEG's markers) and a chip that does not 
 from __future__ import annotations
 
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,6 +36,7 @@ from emotion_attention.cache.common import (
     CRC_DATASET,
     ClipStore,
     canonical_json,
+    check_crc32,
     crc32_rows,
     create_checked_dataset,
     damaged,
@@ -44,7 +47,6 @@ from emotion_attention.cache.common import (
     open_h5,
     read_checked,
     read_rows,
-    check_crc32,
     sha256_text,
 )
 from emotion_attention.cache.errors import StoreDamaged, StoreError, StoreMismatch, key_to_id
@@ -75,8 +77,16 @@ class FacesStore(ClipStore):
         shard: "K/N" when this store holds shard K of N (a root attribute, not part of the config, so
             the shards of one run can be merged by ``emo-cache merge``).
 
-    >>> with FacesStore("faces.h5", "a", config={"size": 256}, code_version="0.1.0") as store:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> arrays = {name: np.zeros((2,) + ((8, 8, 3) if name == "faces" else ROW_SHAPES.get(name, ())), dtype)
+    ...           for name, dtype in FRAME_DATASETS.items()}  # two 8 px frames
+    >>> with FacesStore(Path(tmp.name) / "faces.h5", "a", config={"size": 8}, code_version="0.1.0") as store:
     ...     store.write_clip("Train/Happy/a.mp4", arrays, {"label": "Happy", "split": "Train"})
+    >>> with FacesStore(Path(tmp.name) / "faces.h5") as store:
+    ...     print(store.complete_ids(), store.read_faces("Train/Happy/a.mp4").shape)
+    ['Train/Happy/a.mp4'] (2, 8, 8, 3)
+    >>> tmp.cleanup()
     """
 
     STAGE = "emo-cache faces"
@@ -343,12 +353,8 @@ def decode_rows(codec: Codec, rows) -> list[np.ndarray]:
     GPU extraction is not held up by JPEG decoding on one core (2 threads: 1.05 -> 0.52 ms per chip)."""
     if len(rows) < 16:
         return [codec.decode(r) for r in rows]
-    import os
-
     pool = _DECODE_POOL.get(os.getpid())
     if pool is None:  # keyed by pid: a pool inherited through fork has no threads and would hang
-        from concurrent.futures import ThreadPoolExecutor
-
         pool = _DECODE_POOL[os.getpid()] = ThreadPoolExecutor(max(1, min(4, len(os.sched_getaffinity(0)))),
                                                               thread_name_prefix="faces-decode")
     return list(pool.map(codec.decode, rows, chunksize=8))

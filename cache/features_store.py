@@ -53,8 +53,8 @@ def quantise(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     of lo).
 
     >>> q, lo, s = quantise(np.array([[[[0.0], [1.0], [0.5]]]], np.float16))
-    >>> q[0, 0, :, 0].tolist(), float(lo[0, 0, 0])
-    ([0, 255, 128], 0.0)
+    >>> q[0, 0, :, 0].tolist(), float(lo[0, 0, 0])  # 0.5 sits half-way: the scale, rounded up in float16, gives 127
+    ([0, 255, 127], 0.0)
     """
     x = np.asarray(maps, dtype=np.float32)
     lo = x.min(axis=2).astype(np.float16)                               # (V, n, D)
@@ -89,8 +89,16 @@ class FeaturesStore(ClipStore):
         shard: "K/N" when this store holds shard K of N (recorded at the root, not in the provenance, so
             the shards of one run can be merged).
 
-    >>> store = FeaturesStore("feats.h5", "a", provenance={"backbone": "vgg16"}, class_names=[...])
-    >>> store.write_clip("Train/Happy/a.mp4", maps, present, {"label": "Happy", "split": "Train"})
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> maps, present = np.ones((2, 3, 4, 5), np.float16), np.array([True, False, True])  # (V, F, L, D), (F,)
+    >>> with FeaturesStore(Path(tmp.name) / "feats.h5", "a", provenance={"backbone": "vgg16"},
+    ...                    class_names=["Happy", "Sad"]) as store:
+    ...     store.write_clip("Train/Happy/a.mp4", maps, present, {"label": "Happy", "split": "Train"})
+    >>> with FeaturesStore(Path(tmp.name) / "feats.h5") as store:
+    ...     print(store.complete_ids("Train"), store.shape("Train/Happy/a.mp4"), store.class_names)
+    ['Train/Happy/a.mp4'] (2, 3, 4, 5) ['Happy', 'Sad']
+    >>> tmp.cleanup()
     """
 
     STAGE = "emo-cache extract"

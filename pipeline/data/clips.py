@@ -8,8 +8,9 @@ membership in ``Clip.folds`` ({fold: "train" | "test"}), so one store serves eve
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import json
 import os
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,7 +44,6 @@ class Clip:
 
     def folds_attr(self) -> Optional[str]:
         """The ``folds`` clip attribute of the stores: JSON {"1": "train", "2": "test", ...}, or None."""
-        import json
         return json.dumps({str(k): part for k, part in self.folds}, sort_keys=True) if self.folds else None
 
     def store_attrs(self) -> dict:

@@ -97,7 +97,7 @@ def list_frame_images(folder: Path) -> list[Path]:
 
 def image_size(path: Path) -> Optional[tuple[int, int]]:
     """(width, height) of an image from its header only (no pixels decoded); None when unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: Pillow, only the header-only size checks need it
 
     try:
         with Image.open(path) as image:
@@ -320,8 +320,16 @@ def iter_folder_frames(folder: Path, fps_cap: Optional[float] = None, max_frames
     faceless row downstream) and counted in ``stats.unreadable``. A folder in which no image reads
     raises DecodeError. Size changes between images are listed in ``stats.size_changes``.
 
-    >>> next(iter_folder_frames(Path("clip_frames/"))).rgb.dtype
-    dtype('uint8')
+    >>> import shutil, tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> for image, name in (("single_face.jpg", "frame_2.jpg"), ("0-f1-su-ph.jpg", "frame_10.jpg")):
+    ...     _ = shutil.copy(Path("data/samples") / image, Path(tmp.name) / name)
+    >>> stats = DecodeStats()
+    >>> [(f.index, f.rgb.dtype, f.rgb.shape) for f in iter_folder_frames(Path(tmp.name), stats=stats)]  # 2 before 10
+    [(0, dtype('uint8'), (562, 572, 3)), (1, dtype('uint8'), (512, 512, 3))]
+    >>> stats.decoded, len(stats.size_changes)
+    (2, 1)
+    >>> tmp.cleanup()
     """
     stats = stats if stats is not None else DecodeStats()
     images = list_frame_images(folder)

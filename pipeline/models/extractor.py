@@ -21,7 +21,7 @@ import torch
 
 from emotion_attention.pipeline.configs import ExtractConfig
 from emotion_attention.pipeline.core.runtime import cpu_has_bf16, resolve_device
-from emotion_attention.pipeline.models.backbones import Backbone, build_backbone
+from emotion_attention.pipeline.models.backbones import Backbone, build_backbone, get_backbone
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,8 +50,6 @@ def resolve_precision(name: str, device: torch.device, backbone: str = "vgg16") 
             warnings.warn("fp16 on CPU has no fast kernels (about 100x slower than bf16/fp32); prefer --precision"
                           " bf16 or fp32", stacklevel=2)
         return name
-    from emotion_attention.pipeline.models.backbones import get_backbone
-
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return get_backbone(backbone).precision(device.type, device.type == "cpu" and cpu_has_bf16(), cuda_bf16)
 
@@ -293,7 +291,7 @@ def decode_jpegs_on(encoded: list, batch: int, device: torch.device) -> torch.Te
     nvJPEG's pixels may differ from OpenCV's (libjpeg-turbo) by a level here and there; ``--no-gpu-decode``
     decodes on the host instead. On CPU (tests) the same call runs libjpeg-turbo.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg  # lazy: importing torchvision costs ~2 s (torch._dynamo)
 
     data = [torch.frombuffer(np.ascontiguousarray(e, np.uint8), dtype=torch.uint8) for e in encoded]
     images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []  # each (3, S, S)

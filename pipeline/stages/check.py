@@ -14,6 +14,7 @@ from emotion_attention.pipeline.data.clips import Clip, DatasetScan, Problem
 from emotion_attention.pipeline.data.decode import (
     DecodeError,
     count_video_frames,
+    image_size,
     is_short,
     list_frame_images,
     probe_video,
@@ -90,8 +91,6 @@ def check_clip(clip: Clip, quick: bool = False) -> Optional[Problem]:
 def check_frame_folder(clip: Clip, quick: bool = False) -> Optional[Problem]:
     """A warning when images of a frame folder cannot be read (headers only); `faces` keeps them as frames
     without a face, so the clip stays usable. A still image that cannot be read is an error: it is the clip."""
-    from emotion_attention.pipeline.data.decode import image_size
-
     images = list_frame_images(clip.path)
     bad = [p for p in (images[:1] if quick else images) if image_size(p) is None]
     if not bad:
@@ -120,9 +119,21 @@ def check_dataset(source: Path, class_names: Optional[Sequence[str]] = None, pro
         duplicate ids, stray files, empty, corrupt, truncated, unreadable or zero-frame videos), each
         naming its file.
 
-    >>> report = check_dataset(Path("data/demo"))
+    >>> import shutil, tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> for clip in ("Train/Happy/single_face.mp4", "Train/Sad/45-m7-di-ph.jpg", "Val/Happy/0-f1-su-ph.jpg"):
+    ...     (Path(tmp.name) / clip).parent.mkdir(parents=True, exist_ok=True)
+    ...     _ = shutil.copy(Path("data/samples") / Path(clip).name, Path(tmp.name) / clip)
+    >>> report = check_dataset(Path(tmp.name), progress=False)
     >>> report.ok
     True
+    >>> print(report.format())
+    dataset ... (afew layout), classes: Angry, Disgust, Fear, Happy, Neutral, Sad, Surprise
+    split       Angry  Disgust     Fear    Happy  Neutral      Sad Surprise    total
+    Train           0        0        0        1        0        1        0        2
+    Val             0        0        0        1        0        0        0        1
+    0 problem(s): 0 error(s), 0 warning(s)
+    >>> tmp.cleanup()
     """
     scan = scan_dataset(source, class_names, layout, **options)
     bar = tqdm(total=len(scan.clips), desc="check", unit="clip", disable=not progress)
@@ -152,7 +163,7 @@ def check_batch(clips: Sequence[Clip], quick: bool) -> tuple[list[Problem], int]
 def check_batches(batches: list[list[Clip]], quick: bool, workers: int):
     """Each job's (problems, clip count), in joblib processes when there are several workers and jobs."""
     if workers > 1 and len(batches) > 1:
-        from joblib import Parallel, delayed
+        from joblib import Parallel, delayed  # lazy: joblib, only when several workers share the checks
 
         return Parallel(n_jobs=workers, return_as="generator")(delayed(check_batch)(b, quick) for b in batches)
     return (check_batch(b, quick) for b in batches)

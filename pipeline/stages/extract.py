@@ -23,6 +23,7 @@ Scale: ``--frames-per-clip`` and ``--map-dtype uint8`` shrink the store; ``--sha
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import queue
@@ -35,10 +36,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from emotion_attention.cache import ConfigError, FacesStore, FeaturesStore, StoreDamaged, StoreFull
 from emotion_attention.cache.common import is_disk_full
+from emotion_attention.cache.merge import merge_stores
 from emotion_attention.pipeline.configs import ExtractConfig
 from emotion_attention.pipeline.core.runtime import (
     Failure,
@@ -266,8 +270,6 @@ DECODE_TASK = 4  # chips per thread-pool task: few hand-offs, and the pool's thr
 
 
 def torch_from(chips: np.ndarray):
-    import torch
-
     return torch.from_numpy(np.ascontiguousarray(chips))
 
 
@@ -421,12 +423,6 @@ def extract_store(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Cal
 def extract_ranked(faces_path: Path, out_path: Path, cfg: ExtractConfig, log: Callable, rank: int,
                    world: int) -> dict:
     """Under torchrun: this rank's shard into its own store, a barrier, then rank 0 merges every shard."""
-    import datetime
-
-    import torch.distributed as dist
-
-    from emotion_attention.cache.merge import merge_stores
-
     own = shard_path(out_path, rank, world)
     summary = extract_store(faces_path, own, replace(cfg, shard=f"{rank}/{world}"), log)
     created = not dist.is_initialized()

@@ -20,6 +20,7 @@ import shutil
 import time
 import warnings
 from collections import Counter, defaultdict
+from concurrent import futures
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -29,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from emotion_attention.cache import HOW, FacesStore, StoreFull
-from emotion_attention.cache.common import FREE_RESERVE, free_bytes, is_disk_full
 from emotion_attention.cache.codecs import bytes_per_frame
+from emotion_attention.cache.common import FREE_RESERVE, free_bytes, is_disk_full
 from emotion_attention.cache.errors import ConfigError, clip_filename
 from emotion_attention.cache.faces_store import ENCODED_FACES
 from emotion_attention.cache.merge import copy_clip
@@ -286,13 +287,11 @@ def run_tasks(tasks: list[Task], cfg: PreprocessConfig, workers: int, backend: s
     if backend == "loky" and workers == 1:
         return (run_task(task, cfg, store_config, parts_dir) for task in tasks)
     if backend == "loky":
-        from concurrent.futures import FIRST_COMPLETED, wait
-
-        from joblib.externals.loky import get_reusable_executor
+        from joblib.externals.loky import get_reusable_executor  # lazy: joblib, only for several loky workers
 
         executor = get_reusable_executor(max_workers=workers, env=worker_env(workers))
         return bounded(lambda task: executor.submit(run_task, task, cfg, store_config, parts_dir), tasks,
-                       AHEAD * workers, lambda fs: wait(fs, return_when=FIRST_COMPLETED))
+                       AHEAD * workers, lambda fs: futures.wait(fs, return_when=futures.FIRST_COMPLETED))
     return run_on_dask(tasks, cfg, workers, scheduler, store_config, parts_dir)
 
 
@@ -349,7 +348,7 @@ def stop_workers(results: Iterable) -> None:
         with warnings.catch_warnings():  # joblib warns that queued tasks were cancelled: that is the intent
             warnings.filterwarnings("ignore", message=".*tasks which were still being processed")
             close()
-    from joblib.externals.loky import reusable_executor
+    from joblib.externals.loky import reusable_executor  # lazy: joblib, only when a run is cut short
 
     executor = reusable_executor._executor
     if executor is not None:
@@ -547,8 +546,25 @@ def preprocess_dataset(source: Path, out_path: Path, cfg: PreprocessConfig = Pre
         Raises StoreFull when the store cannot fit, or when the disk fills (committed clips are kept; a
         rerun finishes the job), and DatasetError when the dataset, a split or a fold yields no clip.
 
-    >>> summary = preprocess_dataset(Path("data/demo"), Path("runs/faces.h5"), PreprocessConfig(), workers=2)
+    >>> import shutil, tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> for clip in ("Train/Happy/0-f1-su-ph.jpg", "Train/Sad/45-m7-di-ph.jpg", "Val/Happy/single_face.jpg"):
+    ...     (Path(tmp.name) / "data" / clip).parent.mkdir(parents=True, exist_ok=True)
+    ...     _ = shutil.copy(Path("data/samples") / Path(clip).name, Path(tmp.name) / "data" / clip)
+    >>> summary = preprocess_dataset(Path(tmp.name) / "data", Path(tmp.name) / "faces.h5", PreprocessConfig(),
+    ...                              workers=1, progress=False)
+    >>> summary.ok
+    True
     >>> print(summary.format())
+    clip                                             frames   face  cover  how
+    Train/Happy/0-f1-su-ph.jpg                            1      1 100.0%  prealigned=1
+    Train/Sad/45-m7-di-ph.jpg                             1      1 100.0%  prealigned=1
+    Val/Happy/single_face.jpg                             1      1 100.0%  detector=1
+    class         clips  frames    face  cover
+    Happy             2       2       2 100.0%
+    Sad               1       1       1 100.0%
+    store .../faces.h5: 3 clip(s) written, 0 already complete, 0 failed of 3
+    >>> tmp.cleanup()
     """
     cfg = replace(cfg, **{k: v for k, v in dict(workers=workers, backend=backend, scheduler=scheduler,
                                                 layout=layout, shard=shard, frame_root=frame_root).items()

@@ -66,8 +66,19 @@ class ClipSource:
         in_memory: True loads every clip's maps now (with a progress bar); False reads the sampled
             frames of each batch from the store (the store picks slice or per-frame reads).
 
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> store = FeaturesStore(f"{tmp.name}/feats.h5", "a", provenance={"backbone": "vgg16"}, class_names=["Happy"])
+    >>> store.write_clip("Train/Happy/a.avi", np.arange(48).reshape(2, 4, 3, 2),  # (V, F, L, D) maps
+    ...                  np.array([True, False, True, True]), {"label": "Happy", "split": "Train"})
     >>> source = ClipSource(store, store.complete_ids("Train"), in_memory=False)
-    >>> maps, present, frames = source.read("Train/Happy/a.avi", count=16, view=0, rng=np.random.default_rng(0))
+    >>> maps, present, frames = source.read("Train/Happy/a.avi", count=2, view=0, rng=np.random.default_rng(0))
+    >>> maps.shape, present.tolist(), frames.tolist()
+    ((2, 3, 2), [True, True], [2, 3])
+    >>> held = ClipSource(store, ["Train/Happy/a.avi"], in_memory=True)
+    >>> np.array_equal(held.read("Train/Happy/a.avi", count=2, view=0, rng=np.random.default_rng(0))[0], maps)
+    True
+    >>> store.close(); tmp.cleanup()
     """
 
     def __init__(self, store: FeaturesStore, clip_ids: Sequence[str], in_memory: bool,

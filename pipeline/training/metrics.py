@@ -33,9 +33,15 @@ def predict_video(model: EmotionHeads, maps: np.ndarray, present: np.ndarray,
         (0 rows for unused frames), ``attention`` (F, heads, L) or None, ``frames`` (n,) indices used.
     Raises: NoFrames when no present frame is left to score.
 
-    >>> out = predict_video(model, maps, present)
-    >>> out["probs"].sum(), out["frame_weights"].sum()
+    >>> from emotion_attention.pipeline.configs import HeadsConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = EmotionHeads(HeadsConfig(in_dim=8, num_classes=3))  # untrained: the sums and shapes hold anyway
+    >>> maps = np.random.default_rng(0).normal(size=(2, 5, 4, 8)).astype(np.float16)  # (V, F, L, D)
+    >>> out = predict_video(model, maps, np.array([True, True, False, True, True]))
+    >>> round(float(out["probs"].sum()), 5), round(float(out["frame_weights"].sum()), 5)
     (1.0, 1.0)
+    >>> out["frames"].tolist(), float(out["frame_weights"][2]), out["attention"].shape
+    ([0, 1, 3, 4], 0.0, (5, 2, 4))
     """
     maps = maps[view] if maps.ndim == 4 else maps                      # (F, L, D)
     present = np.asarray(present, dtype=bool)
@@ -107,9 +113,9 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], title: Opt
     The figure grows with the class count (11 for MAFW stay legible): about 0.75 inch per class and panel,
     tick labels rotated, cell text smaller for many classes.
     """
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is paid only when a figure is drawn
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after use("Agg"), so no display is ever needed
 
     n = len(class_names)
     side = max(5.2, 0.75 * n + 1.5)
