@@ -1,5 +1,5 @@
 """The whole chain on fexp-dev, the project's real development set: check, faces, extract, heads (several seeds),
-eval; prints WAR, UAR and the confusion matrix (issue 15, item 5; docs/fexp-dev.md has the figures).
+eval; prints WAR, UAR and the confusion matrix (issue 15, item 5; docs/datasets.md#fexp-dev has the figures).
 
 fexp-dev holds 4,716 real, labelled, noisy face photos (7 classes, very unbalanced; Train/Val split by identity;
 read its README). Each photo is a one-frame clip. The photos are not aligned faces, though most are square, so

@@ -2,12 +2,12 @@
 
 Reads the faces store (pixels), not the features store: the backbone changes while it trains. The backbone's
 facts (builder, input size, normalisation, trainable blocks, learning rate, crop) come from its registry entry
-(``pipeline.backbones.REGISTRY``); the epoch loop, checkpoints, log, resume rule and SGDR stepping are
+(``pipeline.models.backbones``); the epoch loop, checkpoints, log, resume rule and SGDR stepping are
 ``pipeline.loop``'s, shared with ``emo-train heads``. Runs on one CPU, one GPU, or many processes under
 ``torchrun`` (DDP: gloo on CPU, nccl on CUDA).
 
 Files written into the run folder (rank 0 only):
-    finetune_config.json  the resolved FinetuneConfig
+    config.json  the resolved FinetuneConfig
     checkpoint.pt         plain dict like ``emo-train heads``' checkpoint plus ``backbone`` (see
                           ``checkpoint_dict``); also what ``--resume`` continues from
     backbone.pt           the backbone's weights in the layout its builder reads (VGG16: torchvision's
@@ -31,16 +31,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from emotion_attention.cache import FacesStore
 from emotion_attention.cache.errors import ConfigError
-from emotion_attention.pipeline.configs import FinetuneConfig
-from emotion_attention.pipeline.core.runtime import check_writable, cpu_has_bf16, resolve_device
+from emotion_attention.pipeline.configs import ExtractConfig, FinetuneConfig, HeadsConfig
+from emotion_attention.pipeline.core.runtime import available_memory, check_writable, cpu_has_bf16, resolve_device
 from emotion_attention.pipeline.core.stage import StageSummary, write_resolved_config
-from emotion_attention.pipeline.models.backbones import VGG16_BLOCK_STARTS, Backbone, BackboneSpec, get_backbone  # noqa: F401 (re-export)
+from emotion_attention.pipeline.models.backbones import (  # noqa: F401 (re-export)
+    NORMALISATION,
+    VGG16_BLOCK_STARTS,
+    Backbone,
+    BackboneSpec,
+    get_backbone,
+)
 from emotion_attention.pipeline.models.checkpoint import (
     build_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
+from emotion_attention.pipeline.models.extractor import FeatureExtractor
+from emotion_attention.pipeline.models.heads import EmotionHeads, load_heads, map_statistics
+from emotion_attention.pipeline.training.batches import holdout_split
 from emotion_attention.pipeline.training.faces_clips import FacesClips, augment_faces, list_split  # noqa: F401
 from emotion_attention.pipeline.training.loop import (
     PhasedSGDR,
@@ -48,9 +58,11 @@ from emotion_attention.pipeline.training.loop import (
     check_resume,
     collapse,
     run_epochs,
+    select_row,
     sgd_step,
     warn_if_majority,
 )
+from emotion_attention.pipeline.training.metrics import classification_metrics
 
 RESUMABLE = ("epochs", "resume", "workers", "device", "in_memory", "max_memory_gb")  # may change on resume
 STATS_FACES = 512  # faces whose initial maps give new heads their standardisation statistics
@@ -136,9 +148,9 @@ class FinetuneModel(nn.Module):
     """A registered backbone's trainable network feeding the heads; faces in, HeadsOutput out.
 
     Arguments:
-        backbone: a ``pipeline.backbones.Backbone`` built for the training crop (its ``net`` becomes ``trunk``
+        backbone: a ``models.backbones.Backbone`` built for the training crop (its ``net`` becomes ``trunk``
             and trains; its ``prepare`` turns uint8 faces into the network's input: resize, colour, normalisation).
-        heads: the attention + TP heads (``pipeline.heads.EmotionHeads``).
+        heads: the attention + TP heads (``models.heads.EmotionHeads``).
         grad_checkpoint: recompute the trunk's activations during backward.
         autocast: dtype the trunk runs in (bf16 / fp16), or None for fp32. The heads always run
             in fp32: they are cheap, and the softmax over all (f, c) is where precision matters.
@@ -146,8 +158,8 @@ class FinetuneModel(nn.Module):
     Batch-norm layers of the trunk stay in eval mode (their stored statistics): a few clips per step are too
     few to estimate them, and DDP ranks then need no statistics exchange.
 
-    >>> from pipeline.backbones import build_backbone
-    >>> from pipeline.heads import EmotionHeads, HeadsConfig
+    >>> from emotion_attention.pipeline.models.backbones import build_backbone
+    >>> from emotion_attention.pipeline.models.heads import EmotionHeads; from emotion_attention.pipeline.configs import HeadsConfig
     >>> model = FinetuneModel(build_backbone("vgg16", "random", seed=0, input_size=32), EmotionHeads(HeadsConfig()))
     >>> model(torch.zeros(1, 4, 3, 32, 32, dtype=torch.uint8), torch.ones(1, 4, dtype=torch.bool)).log_probs.shape
     torch.Size([1, 7])
@@ -189,7 +201,7 @@ class FinetuneModel(nn.Module):
         return y.float().flatten(2).transpose(1, 2)  # (N, L, D)
 
     def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+        from torch.utils.checkpoint import checkpoint, checkpoint_sequential  # lazy: torch is paid only when this runs
 
         if isinstance(self.trunk, nn.Sequential):
             return checkpoint_sequential(self.trunk, 5, x, use_reentrant=False)
@@ -210,7 +222,7 @@ class FinetuneModel(nn.Module):
 def freeze_lower_blocks(trunk: nn.Module, n_blocks: int, backbone: str = "vgg16") -> int:
     """Stop gradients for the backbone's blocks 1..n (its registry ``blocks``); returns how many parameters.
 
-    >>> from pipeline.backbones import build_vgg16_trunk
+    >>> from emotion_attention.pipeline.models.backbones import build_vgg16_trunk
     >>> freeze_lower_blocks(build_vgg16_trunk(), 1)
     38720
     """
@@ -257,7 +269,7 @@ def class_weights(labels: list[int], num_classes: int, how: str) -> Optional[tor
     carries the same total weight; "none" gives None (the plain mean).
 
     >>> class_weights([0, 0, 0, 1], 3, "loss").tolist()
-    [0.6666666865348877, 2.0, 1.0]
+    [0.6666666865348816, 2.0, 1.0]
     """
     if how == "none":
         return None
@@ -313,8 +325,6 @@ def load_backbone(cfg: FinetuneConfig, side: int) -> tuple[Backbone, dict]:
 
 def _build_model(cfg: FinetuneConfig, class_names: list[str], side: int, init_heads=None):
     """(FinetuneModel on CPU, HeadsConfig, backbone info dict) from the weights and optional heads."""
-    from emotion_attention.pipeline.configs import HeadsConfig
-    from emotion_attention.pipeline.models.heads import EmotionHeads, load_heads
 
     torch.manual_seed(cfg.seed)
     backbone, info = load_backbone(cfg, side)
@@ -334,7 +344,7 @@ def _build_model(cfg: FinetuneConfig, class_names: list[str], side: int, init_he
 def trunk_state(trunk: nn.Module, layout: str, backbone: str = "vgg16") -> dict[str, torch.Tensor]:
     """The trunk's weights in the layout its registry builder reads back, CPU fp32.
 
-    >>> from pipeline.backbones import build_vgg16_trunk
+    >>> from emotion_attention.pipeline.models.backbones import build_vgg16_trunk
     >>> sorted(trunk_state(build_vgg16_trunk(), "vggface"))[:2]
     ['conv1_1.bias', 'conv1_1.weight']
     """
@@ -354,7 +364,6 @@ def load_trunk(weights: str, seed: int) -> tuple[nn.Sequential, dict]:
     >>> info["layout"]
     'torchvision'
     """
-    from emotion_attention.pipeline.models.backbones import NORMALISATION
 
     backbone, info = load_backbone(FinetuneConfig(weights=weights, seed=seed), 256)
     layout = "torchvision" if info["layout"] == "random" else info["layout"]
@@ -382,7 +391,6 @@ def checkpoint_dict(core: FinetuneModel, heads_cfg, cfg: FinetuneConfig, class_n
 def recache_config(backbone_path: Path, face_size: int, side: int, backbone: str = "vgg16"):
     """The ExtractConfig that re-caches features for fine-tuned heads: this backbone file, and the sizes of
     its registry entry's ``recache`` rule (VGG16: the stored size with a centre crop of the training side)."""
-    from emotion_attention.pipeline.configs import ExtractConfig
 
     input_size, crop = get_backbone(backbone).recache(face_size, side)
     return ExtractConfig(backbone=backbone, weights=str(backbone_path), input_size=input_size, crop=crop)
@@ -391,7 +399,6 @@ def recache_config(backbone_path: Path, face_size: int, side: int, backbone: str
 def recache_provenance(backbone_path: Path, faces_fingerprint: str, face_size: int, side: int,
                        backbone: str = "vgg16") -> dict:
     """Provenance of the features ``emo-cache extract`` makes with ``recache_config``."""
-    from emotion_attention.pipeline.models.extractor import FeatureExtractor
 
     return FeatureExtractor(recache_config(backbone_path, face_size, side, backbone)).provenance(faces_fingerprint)
 
@@ -427,7 +434,6 @@ def _make_loader(dataset, env: DistEnv, cfg: FinetuneConfig, device: torch.devic
 
 def face_size_of(faces_path) -> int:
     """Side of the stored face chips."""
-    from emotion_attention.cache import FacesStore
 
     with FacesStore(faces_path, "r") as store:
         for cid in store.complete_ids():
@@ -452,7 +458,6 @@ def check_finetune(faces_path, out_dir, cfg: FinetuneConfig, init_heads=None) ->
         raise ConfigError(f"crop {side} is larger than the stored faces ({face_size} px); use --crop <= {face_size}")
     get_backbone(cfg.backbone).check_size(*get_backbone(cfg.backbone).train_input(side))
     if init_heads is not None:
-        from emotion_attention.pipeline.models.heads import load_heads
         heads, ckpt = load_heads(init_heads)
         if list(ckpt["class_names"]) != list(class_names):
             raise ConfigError(f"--init {init_heads}: its classes {ckpt['class_names']} differ from the"
@@ -490,7 +495,7 @@ def finetune(faces_path, out_dir, cfg: FinetuneConfig, init_heads=None, log=prin
         return _run(faces_path, out_dir, cfg, init_heads, env, device, log if env.is_main else _quiet)
     finally:
         if started_dist:
-            import torch.distributed as dist
+            import torch.distributed as dist  # lazy: torch is paid only when this runs
             dist.destroy_process_group()
 
 
@@ -500,7 +505,7 @@ def _quiet(*_args, **_kwargs) -> None:
 
 def _init_distributed(env: DistEnv, device: torch.device) -> bool:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA); False when single-process."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch is paid only when this runs
 
     if env.world_size == 1 or dist.is_initialized():
         return False
@@ -593,7 +598,6 @@ def score_clips(core: FinetuneModel, clips: FacesClips, class_names, device, bat
 
     The trunk sees only present frames and batch-norm uses its stored statistics, so a clip scores the same
     in any batch."""
-    from emotion_attention.pipeline.training.metrics import classification_metrics
 
     was_training = core.training
     core.eval()
@@ -611,7 +615,7 @@ def score_clips(core: FinetuneModel, clips: FacesClips, class_names, device, bat
 def _reduce_sums(sums: torch.Tensor, env: DistEnv, device: torch.device) -> torch.Tensor:
     """Add the epoch sums of every process (all-reduce), so rank 0 logs global figures."""
     if env.world_size > 1:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch is paid only when this runs
         sums = sums.to(device)  # nccl reduces CUDA tensors only; gloo takes CPU ones
         dist.all_reduce(sums)
     return sums.cpu()
@@ -621,7 +625,6 @@ def _reduce_sums(sums: torch.Tensor, env: DistEnv, device: torch.device) -> torc
 def initial_map_statistics(core: FinetuneModel, clips: FacesClips, device, batch_clips: int = 32
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel statistics of the initial backbone's maps on the first ``STATS_FACES`` (or more) training faces."""
-    from emotion_attention.pipeline.models.heads import map_statistics
 
     core.eval()
     chunks, seen = [], 0
@@ -635,12 +638,10 @@ def initial_map_statistics(core: FinetuneModel, clips: FacesClips, device, batch
 
 
 def _run(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log) -> FinetuneResult:
-    from emotion_attention.pipeline.training.loop import select_row
-
     task, start, history, best = _setup(faces_path, out_dir, cfg, init_heads, env, device, log)
     sync = lambda: None  # noqa: E731
     if env.world_size > 1:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch is paid only when this runs
         sync = dist.barrier  # nobody starts the next epoch (or exits) before rank 0 has saved
     stopped = []
 
@@ -666,7 +667,7 @@ def _broadcast(reason: Optional[str], env: DistEnv) -> Optional[str]:
     """Rank 0's stop decision on every process."""
     if env.world_size == 1:
         return reason
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch is paid only when this runs
     box = [reason]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -688,7 +689,6 @@ def _keep_best(task: "FinetuneTask", reason: str, log) -> None:
 
 def _hold_in_memory(cfg: FinetuneConfig, face_size: int, side: int, clips: list[FacesClips], log) -> bool:
     """Decode the faces of ``clips`` into memory when ``cfg.in_memory`` says so (auto: when they fit)."""
-    from emotion_attention.pipeline.core.runtime import available_memory
 
     entry = get_backbone(cfg.backbone)
     pixels = entry.finetune_pixels if side == face_size else None  # a reduction keeps whole faces only
@@ -705,8 +705,6 @@ def _hold_in_memory(cfg: FinetuneConfig, face_size: int, side: int, clips: list[
 
 def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log):
     """Model, data, optimiser and (on resume) their saved state; rank 0 writes the config."""
-    from emotion_attention.cache import FacesStore
-    from emotion_attention.pipeline.training.batches import holdout_split
 
     ids, labels, class_names = list_training_clips(faces_path, cfg.split, log)
     present_of = dict(zip(ids, list_split(faces_path, cfg.split).presents))
@@ -729,7 +727,7 @@ def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log
         core.heads.set_map_statistics(*initial_map_statistics(core, dataset, device))
     model = core
     if env.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
+        from torch.nn.parallel import DistributedDataParallel  # lazy: torch is paid only when this runs
         model = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=cfg.warmup_epochs > 0)  # warm-up: trunk unused
     loader, sampler = _make_loader(dataset, env, cfg, device)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from emotion_attention.cache import FacesStore
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.pipeline.training.batches import sample_frames
 
@@ -78,8 +79,6 @@ def list_split(faces_path, split: str) -> StoreListing:
 
 @functools.lru_cache(maxsize=4)
 def _list_split(path: str, _mtime: int, _size: int, split: str) -> StoreListing:
-    from emotion_attention.cache import FacesStore
-
     with FacesStore(path, "r") as store:
         class_names = list(store.config.get("class_names") or [])
         if not class_names:
@@ -140,7 +139,6 @@ class FacesClips(torch.utils.data.Dataset):
 
     def _open(self):
         if self._store is None or self._pid != os.getpid():  # a forked worker opens its own handle
-            from emotion_attention.cache import FacesStore
             self._store, self._pid = FacesStore(self.faces_path, "r"), os.getpid()
         return self._store
 

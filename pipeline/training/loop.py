@@ -148,7 +148,7 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int, lr: float, world_siz
     """Raise ``Diverged`` when ``loss`` (on any process, under DDP) is NaN or infinite."""
     bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0, device=loss.device)
     if world_size > 1:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch is paid only when this runs
         dist.all_reduce(bad)  # every rank stops together, none waits forever on the others
     if float(bad) > 0:
         raise Diverged(f"epoch {epoch + 1}, step {step + 1}: the loss is {float(loss.detach()):g} (not finite);"
