@@ -385,6 +385,7 @@ def checkpoint_dict(core: FinetuneModel, heads_cfg, cfg: FinetuneConfig, class_n
         class_names=class_names, provenance=provenance, epoch=epoch, history=history, best_score=best,
         optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
         finetuned_from=info["weights"], backbone=trunk_state(core.trunk, info["layout"], cfg.backbone),
+        faces_config=info.get("faces_config"),  # as emo-train heads records it (issue 19, case 9)
         backbone_name=cfg.backbone, backbone_layout=info["layout"])
 
 
@@ -711,10 +712,11 @@ def _setup(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log
     fit_ids, held_ids = holdout_split(ids, labels, cfg.holdout_fraction, cfg.seed)
     label_of = dict(zip(ids, labels))
     with FacesStore(faces_path, "r") as store:
-        fingerprint = store.fingerprint
+        fingerprint, faces_config = store.fingerprint, store.config
     faces = (fingerprint, face_size_of(faces_path))
     side = get_backbone(cfg.backbone).finetune_side(faces[1], cfg.crop)
     core, heads_cfg, info = _build_model(cfg, class_names, side, init_heads)
+    info = {**info, "faces_config": faces_config}  # recorded in checkpoints: a refusal then names face settings
     core.autocast = resolve_precision(cfg.precision, device, cfg.backbone)
     core.to(device)
     dataset, held = (FacesClips(faces_path, part, [label_of[c] for c in part], cfg, train=train, side=side,

@@ -205,6 +205,22 @@ def test_features_of_other_faces_settings_name_the_setting_for_eval(work):
     assert "faces_fingerprint" not in text and not (work / "rep" / "metrics.json").exists()
 
 
+def test_finetune_checkpoint_on_faces_of_other_settings_names_the_setting(work):
+    """A fine-tuned checkpoint records its faces store's settings as a heads checkpoint does (was: hashes only)."""
+    run = work / "ft_case9"
+    res = cli(["emo-train", "finetune", str(work / "faces.h5"), "--backbone", "fer-minixception", "--weights",
+               "default", "--out", str(run), "--epochs", "1", "--frames-per-clip", "2", "--workers", "0"])
+    assert res.returncode == 0, (res.stdout + res.stderr)[-2000:]
+    assert cli(faces_cmd(work / "ds", work / "faces6.h5", "--max-frames", "6")).returncode == 0
+    assert cli(extract_cmd(work / "faces6.h5", work / "feats6ft.h5", "--weights", str(run / "backbone.pt")
+                           )).returncode == 0
+    res = cli(["emo-eval", str(work / "feats6ft.h5"), "--checkpoint", str(run / "checkpoint.pt"), "--split", "Val",
+               "--out", str(work / "rep_ft")])
+    text = one_line_error(res, work / "feats6ft.h5", run / "checkpoint.pt")
+    assert "faces store decode.max_frames: the store's faces have 6, the checkpoint's have 8" in text
+    assert "faces_fingerprint" not in text
+
+
 def test_explain_with_faces_of_other_settings_names_the_setting(work):
     assert cli(faces_cmd(work / "ds", work / "faces6.h5", "--max-frames", "6")).returncode == 0
     res = cli(eval_cmd(work, work / "feats.h5", "rep", "--explain", "--faces", str(work / "faces6.h5")))
