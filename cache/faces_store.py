@@ -275,25 +275,30 @@ class FacesClipWriter:
     def __init__(self, store: FacesStore, clip_id: str, size: int, compression: Optional[str] = None):
         self.store, self.clip_id, self.rows = store, clip_id, 0
         self.codec: Codec = store.codec
+        self.size, self.compression = size, compression
+        self.datasets: dict[str, h5py.Dataset] = {}  # created by the first append, at its row count: a clip
+        #   written in one piece (most clips) pays one creation per data set and no resize (issue 15's per-clip cost)
         try:
             self.grp = store._new_group(clip_id)
-            for name, dtype in FRAME_DATASETS.items():
-                self._create(name, dtype, size, compression)
-            if self.codec.encoded:  # vlen data has no fletcher32: each chip's crc32 instead
-                create_checked_dataset(self.grp, CRC_DATASET, shape=(0,), maxshape=(None,), chunks=(META_CHUNK,),
-                                       dtype=np.uint32)
         except OSError as exc:
             self._raise(exc)
 
-    def _create(self, name: str, dtype, size: int, compression: Optional[str]) -> h5py.Dataset:
+    def _create(self, name: str, dtype, rows: int) -> h5py.Dataset:
         if name == "faces" and self.codec.encoded:
-            return self.grp.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(ENCODED_CHUNK,),
+            return self.grp.create_dataset(name, shape=(rows,), maxshape=(None,), chunks=(ENCODED_CHUNK,),
                                            dtype=h5py.vlen_dtype(np.uint8))
-        row = (size, size, 3) if name == "faces" else ROW_SHAPES.get(name, ())
+        row = (self.size, self.size, 3) if name == "faces" else ROW_SHAPES.get(name, ())
         chunks = (1,) + row if name == "faces" else (META_CHUNK,) + row
-        return self.grp.create_dataset(name, shape=(0,) + row, maxshape=(None,) + row, chunks=chunks,
+        return self.grp.create_dataset(name, shape=(rows,) + row, maxshape=(None,) + row, chunks=chunks,
                                        dtype=dtype, fletcher32=True,
-                                       compression=compression if name == "faces" else None)
+                                       compression=self.compression if name == "faces" else None)
+
+    def _create_all(self, rows: int) -> None:
+        for name, dtype in FRAME_DATASETS.items():
+            self.datasets[name] = self._create(name, dtype, rows)
+        if self.codec.encoded:  # vlen data has no fletcher32: each chip's crc32 instead
+            self.datasets[CRC_DATASET] = create_checked_dataset(
+                self.grp, CRC_DATASET, shape=(rows,), maxshape=(None,), chunks=(META_CHUNK,), dtype=np.uint32)
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
         """Append rows: every FRAME_DATASETS key, with equal row counts; ``faces`` as uint8 (n, S, S, 3), and
@@ -310,17 +315,19 @@ class FacesClipWriter:
             faces = arrays["faces"]
         self.store.ensure_space(self.clip_id, sum(np.asarray(a).nbytes for a in arrays.values()))  # before HDF5 writes
         try:
+            if not self.datasets:
+                self._create_all(n)
+            else:
+                for ds in self.datasets.values():
+                    ds.resize(self.rows + n, axis=0)
             for name, dtype in FRAME_DATASETS.items():
-                ds = self.grp[name]
-                ds.resize(self.rows + n, axis=0)
+                ds = self.datasets[name]
                 if name == "faces" and self.codec.encoded:
                     write_vlen_rows(ds, self.rows, faces)
                 else:
-                    ds[self.rows:self.rows + n] = faces if name == "faces" else np.asarray(arrays[name], dtype=dtype)
+                    write_rows(ds, self.rows, faces if name == "faces" else arrays[name], dtype)
             if self.codec.encoded:
-                crc = self.grp[CRC_DATASET]
-                crc.resize(self.rows + n, axis=0)
-                crc[self.rows:self.rows + n] = crc32_rows(faces)
+                write_rows(self.datasets[CRC_DATASET], self.rows, crc32_rows(faces), np.uint32)
         except OSError as exc:
             self._raise(exc)
         self.rows += n
@@ -335,6 +342,8 @@ class FacesClipWriter:
     def commit(self, attrs: dict) -> None:
         """Attributes, flushed; then the ``complete`` mark, flushed."""
         try:
+            if not self.datasets:  # a clip of no rows still has every data set, empty
+                self._create_all(0)
             self.store._commit(self.grp, self.clip_id, attrs)
         except OSError as exc:
             self._raise(exc)
@@ -358,6 +367,15 @@ def decode_rows(codec: Codec, rows) -> list[np.ndarray]:
         pool = _DECODE_POOL[os.getpid()] = ThreadPoolExecutor(max(1, min(4, len(os.sched_getaffinity(0)))),
                                                               thread_name_prefix="faces-decode")
     return list(pool.map(codec.decode, rows, chunksize=8))
+
+
+def write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray, dtype) -> None:
+    """Write rows of ``dtype`` at ``start`` through the low-level call: the same bytes as ``ds[a:b] = rows``
+    without h5py's selection machinery, which cost more than the write for the few rows of a short clip."""
+    rows = np.ascontiguousarray(rows, dtype=dtype)
+    space = ds.id.get_space()
+    space.select_hyperslab((start,) + (0,) * (rows.ndim - 1), rows.shape)
+    ds.id.write(h5py.h5s.create_simple(rows.shape), space, rows)
 
 
 def write_vlen_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
