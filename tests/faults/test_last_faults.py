@@ -315,3 +315,16 @@ def test_nonsense_header_rate_is_recorded_by_faces(tmp_path):
         attrs, meta = store.attrs("Train/Happy/fast.avi"), store.read_meta("Train/Happy/fast.avi")
     assert attrs["fps"] == 25.0 and attrs["fps_claimed"] == 1e9
     assert len(meta["frame_index"]) == 16 and meta["timestamp_ms"][-1] == pytest.approx(1520.0)
+
+
+def test_extract_refuses_to_add_another_datasets_faces_to_a_features_store(tmp_path):
+    """Two faces stores made with the same settings share a fingerprint; extract into the first one's features
+    store with the second was silently appending its clips (found during issue 19)."""
+    a = build_faces_store(tmp_path / "a.h5", clips=[f"Train/Happy/{i}.mp4" for i in range(3)])
+    b = build_faces_store(tmp_path / "b.h5", clips=[f"Train/Happy/{i}.mp4" for i in range(10, 13)])
+    assert cli(extract_cmd(a, tmp_path / "feats.h5")).returncode == 0
+    res = cli(extract_cmd(b, tmp_path / "feats.h5"))
+    text = one_line_error(res, tmp_path / "feats.h5", b)
+    assert "holds features of another faces store made with the same settings" in text
+    assert "has no clip 'Train/Happy/0.mp4'" in text
+    assert cli(extract_cmd(a, tmp_path / "feats.h5")).returncode == 0     # its own faces store still resumes
