@@ -82,6 +82,24 @@ def flatten_settings(settings: dict, prefix: str = "") -> dict:
     return flat
 
 
+SAME_CLIP_ATTRS = ("total_frames", "fps")  # a clip's source video as the faces and features stores record it
+
+
+def same_clip_diffs(want: dict, have: dict, have_name: str = "this store's") -> list[str]:
+    """How two stores' records of one clip id show two different source videos: the file name (not its folder:
+    datasets move), the frame count or the rate, each named with both values; [] when they agree.
+
+    >>> same_clip_diffs({"source": "/a/x.mp4", "fps": 25.0}, {"source": "/b/y.mp4", "fps": 30.0})
+    ["source: the features' clip has '/a/x.mp4', this store's has '/b/y.mp4'", "fps: the features' clip has 25.0, this store's has 30.0"]
+    """
+    diffs = [f"{key}: the features' clip has {want.get(key)!r}, {have_name} has {have.get(key)!r}"
+             for key in SAME_CLIP_ATTRS if key in want and key in have and want[key] != have[key]]
+    if Path(str(want.get("source", ""))).name != Path(str(have.get("source", ""))).name:
+        diffs.insert(0, f"source: the features' clip has {want.get('source')!r}, {have_name} has"
+                        f" {have.get('source')!r}")
+    return diffs
+
+
 def diff_settings(stored: dict, wanted: dict, have: str = "store has", want: str = "this run asks for") -> list[str]:
     """One line per setting (dotted key for nested dicts) whose value differs between two settings dicts.
 

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 from emotion_attention.cache.codecs import CODECS, Codec
 from emotion_attention.cache.errors import ConfigError
+from emotion_attention.pipeline.core.runtime import parse_shard, resolve_device  # torch only inside resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -311,28 +312,14 @@ class ExtractConfig(Settings):
             raise ConfigError(f"frames_per_clip must be >= 1 (or none for every frame), got {self.frames_per_clip}")
         if self.crop is not None and self.input_size is not None and not 0 < self.crop <= self.input_size:
             raise ConfigError(f"crop {self.crop} must be in 1..input_size ({self.input_size})")
-        _check_shard(self.shard)
+        parse_shard(self.shard)  # ConfigError naming a bad --shard
 
     def check_environment(self) -> None:
         """Weights were given, and the device exists (the stage calls this once, before any work)."""
-        from emotion_attention.pipeline.core.runtime import resolve_device  # lazy: it imports torch
-
         if not self.weights:
             raise ConfigError("weights: pass --weights PATH (a torchvision vgg16 or VGG-Face state dict), or"
                               " --weights random --seed N for meaningless test features")
         resolve_device(self.device)  # ConfigError for cuda where torch sees no GPU
-
-
-def _check_shard(text: Optional[str]) -> None:
-    """"K/N" with 0 <= K < N, or None (the same rule as core.runtime.parse_shard, without importing it)."""
-    if text is None:
-        return
-    try:
-        k, n = (int(part) for part in str(text).split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {text!r}: give K/N with 0 <= K < N, e.g. 0/4") from None
-    if not 0 <= k < n:
-        raise ConfigError(f"--shard {text!r}: K must be in 0..N-1 (shards are numbered from 0), e.g. 0/{max(n, 1)}")
 
 
 # -- heads -------------------------------------------------------------------------------------------------

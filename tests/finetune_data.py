@@ -9,6 +9,16 @@ CLASSES = ["Angry", "Happy", "Sad"]
 SIZE = 40        # stored face side; the tests crop 32 (VGG16 at 32 px: L = 2 x 2)
 
 
+def face_records(faces: np.ndarray, present: np.ndarray) -> dict:
+    """A clip's rows for ``FacesStore.write_clip``: the faces, a whole-chip box where a face is, 25 fps."""
+    frames, size = len(faces), faces.shape[1]
+    return {"faces": faces, "frame_index": np.arange(frames, dtype=np.int32),
+            "timestamp_ms": np.arange(frames, dtype=np.float32) * 40, "present": present,
+            "box": np.where(present[:, None], [0, 0, size, size], np.nan).astype(np.float32),
+            "landmarks": np.zeros((frames, 68, 2), np.float32),
+            "score": np.ones(frames, np.float32), "how": present.astype(np.uint8)}
+
+
 def make_tiny_faces_store(path: Path, clips_per_class: int = 1, frames: int = 6, seed: int = 0) -> Path:
     """Write a faces store of ``len(CLASSES) * clips_per_class`` Train clips; frame 1 has no face."""
     rng = np.random.default_rng(seed)
@@ -21,18 +31,9 @@ def make_tiny_faces_store(path: Path, clips_per_class: int = 1, frames: int = 6,
                 present = np.ones(frames, bool)
                 present[1] = False
                 faces[1] = 0
-                arrays = {
-                    "faces": faces, "frame_index": np.arange(frames, dtype=np.int32),
-                    "timestamp_ms": np.arange(frames, dtype=np.float32) * 40, "present": present,
-                    "box": np.where(present[:, None], [0, 0, SIZE, SIZE], np.nan).astype(np.float32),
-                    "landmarks": np.zeros((frames, 68, 2), np.float32),
-                    "score": np.ones(frames, np.float32), "how": present.astype(np.uint8),
-                }
-                given = label
-                if rng.random() < label_noise:
-                    given = str(rng.choice([c for c in CARTOON_CLASSES if c != label]))
+                arrays = face_records(faces, present)
                 store.write_clip(f"Train/{label}/{j:03d}.avi", arrays,
-                                 {"label": given, "split": "Train", "source": "generated", "fps": 25.0,
+                                 {"label": label, "split": "Train", "source": "generated", "fps": 25.0,
                                   "total_frames": frames})
     return path
 
@@ -100,14 +101,7 @@ def make_cartoon_faces_store(path: Path, counts: dict, frames: int = 4, size: in
         for label in CARTOON_CLASSES:
             for j in range(counts.get(label, 0)):
                 faces = np.stack([cartoon_face(label, rng, size) for _ in range(frames)])
-                present = np.ones(frames, bool)
-                arrays = {
-                    "faces": faces, "frame_index": np.arange(frames, dtype=np.int32),
-                    "timestamp_ms": np.arange(frames, dtype=np.float32) * 40, "present": present,
-                    "box": np.tile(np.array([0, 0, size, size], np.float32), (frames, 1)),
-                    "landmarks": np.zeros((frames, 68, 2), np.float32),
-                    "score": np.ones(frames, np.float32), "how": present.astype(np.uint8),
-                }
+                arrays = face_records(faces, np.ones(frames, bool))
                 given = label
                 if rng.random() < label_noise:
                     given = str(rng.choice([c for c in CARTOON_CLASSES if c != label]))

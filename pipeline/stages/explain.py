@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from emotion_attention.cache import FacesStore, FeaturesStore
-from emotion_attention.cache.common import diff_settings, flatten_settings
+from emotion_attention.cache.common import diff_settings, flatten_settings, same_clip_diffs
 from emotion_attention.cache.errors import StoreMismatch, clip_filename
 from emotion_attention.pipeline.configs import ExplainConfig
 from emotion_attention.pipeline.core.runtime import Failure, FailureLog
@@ -459,7 +459,6 @@ def check_explain_faces(faces_path, features_path, clip_ids: Optional[Sequence[s
         check_faces_made_features(store, faces_path, features_path, *made_from)
 
 
-SAME_CLIP_ATTRS = ("total_frames", "fps")  # a clip's source video, as the faces store and the features record it
 
 
 def check_faces_made_features(store, faces_path, features_path, fingerprint: Optional[str],
@@ -487,12 +486,7 @@ def check_faces_made_features(store, faces_path, features_path, fingerprint: Opt
         if not store.is_complete(cid):
             raise StoreMismatch(f"{faces_path}: not the faces store these features came from ({features_path}"
                                 f" holds clip {cid!r}, this store does not); {fix}")
-        have = store.attrs(cid)
-        diffs = [f"{key}: the features' clip has {want.get(key)!r}, this store's has {have.get(key)!r}"
-                 for key in SAME_CLIP_ATTRS if key in want and key in have and want[key] != have[key]]
-        if Path(str(want.get("source", ""))).name != Path(str(have.get("source", ""))).name:
-            diffs.insert(0, f"source: the features' clip has {want.get('source')!r}, this store's has"
-                            f" {have.get('source')!r}")
+        diffs = same_clip_diffs(want, store.attrs(cid))
         if diffs:
             raise StoreMismatch(f"{faces_path}: not the faces store these features came from (clip {cid!r}"
                                 f" differs from the one in {features_path}):\n  " + "\n  ".join(diffs) + f"\n{fix}")

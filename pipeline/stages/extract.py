@@ -41,7 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from emotion_attention.cache import ConfigError, FacesStore, FeaturesStore, StoreDamaged, StoreFull, StoreMismatch
-from emotion_attention.cache.common import is_disk_full
+from emotion_attention.cache.common import is_disk_full, same_clip_diffs
 from emotion_attention.cache.merge import merge_stores
 from emotion_attention.pipeline.configs import ExtractConfig
 from emotion_attention.pipeline.core.runtime import (
@@ -381,9 +381,6 @@ def extract_features(faces_path, out_path, cfg: ExtractConfig, log: Callable = p
     return extract_store(faces_path, out_path, cfg, log)
 
 
-SAME_CLIP_KEYS = ("total_frames", "fps")  # a clip's source video as both stores record it (beside its file name)
-
-
 def check_same_faces_store(faces, store, faces_path: Path, out_path: Path, sample: int = 64) -> None:
     """StoreMismatch when the features store ``out_path`` already holds clips of another faces store made with the
     same settings (the provenance's fingerprint hashes settings, so it cannot tell two datasets apart): up to
@@ -391,14 +388,8 @@ def check_same_faces_store(faces, store, faces_path: Path, out_path: Path, sampl
     done = store.complete_ids()
     for cid in done[::max(1, len(done) // sample)]:
         want = store.attrs(cid)
-        have = faces.attrs(cid) if faces.is_complete(cid) else None
-        diffs = [] if have is not None else [f"{faces_path} has no clip {cid!r}"]
-        if have is not None:
-            diffs = [f"{key}: the features' clip has {want.get(key)!r}, this faces store's has {have.get(key)!r}"
-                     for key in SAME_CLIP_KEYS if key in want and key in have and want[key] != have[key]]
-            if Path(str(want.get("source", ""))).name != Path(str(have.get("source", ""))).name:
-                diffs.insert(0, f"source: the features' clip has {want.get('source')!r}, this faces store's has"
-                                f" {have.get('source')!r}")
+        diffs = (same_clip_diffs(want, faces.attrs(cid), "this faces store's") if faces.is_complete(cid)
+                 else [f"{faces_path} has no clip {cid!r}"])
         if diffs:
             raise StoreMismatch(f"{out_path}: holds features of another faces store made with the same settings"
                                 f" (clip {cid!r}: {'; '.join(diffs)}); extract {faces_path} into another --out,"
