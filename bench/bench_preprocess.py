@@ -33,6 +33,7 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,12 +97,13 @@ def stage_seconds(data: Path, out: Path, workers: int) -> float:
 
 
 def build_dataset(root: Path, paths: list[Path], copies: int) -> None:
-    """copies x the samples as a <split>/<label>/<clip> tree (symlinks), so 2 workers get balanced work."""
+    """copies x the samples as a <split>/<label>/<clip> tree, so 2 workers get balanced work. Real copies: links
+    to one file from several splits are refused as one clip listed twice (`emo-cache check`, issue 19)."""
     for c in range(copies):
         for i, path in enumerate(paths):
             dest = root / f"Split{c}" / AFEW_CLASSES[i % len(AFEW_CLASSES)] / path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.symlink_to(path.resolve())
+            shutil.copyfile(path, dest)
 
 
 def bench_workers(paths: list[Path], copies: int) -> None:
@@ -113,7 +115,7 @@ def bench_workers(paths: list[Path], copies: int) -> None:
         preprocess_dataset(tmp / "warm", tmp / "warm.h5", PreprocessConfig(), workers=2, progress=False)  # start loky
         t1 = stage_seconds(tmp / "data", tmp / "w1.h5", 1)
         t2 = stage_seconds(tmp / "data", tmp / "w2.h5", 2)
-        total = sum(1 for p in (tmp / "data").rglob("*") if p.is_symlink())
+        total = sum(1 for p in (tmp / "data").rglob("*") if p.is_file())
         with FacesStore(tmp / "w2.h5", "r") as store:
             frames = sum(store.num_frames(cid) for cid in store.complete_ids())
         print(f"stage end to end ({total} clips, {frames} frames, store writes included): 1 worker"

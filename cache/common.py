@@ -825,11 +825,19 @@ class ClipStore:
 
     def _commit(self, grp: h5py.Group, clip_id: str, attrs: dict) -> None:
         """Attributes and data flushed first, then the ``complete`` mark, flushed again."""
-        self.ensure_space(clip_id)
-        for k, v in {**attrs, "clip_id": clip_id}.items():
-            grp.attrs[k] = to_attr(v)
+        self._commit_many([(grp, clip_id, attrs)])
+
+    def _commit_many(self, clips: list[tuple[h5py.Group, str, dict]]) -> None:
+        """``_commit`` for several written clips with two flushes in all: every clip's attributes and data
+        flushed first, then every ``complete`` mark, flushed again. A kill before the second flush leaves
+        none of them complete (a rerun redoes them), never one with its mark and without its data."""
+        for grp, clip_id, attrs in clips:
+            self.ensure_space(clip_id)
+            for k, v in {**attrs, "clip_id": clip_id}.items():
+                grp.attrs[k] = to_attr(v)
         self._f.flush()
-        grp.attrs["complete"] = True
+        for grp, _clip_id, _attrs in clips:
+            grp.attrs["complete"] = True
         self._f.flush()
 
     def close(self) -> None:

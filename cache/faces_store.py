@@ -231,14 +231,28 @@ class FacesStore(ClipStore):
 
         An earlier, incomplete group of the same clip is replaced.
         """
-        missing = set(FRAME_DATASETS) - set(arrays)
-        if missing:
-            raise ValueError(f"clip {clip_id}: arrays lack {sorted(missing)}")
-        faces = np.asarray(arrays["faces"])
-        size = faces.shape[1] if faces.ndim == 4 else self.chip_shape()[0]
-        writer = self.begin_clip(clip_id, size, compression)
-        writer.append(arrays)
-        writer.commit(attrs)
+        self.write_clips([(clip_id, arrays, attrs)], compression)
+
+    def write_clips(self, clips: list[tuple[str, dict, dict]], compression: Optional[str] = None) -> None:
+        """Commit several clips, each ``(clip_id, arrays, attrs)`` whole, with two flushes in all (data and
+        attributes of every clip, then every ``complete`` mark): what a short clip costs is mostly its flushes.
+        A kill loses these clips, never commits one in part; earlier incomplete groups are replaced."""
+        writers = []
+        for clip_id, arrays, attrs in clips:
+            missing = set(FRAME_DATASETS) - set(arrays)
+            if missing:
+                raise ValueError(f"clip {clip_id}: arrays lack {sorted(missing)}")
+            faces = np.asarray(arrays["faces"])
+            size = faces.shape[1] if faces.ndim == 4 else self.chip_shape()[0]
+            writer = self.begin_clip(clip_id, size, compression)
+            writer.append(arrays)
+            writers.append((writer, attrs))
+        try:
+            for writer, _attrs in writers:
+                writer.ensure_datasets()
+            self._commit_many([(w.grp, w.clip_id, attrs) for w, attrs in writers])
+        except OSError as exc:
+            writers[-1][0]._raise(exc)
 
 
 class ChipReader:
@@ -339,11 +353,15 @@ class FacesClipWriter:
         except (OSError, KeyError, RuntimeError):
             pass  # nothing to drop, or the file is failing: the group has no complete mark either way
 
+    def ensure_datasets(self) -> None:
+        """A clip of no rows still has every data set, empty."""
+        if not self.datasets:
+            self._create_all(0)
+
     def commit(self, attrs: dict) -> None:
         """Attributes, flushed; then the ``complete`` mark, flushed."""
         try:
-            if not self.datasets:  # a clip of no rows still has every data set, empty
-                self._create_all(0)
+            self.ensure_datasets()
             self.store._commit(self.grp, self.clip_id, attrs)
         except OSError as exc:
             self._raise(exc)

@@ -627,10 +627,17 @@ def commit_results(store: FacesStore, results: Iterable[list[ClipResult]], log: 
     ``seen`` collects each committed clip's coverage row."""
     failures = []
     seen = {} if seen is None else seen
+    compression = cfg.compression if cfg is not None else None
     for batch in results:
-        for result in (batch if isinstance(batch, list) else [batch]):
-            if result.full:
-                raise StoreFull(result.error)
+        batch = batch if isinstance(batch, list) else [batch]
+        if any(result.full for result in batch):
+            raise StoreFull(next(result.error for result in batch if result.full))
+        in_memory = [result for result in batch if result.error is None and result.arrays is not None]
+        for result in in_memory:
+            store.ensure_space(result.clip.clip_id, encoded_nbytes(result.arrays))
+        if in_memory:  # a task's short clips committed together: two flushes for all of them
+            store.write_clips([(r.clip.clip_id, r.arrays, r.attrs) for r in in_memory], compression)
+        for result in batch:
             clip = result.clip
             if result.error is not None:
                 failures.append(log.add(Failure("faces", str(clip.path), clip.clip_id, result.error)))
@@ -642,9 +649,6 @@ def commit_results(store: FacesStore, results: Iterable[list[ClipResult]], log: 
                     seen[clip.clip_id] = coverage_row(clip, meta["present"], meta["how"], part.attrs(clip.clip_id))
                 result.part.unlink()
             elif result.arrays is not None:
-                store.ensure_space(clip.clip_id, encoded_nbytes(result.arrays))
-                compression = cfg.compression if cfg is not None else None
-                store.write_clip(clip.clip_id, result.arrays, result.attrs, compression)
                 seen[clip.clip_id] = coverage_row(clip, result.arrays["present"], result.arrays["how"], result.attrs)
             if result.error is None:
                 log.succeeded(clip.clip_id)
