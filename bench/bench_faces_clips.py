@@ -124,7 +124,8 @@ def per_frame_detected(paths: list[Path]) -> tuple[float, float]:
 
 
 def store_write_ms(source: Path, n: int, extra: dict) -> float:
-    """ms per clip that writing finished clips into a faces store costs (cache/: begin, append, commit)."""
+    """ms per clip that writing finished clips into a faces store costs (cache/: begin, append, commit), as the
+    stage's writer does it: the short clips of one task (up to ``task_frames`` frames) committed together."""
     import tempfile
 
     from emotion_attention.cache import FacesStore
@@ -137,9 +138,17 @@ def store_write_ms(source: Path, n: int, extra: dict) -> float:
     done = [(c, *encoded_clip(c, cfg)) for c in scan.clips[:n]]
     with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
         with FacesStore(Path(tmp) / "w.h5", "a", config=cfg.store_config(scan.class_names)) as store:
+            tasks, task, frames = [], [], 0
+            for clip, arrays, attrs in done:  # stages.faces.plan_tasks' rule for short clips
+                task.append((clip.clip_id, arrays, attrs))
+                frames += len(arrays["present"])
+                if frames >= cfg.task_frames:
+                    tasks.append(task)
+                    task, frames = [], 0
+            tasks += [task] if task else []
             start = time.perf_counter()
-            for clip, arrays, attrs in done:
-                store.write_clip(clip.clip_id, arrays, attrs)
+            for task in tasks:
+                store.write_clips(task)
             return (time.perf_counter() - start) / len(done) * 1000
 
 
