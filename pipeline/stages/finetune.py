@@ -3,11 +3,11 @@
 Reads the faces store (pixels), not the features store: the backbone changes while it trains. The backbone's
 facts (builder, input size, normalisation, trainable blocks, learning rate, crop) come from its registry entry
 (``pipeline.models.backbones``); the epoch loop, checkpoints, log, resume rule and SGDR stepping are
-``pipeline.loop``'s, shared with ``emo-train heads``. Runs on one CPU, one GPU, or many processes under
+``training.loop``'s, shared with ``emo-train heads``. Runs on one CPU, one GPU, or many processes under
 ``torchrun`` (DDP: gloo on CPU, nccl on CUDA).
 
 Files written into the run folder (rank 0 only):
-    config.json  the resolved FinetuneConfig
+    config.json           the resolved FinetuneConfig, with the recipe's values, rates and phases
     checkpoint.pt         plain dict like ``emo-train heads``' checkpoint plus ``backbone`` (see
                           ``checkpoint_dict``); also what ``--resume`` continues from
     backbone.pt           the backbone's weights in the layout its builder reads (VGG16: torchvision's
@@ -16,8 +16,9 @@ Files written into the run folder (rank 0 only):
                           --weights RUN_DIR/backbone.pt`` re-caches features for these heads (the exact command
                           is printed) and ``emo-predict --checkpoint RUN_DIR/checkpoint.pt --weights
                           RUN_DIR/backbone.pt`` runs them on raw video
-    best.pt, best_backbone.pt   the same for the epoch with the best held-out accuracy (when there is a held-out part)
-    log.csv               one row per epoch, ``pipeline.loop.LOG_FIELDS``
+    best.pt, best_backbone.pt   the same for the selected epoch (``--select``: best held-out WAR or UAR), when
+                          there is a held-out part; the guard restores this epoch when it stops a run
+    log.csv               one row per epoch, ``training.loop.LOG_FIELDS``
 """
 from __future__ import annotations
 
@@ -57,10 +58,10 @@ from emotion_attention.pipeline.training.loop import (
     check_finite,
     check_resume,
     collapse,
+    majority_warning,
     run_epochs,
     select_row,
     sgd_step,
-    warn_if_majority,
 )
 from emotion_attention.pipeline.training.metrics import classification_metrics
 
@@ -660,7 +661,7 @@ def _run(faces_path, out_dir: Path, cfg, init_heads, env: DistEnv, device, log) 
         _keep_best(task, stopped[0], log)
     warning = None
     if env.is_main and len(task.held):
-        warning = warn_if_majority(history, task.held.labels, task.class_names, heads_lr(cfg, env.world_size))
+        warning = majority_warning(history, task.held.labels, task.class_names, heads_lr(cfg, env.world_size))
     return FinetuneResult(out_dir, history, task.core, env, selected, stopped[0] if stopped else None, warning)
 
 
