@@ -375,7 +375,48 @@ def create_checked_dataset(grp: h5py.Group, name: str, data: Optional[np.ndarray
         return grp.create_dataset(name, data=data, **kwargs)
     if kwargs.get("chunks") is None:
         kwargs["chunks"] = True
-    return grp.create_dataset(name, data=data, fletcher32=True, **kwargs)
+    return create_dataset(grp, name, data=data, fletcher32=True, **kwargs)
+
+
+_CREATION: dict = {}  # creation properties by kind, made once (bounded: cleared past _CREATION_MAX kinds)
+_CREATION_MAX = 512
+
+
+def create_dataset(grp: h5py.Group, name: str, shape=None, dtype=None, data=None, chunks=None, maxshape=None,
+                   fletcher32: bool = False, compression=None, fillvalue=None) -> h5py.Dataset:
+    """``grp.create_dataset`` with the same arguments and the same creation properties (compared with
+    ``H5Pequal`` in tests/test_stores.py), the HDF5 type and property list made once per kind of data set.
+
+    h5py builds and checks them anew for each data set, which was most of what a short clip's nine data sets
+    cost the single writer of ``emo-cache faces`` (issue 15); the writes themselves are unchanged.
+    """
+    if data is not None:
+        data = np.asarray(data, dtype=dtype)
+        shape, dtype = data.shape if shape is None else tuple(shape), data.dtype if dtype is None else dtype
+    shape = tuple(shape)
+    dtype = np.dtype(dtype)
+    key = (shape if chunks is True or chunks is None else None, None if maxshape is None else tuple(maxshape),
+           chunks if chunks is True or chunks is None else tuple(chunks), dtype.str, repr(h5py.check_dtype(vlen=dtype)),
+           bool(fletcher32), compression, None if fillvalue is None else np.asarray(fillvalue).tobytes())
+    made = _CREATION.get(key)
+    if made is None:
+        if len(_CREATION) >= _CREATION_MAX:
+            _CREATION.clear()
+        from h5py._hl import filters  # h5py's own property-list builder, so the properties cannot drift from it
+
+        dcpl = filters.fill_dcpl(h5py.h5p.create(h5py.h5p.DATASET_CREATE), shape, dtype, chunks, compression, None,
+                                 None, fletcher32, maxshape, None, None)
+        if fillvalue is not None:
+            dcpl.set_fill_value(np.array(fillvalue, dtype=dtype))
+        dcpl.set_obj_track_times(False)
+        made = _CREATION[key] = (h5py.h5t.py_create(dtype, logical=1), dcpl)
+    tid, dcpl = made
+    maxdims = None if maxshape is None else tuple(h5py.h5s.UNLIMITED if m is None else m for m in maxshape)
+    space = h5py.h5s.create_simple(shape, maxdims)
+    dsid = h5py.h5d.create(grp.id, name.encode(), tid, space, dcpl=dcpl)
+    if data is not None:
+        dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(data))
+    return h5py.Dataset(dsid)
 
 
 # -- chunks written whole, their fletcher32 sums computed here -------------------------------------------

@@ -39,6 +39,7 @@ from emotion_attention.cache.common import (
     check_crc32,
     crc32_rows,
     create_checked_dataset,
+    create_dataset,
     damaged,
     diff_settings,
     group_names,
@@ -299,13 +300,12 @@ class FacesClipWriter:
 
     def _create(self, name: str, dtype, rows: int) -> h5py.Dataset:
         if name == "faces" and self.codec.encoded:
-            return self.grp.create_dataset(name, shape=(rows,), maxshape=(None,), chunks=(ENCODED_CHUNK,),
-                                           dtype=h5py.vlen_dtype(np.uint8))
+            return create_dataset(self.grp, name, shape=(rows,), maxshape=(None,), chunks=(ENCODED_CHUNK,),
+                                  dtype=h5py.vlen_dtype(np.uint8))
         row = (self.size, self.size, 3) if name == "faces" else ROW_SHAPES.get(name, ())
         chunks = (1,) + row if name == "faces" else (META_CHUNK,) + row
-        return self.grp.create_dataset(name, shape=(rows,) + row, maxshape=(None,) + row, chunks=chunks,
-                                       dtype=dtype, fletcher32=True,
-                                       compression=self.compression if name == "faces" else None)
+        return create_dataset(self.grp, name, shape=(rows,) + row, maxshape=(None,) + row, chunks=chunks,
+                              dtype=dtype, fletcher32=True, compression=self.compression if name == "faces" else None)
 
     def _create_all(self, rows: int) -> None:
         for name, dtype in FRAME_DATASETS.items():
@@ -391,6 +391,9 @@ def write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray, dtype) -> None:
     """Write rows of ``dtype`` at ``start`` through the low-level call: the same bytes as ``ds[a:b] = rows``
     without h5py's selection machinery, which cost more than the write for the few rows of a short clip."""
     rows = np.ascontiguousarray(rows, dtype=dtype)
+    if start == 0 and rows.shape == ds.shape:  # the whole data set (a clip written in one piece)
+        ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, rows)
+        return
     space = ds.id.get_space()
     space.select_hyperslab((start,) + (0,) * (rows.ndim - 1), rows.shape)
     ds.id.write(h5py.h5s.create_simple(rows.shape), space, rows)
@@ -399,6 +402,9 @@ def write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray, dtype) -> None:
 def write_vlen_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
     """Write an object array of uint8 rows at ``start``. Through the low-level call because h5py's
     slice assignment turns rows of equal length (e.g. identical blank chips) into a 2-D array and fails."""
+    if start == 0 and len(rows) == len(ds):
+        ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, rows)
+        return
     space = ds.id.get_space()
     space.select_hyperslab((start,), (len(rows),))
     ds.id.write(h5py.h5s.create_simple((len(rows),)), space, rows)

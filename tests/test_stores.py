@@ -92,3 +92,42 @@ def test_settings_diff_names_nested_settings_by_dotted_key():
                                              "new: store has '<absent>', this run asks for 1"]
     assert flatten_settings({"a": {"b": {"c": 1}}, "d": {}}) == {"a.b.c": 1, "d": {}}
     assert diff_settings(wanted, wanted) == []
+
+
+_KINDS = {  # the data sets the stores make, with the arguments they pass (faces meta, vlen chips, crc, maps)
+    "meta rows": dict(shape=(7, 68, 2), maxshape=(None, 68, 2), chunks=(64, 68, 2), dtype=np.float32,
+                      fletcher32=True),
+    "chips, lzf": dict(shape=(3, 8, 8, 3), maxshape=(None, 8, 8, 3), chunks=(1, 8, 8, 3), dtype=np.uint8,
+                       fletcher32=True, compression="lzf"),
+    "encoded chips": dict(shape=(4,), maxshape=(None,), chunks=(16,), dtype="vlen-uint8"),
+    "crc": dict(shape=(4,), maxshape=(None,), chunks=(64,), dtype=np.uint32, fletcher32=True),
+    "maps, filled": dict(shape=(2, 5, 9, 16), chunks=(2, 1, 9, 16), dtype=np.float16, fillvalue=0, fletcher32=True),
+    "auto chunks, data": dict(data=np.arange(11, dtype=np.int32), chunks=True, fletcher32=True),
+    "auto chunks, mask": dict(data=np.array([True, False, True]), chunks=True, fletcher32=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_KINDS))
+def test_cached_creation_matches_h5py(tmp_path, kind):
+    """create_dataset (creation properties made once per kind) gives what h5py's create_dataset gives: the same
+    creation property list (H5Pequal), type, layout and bytes, on first use and from its cache."""
+    import h5py
+
+    from emotion_attention.cache.common import create_dataset
+
+    args = dict(_KINDS[kind])
+    if args.get("dtype") == "vlen-uint8":
+        args["dtype"] = h5py.vlen_dtype(np.uint8)
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        old = f.create_dataset("old", **args)
+        for name in ("new", "again"):  # the second one comes from the cache
+            new = create_dataset(f, name, **args)
+            assert new.id.get_create_plist().equal(old.id.get_create_plist())
+            assert new.id.get_type().equal(old.id.get_type())
+            assert (new.shape, new.maxshape, new.chunks, new.fletcher32, new.compression, new.fillvalue) == \
+                   (old.shape, old.maxshape, old.chunks, old.fletcher32, old.compression, old.fillvalue)
+            if "data" in args:
+                np.testing.assert_array_equal(new[()], old[()])
+    with h5py.File(tmp_path / "s.h5") as f:  # what reopening sees, too
+        assert f["new"].id.get_create_plist().equal(f["old"].id.get_create_plist())
+        assert f["again"].id.get_create_plist().equal(f["old"].id.get_create_plist())
