@@ -233,6 +233,12 @@ class FeaturesStore(ClipStore):
         """Start writing a clip in pieces; an earlier incomplete group of it is replaced. See ``ClipWriter``."""
         return ClipWriter(self, clip_id, views, rows, L, D, compression, map_dtype)
 
+    def commit_clips(self, finished: list[tuple["ClipWriter", np.ndarray, dict]]) -> None:
+        """Commit several written clips, each ``(writer, present, attrs)``, with two flushes in all (every
+        clip's data and attributes, then every ``complete`` mark): a kill loses these clips, never commits
+        one in part."""
+        self._commit_many([writer.finish(present, attrs) for writer, present, attrs in finished])
+
     def write_clip(self, clip_id: str, maps: np.ndarray, present: np.ndarray, attrs: dict,
                    compression: Optional[str] = None, rows: Optional[np.ndarray] = None,
                    map_dtype: str = "float16") -> None:
@@ -327,9 +333,14 @@ class ClipWriter:
 
     def commit(self, present: np.ndarray, attrs: dict) -> None:
         """Mask, source rows and attributes, flushed; then the ``complete`` mark, flushed."""
+        self.store._commit(*self.finish(present, attrs))
+
+    def finish(self, present: np.ndarray, attrs: dict) -> tuple:
+        """Write the mask and source rows; returns what ``ClipStore._commit_many`` takes, so that several
+        finished clips are committed with two flushes in all (``commit_clips``)."""
         present = np.asarray(present, dtype=bool)
         if len(present) != len(self.rows):
             raise ValueError(f"clip {self.clip_id}: present has {len(present)} rows, maps {len(self.rows)}")
         create_checked_dataset(self.grp, "present", data=present)
         create_checked_dataset(self.grp, "rows", data=self.rows)
-        self.store._commit(self.grp, self.clip_id, attrs)
+        return self.grp, self.clip_id, attrs

@@ -199,14 +199,15 @@ def test_refuses_when_the_disk_cannot_hold_the_output(tmp_path, samples_dir, mon
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
-    from emotion_attention.cache.features_store import ClipWriter
+    from emotion_attention.cache.features_store import FeaturesStore
     from emotion_attention.pipeline.configs import ExtractConfig
     from emotion_attention.pipeline.stages.extract import extract_features
-    original = ClipWriter.commit
-    def commit_and_tell(self, *a, **kw):
-        original(self, *a, **kw)
-        print("WROTE", self.clip_id, flush=True)
-    ClipWriter.commit = commit_and_tell
+    original = FeaturesStore.commit_clips  # extract commits the clips a batch finishes together
+    def commit_and_tell(self, finished):
+        original(self, finished)
+        for writer, _present, _attrs in finished:
+            print("WROTE", writer.clip_id, flush=True)
+    FeaturesStore.commit_clips = commit_and_tell
     extract_features(sys.argv[1], sys.argv[2], ExtractConfig(weights="random", seed=0, input_size=32,
                                                              batch_size=4, views=2), log=lambda m: None)
 """)

@@ -131,3 +131,38 @@ def test_cached_creation_matches_h5py(tmp_path, kind):
     with h5py.File(tmp_path / "s.h5") as f:  # what reopening sees, too
         assert f["new"].id.get_create_plist().equal(f["old"].id.get_create_plist())
         assert f["again"].id.get_create_plist().equal(f["old"].id.get_create_plist())
+
+
+def test_a_short_clip_written_whole_takes_chunks_no_longer_than_itself(tmp_path):
+    """A 3-frame clip's meta data sets are chunked at 3 rows (a 256-row chunk of landmarks took 139 KB of a
+    clip's 145); a clip written in pieces keeps the long chunks it grows into."""
+    from emotion_attention.cache.common import clip_key
+    from emotion_attention.cache.faces_store import META_CHUNK
+
+    arrays = face_arrays(3)
+    with FacesStore(tmp_path / "f.h5", "a", config={"size": 8}, code_version="t") as store:
+        store.write_clip("Train/Happy/short.mp4", arrays, {"label": "Happy"})
+        writer = store.begin_clip("Train/Happy/streamed.mp4", 8)
+        writer.append(arrays)
+        writer.commit({"label": "Happy"})
+    with FacesStore(tmp_path / "f.h5") as store:
+        short, streamed = (store._f[clip_key(c)] for c in ("Train/Happy/short.mp4", "Train/Happy/streamed.mp4"))
+        assert short["landmarks"].chunks == (3, 68, 2) and streamed["landmarks"].chunks == (META_CHUNK, 68, 2)
+        assert short["landmarks"].id.get_storage_size() < 2000 < streamed["landmarks"].id.get_storage_size()
+        for cid in ("Train/Happy/short.mp4", "Train/Happy/streamed.mp4"):
+            np.testing.assert_array_equal(store.read_faces(cid), arrays["faces"])
+            np.testing.assert_array_equal(store.read_meta(cid)["landmarks"], arrays["landmarks"])
+
+
+@pytest.mark.parametrize("data", [np.array([True, False, True]), np.arange(12, dtype=np.float32).reshape(3, 4),
+                                  np.zeros((0, 4), np.int32), np.array(7.5)])
+def test_whole_reads_match_h5py(tmp_path, data):
+    import h5py
+
+    from emotion_attention.cache.common import read_checked, read_whole
+
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        ds = f.create_dataset("x", data=data)
+        for got in (read_whole(ds), read_checked(ds)):
+            assert got.dtype == ds[()].dtype and got.shape == ds[()].shape
+            np.testing.assert_array_equal(got, ds[()])

@@ -294,15 +294,26 @@ class Writer:
         self.compression = None if cfg.compression == "none" else cfg.compression
 
     def write(self, batch: Batch, out) -> None:
-        """Write ``batch``'s maps, row i of ``out`` (a MapsBuffer, None for a batch without faces) for its face i."""
+        """Write ``batch``'s maps, row i of ``out`` (a MapsBuffer, None for a batch without faces) for its face i;
+        the clips it finishes are committed together, two flushes for all of them (a short clip's flushes were
+        most of what it cost, issue 17)."""
         rows = out.rows(batch.n) if out is not None else None
-        offset, job = 0, None
+        offset, job, finished = 0, None, []
         try:
             for piece in batch.pieces:
                 job = piece.job
                 if not job.aborted:
                     self._write_piece(piece, rows[offset:offset + piece.n] if piece.n else None)
+                    if job.finished and all(j is not job for j in finished):
+                        finished.append(job)
                 offset += piece.n
+            if finished:
+                t = time.thread_time()
+                self.store.commit_clips([(j.writer, j.present, clip_attrs(j.attrs)) for j in finished])
+                for j in finished:
+                    j.writer = None  # its h5py objects go now, not at the end of the run
+                    self.tally.committed(j)
+                self.clock.add("write", time.thread_time() - t)
         except OSError as exc:
             if is_disk_full(exc):
                 raise self.store.disk_full(exc, f"clip {job.clip_id!r}", self.tally.remaining) from None
@@ -317,12 +328,6 @@ class Writer:
         if piece.n:
             job.writer.write_faces(job.compute[piece.start:piece.start + piece.n], rows, timed=self.clock.add)
         job.done += piece.n
-        if job.finished:
-            t = time.thread_time()
-            job.writer.commit(job.present, clip_attrs(job.attrs))
-            job.writer = None  # its h5py objects go now, not at the end of the run
-            self.tally.committed(job)
-            self.clock.add("write", time.thread_time() - t)
 
 
 def clip_attrs(attrs: dict) -> dict:
