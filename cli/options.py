@@ -153,10 +153,12 @@ class ConfigOptions:
         elif meta.get("choices"):
             shown = ["none" if c is None else str(c) for c in meta["choices"]]
             kwargs["type"] = click.Choice(shown)
-            kwargs["default"] = "none" if default is None else str(default)
-            kwargs["show_default"] = True
-            cast = base if base in (int, float) else str
             none = None in meta["choices"]  # "none" on the command line is the field's None
+            if default is None and not none:  # unset: filled in later (a recipe), as the help says
+                kwargs["default"], kwargs["show_default"] = None, False
+            else:
+                kwargs["default"], kwargs["show_default"] = ("none" if default is None else str(default)), True
+            cast = base if base in (int, float) else str
             kwargs["callback"] = lambda ctx, param, value: None if value is None or (none and value == "none") \
                 else cast(value)
         else:

@@ -169,9 +169,28 @@ def test_finetune_paper_recipe_restores_the_previous_defaults_and_given_options_
     from emotion_attention.pipeline.configs import FinetuneConfig
 
     paper = FinetuneConfig(recipe="paper").with_recipe()
-    assert (paper.batch_clips, paper.lr_heads, paper.warmup_epochs, paper.grad_clip, paper.guard_drop) == \
-        (4, 0.1, 0, 0.0, 0.0)                                   # the defaults before issue 16, Sec. 4.2 as written
+    assert (paper.batch_clips, paper.lr_heads, paper.warmup_epochs, paper.grad_clip, paper.guard_drop,
+            paper.class_balance) == (4, 0.1, 0, 0.0, 0.0, "none")  # the defaults before issue 16, Sec. 4.2 as written
     stable = FinetuneConfig().with_recipe()
-    assert (stable.warmup_epochs, stable.grad_clip, stable.guard_drop) == (1, 1.0, 0.2)
+    assert (stable.warmup_epochs, stable.grad_clip, stable.guard_drop, stable.class_balance) == (1, 1.0, 0.2, "loss")
+    assert FinetuneConfig(class_balance="none").with_recipe().class_balance == "none"  # given wins over the recipe
     assert stable.batch_clips is None and stable.lr_heads is None   # the backbone's batch, heads' rate per clip
     assert FinetuneConfig(recipe="paper", grad_clip=0.5).with_recipe().grad_clip == 0.5
+
+
+def test_a_choice_left_unset_takes_the_recipes_value():
+    """--class-balance unset on the command line stays unset until the recipe fills it (stable: loss); given,
+    it wins over either recipe."""
+    from emotion_attention.pipeline.configs import FinetuneConfig
+
+    opts = ConfigOptions(FinetuneConfig)
+
+    @click.command()
+    @opts
+    def cmd(**params):
+        cmd.built = opts.build(params)
+
+    for args, want in (([], "loss"), (["--recipe", "paper"], "none"), (["--class-balance", "none"], "none"),
+                       (["--recipe", "paper", "--class-balance", "loss"], "loss")):
+        CliRunner().invoke(cmd, ["--weights", "random", *args], catch_exceptions=False)
+        assert cmd.built.with_recipe().class_balance == want, args

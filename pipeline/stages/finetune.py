@@ -791,7 +791,7 @@ def describe_schedule(cfg: FinetuneConfig, world_size: int = 1) -> str:
     safety = [f"gradient norm clipped at {cfg.grad_clip:g}" if cfg.grad_clip else "no clipping",
               f"guard stops at a held-out {cfg.selection_metric} drop of {cfg.guard_drop:g}" if cfg.guard_drop
               else "no guard"]
-    if cfg.class_balance != "none":
+    if cfg.class_balance not in (None, "none"):  # None: not resolved yet (with_recipe)
         safety.append(f"class-balanced {cfg.class_balance}")
     return (", then ".join(parts) + f", {clips_per_step(cfg)} clips a step, SGDR every {cfg.sgdr_t0} epochs; "
             + ", ".join(safety))
