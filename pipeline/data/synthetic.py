@@ -96,7 +96,9 @@ def write_synthetic_store(path, cfg: SyntheticConfig = SyntheticConfig(), progre
     Returns: {"path", "class_names", "provenance"}; each clip's attrs also hold its
         ``evidence_frames`` and ``evidence_positions`` (JSON lists, view 0).
 
-    >>> info = write_synthetic_store("/tmp/synth.h5", SyntheticConfig(train_clips=40, val_clips=20))
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     info = write_synthetic_store(f"{folder}/synth.h5", SyntheticConfig(train_clips=40, val_clips=20))
     >>> info["class_names"]
     ['Angry', 'Disgust', 'Fear', 'Happy']
     """
