@@ -112,7 +112,10 @@ class FacesStore(ClipStore):
                 fmt = self._f.attrs.get("format")
                 self.close()
                 raise StoreError(f"{self.path}: not a faces store (format={fmt!r}); build one with `emo-cache faces`")
-        self.codec = codec_of_config(self.config)
+        config = self.config  # fixed from here on: parsed once (it was parsed for every clip written, issue 15)
+        self.codec = codec_of_config(config)
+        size = config.get("face", {}).get("size", config.get("size", 256))
+        self._chip_shape = (size, size, 3)
 
     def _init_or_check(self, config: dict, code_version: str, shard: Optional[str]) -> None:
         attrs = self._f.attrs
@@ -224,8 +227,7 @@ class FacesStore(ClipStore):
 
     def chip_shape(self) -> tuple:
         """(S, S, 3) of the store's chips, from its config."""
-        size = self.config.get("face", {}).get("size", self.config.get("size", 256))
-        return (size, size, 3)
+        return self._chip_shape
 
     # -- writing ---------------------------------------------------------------------------------
     def begin_clip(self, clip_id: str, size: int, compression: Optional[str] = None) -> "FacesClipWriter":
