@@ -134,8 +134,8 @@ def test_cached_creation_matches_h5py(tmp_path, kind):
 
 
 def test_a_short_clip_written_whole_takes_chunks_no_longer_than_itself(tmp_path):
-    """A 3-frame clip's meta data sets are chunked at 3 rows (a 256-row chunk of landmarks took 139 KB of a
-    clip's 145); a clip written in pieces keeps the long chunks it grows into."""
+    """A 3-frame clip's meta data sets are chunked at 3 rows (a 256-row chunk of landmarks took 139 KB, most
+    of the clip's bytes); a clip written in pieces keeps the long chunks it grows into."""
     from emotion_attention.cache.common import clip_key
     from emotion_attention.cache.faces_store import META_CHUNK
 

@@ -304,7 +304,7 @@ class Writer:
                 job = piece.job
                 if not job.aborted:
                     self._write_piece(piece, rows[offset:offset + piece.n] if piece.n else None)
-                    if job.finished and all(j is not job for j in finished):
+                    if job.finished:  # on its last piece (a clip without a face has one, empty)
                         finished.append(job)
                 offset += piece.n
             if finished:
