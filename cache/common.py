@@ -22,6 +22,7 @@ import shutil
 import socket
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -383,7 +384,9 @@ def create_checked_dataset(grp: h5py.Group, name: str, data: Optional[np.ndarray
     if shape is not None and int(np.prod(shape)) == 0:
         kwargs.pop("chunks", None)
         kwargs.pop("compression", None)
-        return grp.create_dataset(name, data=data, **kwargs)
+        wrap = kwargs.pop("wrap", True)
+        ds = grp.create_dataset(name, data=data, **kwargs)
+        return ds if wrap else ds.id
     if kwargs.get("chunks") is None:
         kwargs["chunks"] = True
     return create_dataset(grp, name, data=data, fletcher32=True, **kwargs)
@@ -394,12 +397,13 @@ _CREATION_MAX = 512
 
 
 def create_dataset(grp: h5py.Group, name: str, shape=None, dtype=None, data=None, chunks=None, maxshape=None,
-                   fletcher32: bool = False, compression=None, fillvalue=None) -> h5py.Dataset:
+                   fletcher32: bool = False, compression=None, fillvalue=None, wrap: bool = True):
     """``grp.create_dataset`` with the same arguments and the same creation properties (compared with
     ``H5Pequal`` in tests/test_stores.py), the HDF5 type and property list made once per kind of data set.
 
     h5py builds and checks them anew for each data set, which was most of what a short clip's nine data sets
-    cost the single writer of ``emo-cache faces`` (issue 15); the writes themselves are unchanged.
+    cost the single writer of ``emo-cache faces`` (issue 15); the writes themselves are unchanged. ``wrap``
+    False gives the low-level ``h5d.DatasetID`` (no h5py.Dataset object made, for the faces store's writer).
     """
     if data is not None:
         data = np.asarray(data, dtype=dtype)
@@ -427,7 +431,41 @@ def create_dataset(grp: h5py.Group, name: str, shape=None, dtype=None, data=None
     dsid = h5py.h5d.create(grp.id, name.encode(), tid, space, dcpl=dcpl)
     if data is not None:
         dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(data))
-    return h5py.Dataset(dsid)
+    return h5py.Dataset(dsid) if wrap else dsid
+
+
+COMPLETE = {"complete": True}  # the mark a committed clip gets last
+_ATTR_TYPES: dict = {}  # (file type, memory type, space) by kind of attribute value, made once
+
+
+def write_attrs(obj, attrs: dict) -> None:
+    """``obj.attrs[name] = value`` for each item, with the same HDF5 types and values (tests/test_stores.py),
+    the types and the space made once per kind of value: h5py makes them anew for each attribute, which was
+    most of what a short clip's dozen attributes cost the single writer of ``emo-cache faces`` (issue 15)."""
+    from h5py._hl.base import array_for_new_object  # h5py's own conversion, so the types cannot drift from it
+
+    oid = obj.id
+    for name, value in attrs.items():
+        data = array_for_new_object(value)
+        key = (data.dtype.str, repr(data.dtype.metadata), data.shape)
+        made = _ATTR_TYPES.get(key)
+        if made is None:
+            if len(_ATTR_TYPES) >= _CREATION_MAX:
+                _ATTR_TYPES.clear()
+            made = _ATTR_TYPES[key] = (h5py.h5t.py_create(data.dtype, logical=True), h5py.h5t.py_create(data.dtype),
+                                       h5py.h5s.create_simple(data.shape))
+        htype, mtype, space = made
+        encoded = name.encode()
+        if h5py.h5a.exists(oid, encoded):
+            h5py.h5a.delete(oid, encoded)
+        attr = h5py.h5a.create(oid, encoded, htype, space)
+        try:
+            attr.write(data, mtype=mtype)
+        except BaseException:
+            attr.close()
+            h5py.h5a.delete(oid, encoded)
+            raise
+        attr.close()
 
 
 # -- chunks written whole, their fletcher32 sums computed here -------------------------------------------
@@ -859,6 +897,10 @@ class ClipStore:
         flush or close can crash the process (seen as a segmentation fault). So writers check first, and the
         reserve keeps room for the metadata that the commit and the close still write.
         """
+        budget = getattr(self, "_space_budget", None)
+        if budget is not None and nbytes <= budget:  # inside space_for: this clip's bytes were checked already
+            self._space_budget = budget - nbytes
+            return
         need = int(nbytes * 1.05) + FREE_RESERVE
         free = free_bytes(self.path)
         if free < need:
@@ -866,6 +908,18 @@ class ClipStore:
                             f" about {need / 2**20:.1f} MiB needed. The {self._count_complete()} clip(s) committed so"
                             " far are kept: free space (or move the store to a larger disk) and rerun the same"
                             " command to finish.")
+
+    @contextmanager
+    def space_for(self, clip_id: str, nbytes: int):
+        """One free-space check (``ensure_space``) for the ``nbytes`` that a batch of clips, the first named
+        ``clip_id``, will write; the checks of each clip inside draw on it without asking the OS again (it was
+        a few statvfs calls per short clip). A check for more than is left asks the OS as before."""
+        self.ensure_space(clip_id, nbytes)
+        self._space_budget = nbytes
+        try:
+            yield
+        finally:
+            self._space_budget = None
 
     def _count_complete(self) -> int:
         try:
@@ -894,11 +948,10 @@ class ClipStore:
         none of them complete (a rerun redoes them), never one with its mark and without its data."""
         for grp, clip_id, attrs in clips:
             self.ensure_space(clip_id)
-            for k, v in {**attrs, "clip_id": clip_id}.items():
-                grp.attrs[k] = to_attr(v)
+            write_attrs(grp, {k: to_attr(v) for k, v in {**attrs, "clip_id": clip_id}.items()})
         self._f.flush()
         for grp, _clip_id, _attrs in clips:
-            grp.attrs["complete"] = True
+            write_attrs(grp, COMPLETE)
         self._f.flush()
 
     def close(self) -> None:

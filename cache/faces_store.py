@@ -247,6 +247,10 @@ class FacesStore(ClipStore):
         attributes of every clip, then every ``complete`` mark): what a short clip costs is mostly its flushes.
         A kill loses these clips, never commits one in part; earlier incomplete groups are replaced."""
         writers = []
+        with self.space_for(clips[0][0] if clips else "", sum(arrays_nbytes(a) for _c, a, _t in clips)):
+            self._write_clips(clips, compression, writers)
+
+    def _write_clips(self, clips: list[tuple[str, dict, dict]], compression: Optional[str], writers: list) -> None:
         for clip_id, arrays, attrs in clips:
             missing = set(FRAME_DATASETS) - set(arrays)
             if missing:
@@ -301,7 +305,7 @@ class FacesClipWriter:
         #   took a 139 KB chunk of 256 rows; 16,000 such clips: 3.7 GB -> 1.6 GB, issue 15)
         self.codec: Codec = store.codec
         self.size, self.compression = size, compression
-        self.datasets: dict[str, h5py.Dataset] = {}  # created by the first append, at its row count: a clip
+        self.datasets: dict[str, h5py.h5d.DatasetID] = {}  # created by the first append, at its row count: a clip
         #   written in one piece (most clips) pays one creation per data set and no resize (issue 15's per-clip cost)
         try:
             self.grp = store._new_group(clip_id)
@@ -312,14 +316,15 @@ class FacesClipWriter:
         """Rows per chunk: ``most``, or the clip's row count when it is written whole and shorter."""
         return min(most, rows) if self.whole and rows else most
 
-    def _create(self, name: str, dtype, rows: int) -> h5py.Dataset:
+    def _create(self, name: str, dtype, rows: int) -> h5py.h5d.DatasetID:
         if name == "faces" and self.codec.encoded:
-            return create_dataset(self.grp, name, shape=(rows,), maxshape=(None,),
+            return create_dataset(self.grp, name, shape=(rows,), maxshape=(None,), wrap=False,
                                   chunks=(self._chunk(rows, ENCODED_CHUNK),), dtype=h5py.vlen_dtype(np.uint8))
         row = (self.size, self.size, 3) if name == "faces" else ROW_SHAPES.get(name, ())
         chunks = (1,) + row if name == "faces" else (self._chunk(rows, META_CHUNK),) + row
         return create_dataset(self.grp, name, shape=(rows,) + row, maxshape=(None,) + row, chunks=chunks,
-                              dtype=dtype, fletcher32=True, compression=self.compression if name == "faces" else None)
+                              dtype=dtype, fletcher32=True, compression=self.compression if name == "faces" else None,
+                              wrap=False)
 
     def _create_all(self, rows: int) -> None:
         for name, dtype in FRAME_DATASETS.items():
@@ -327,7 +332,7 @@ class FacesClipWriter:
         if self.codec.encoded:  # vlen data has no fletcher32: each chip's crc32 instead
             self.datasets[CRC_DATASET] = create_checked_dataset(
                 self.grp, CRC_DATASET, shape=(rows,), maxshape=(None,), chunks=(self._chunk(rows, META_CHUNK),),
-                dtype=np.uint32)
+                dtype=np.uint32, wrap=False)
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
         """Append rows: every FRAME_DATASETS key, with equal row counts; ``faces`` as uint8 (n, S, S, 3), and
@@ -342,21 +347,22 @@ class FacesClipWriter:
             faces = arrays[ENCODED_FACES] if ENCODED_FACES in arrays else self.codec.encode_many(arrays["faces"])
         else:
             faces = arrays["faces"]
-        self.store.ensure_space(self.clip_id, sum(np.asarray(a).nbytes for a in arrays.values()))  # before HDF5 writes
+        self.store.ensure_space(self.clip_id, arrays_nbytes(arrays))  # before HDF5 writes
         try:
-            if not self.datasets:
+            whole = not self.datasets  # created below at these rows: the rows are each data set whole
+            if whole:
                 self._create_all(n)
             else:
-                for ds in self.datasets.values():
-                    ds.resize(self.rows + n, axis=0)
+                for dsid in self.datasets.values():
+                    dsid.set_extent((self.rows + n,) + tuple(dsid.shape[1:]))
             for name, dtype in FRAME_DATASETS.items():
-                ds = self.datasets[name]
+                dsid = self.datasets[name]
                 if name == "faces" and self.codec.encoded:
-                    write_vlen_rows(ds, self.rows, faces)
+                    write_vlen_rows(dsid, self.rows, faces, whole)
                 else:
-                    write_rows(ds, self.rows, faces if name == "faces" else arrays[name], dtype)
+                    write_rows(dsid, self.rows, faces if name == "faces" else arrays[name], dtype, whole)
             if self.codec.encoded:
-                write_rows(self.datasets[CRC_DATASET], self.rows, crc32_rows(faces), np.uint32)
+                write_rows(self.datasets[CRC_DATASET], self.rows, crc32_rows(faces), np.uint32, whole)
         except OSError as exc:
             self._raise(exc)
         self.rows += n
@@ -402,24 +408,37 @@ def decode_rows(codec: Codec, rows) -> list[np.ndarray]:
     return list(pool.map(codec.decode, rows, chunksize=8))
 
 
-def write_rows(ds: h5py.Dataset, start: int, rows: np.ndarray, dtype) -> None:
+def arrays_nbytes(arrays: dict) -> int:
+    """Bytes a clip's arrays put on disk, what its free-space check asks for: encoded chips counted by their
+    length, not their pointers, and once (``encoded_faces`` is the same rows as ``faces``)."""
+    total = 0
+    for name, value in arrays.items():
+        if name == ENCODED_FACES and "faces" in arrays:
+            continue
+        value = np.asarray(value)
+        total += sum(len(row) for row in value) if value.dtype == object else value.nbytes
+    return total
+
+
+def write_rows(dsid: h5py.h5d.DatasetID, start: int, rows: np.ndarray, dtype, whole: bool = False) -> None:
     """Write rows of ``dtype`` at ``start`` through the low-level call: the same bytes as ``ds[a:b] = rows``
-    without h5py's selection machinery, which cost more than the write for the few rows of a short clip."""
+    without h5py's selection machinery, which cost more than the write for the few rows of a short clip.
+    ``whole``: the rows are the whole data set (a clip written in one piece)."""
     rows = np.ascontiguousarray(rows, dtype=dtype)
-    if start == 0 and rows.shape == ds.shape:  # the whole data set (a clip written in one piece)
-        ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, rows)
+    if whole:
+        dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, rows)
         return
-    space = ds.id.get_space()
+    space = dsid.get_space()
     space.select_hyperslab((start,) + (0,) * (rows.ndim - 1), rows.shape)
-    ds.id.write(h5py.h5s.create_simple(rows.shape), space, rows)
+    dsid.write(h5py.h5s.create_simple(rows.shape), space, rows)
 
 
-def write_vlen_rows(ds: h5py.Dataset, start: int, rows: np.ndarray) -> None:
+def write_vlen_rows(dsid: h5py.h5d.DatasetID, start: int, rows: np.ndarray, whole: bool = False) -> None:
     """Write an object array of uint8 rows at ``start``. Through the low-level call because h5py's
     slice assignment turns rows of equal length (e.g. identical blank chips) into a 2-D array and fails."""
-    if start == 0 and len(rows) == len(ds):
-        ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, rows)
+    if whole:
+        dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, rows)
         return
-    space = ds.id.get_space()
+    space = dsid.get_space()
     space.select_hyperslab((start,), (len(rows),))
-    ds.id.write(h5py.h5s.create_simple((len(rows),)), space, rows)
+    dsid.write(h5py.h5s.create_simple((len(rows),)), space, rows)

@@ -133,6 +133,70 @@ def test_cached_creation_matches_h5py(tmp_path, kind):
         assert f["again"].id.get_create_plist().equal(f["old"].id.get_create_plist())
 
 
+_ATTR_VALUES = {"bool": True, "numpy bool": np.bool_(False), "int": 7, "int32": np.int32(-3), "float": 25.0,
+                "float32": np.float32(0.5), "str": "Happy", "unicode": "Überraschung ünd 驚き", "empty str": "",
+                "json": '{"folds":[1,2]}', "int64 max": np.iinfo(np.int64).max}
+
+
+@pytest.mark.parametrize("kind", sorted(_ATTR_VALUES))
+def test_cached_attributes_match_h5py(tmp_path, kind):
+    """write_attrs (types made once per kind of value) stores what ``attrs[name] = value`` stores: the same file
+    type (H5Tequal), shape and value, on first use, from its cache, after reopening; and it replaces an attribute
+    of the same name."""
+    import h5py
+
+    from emotion_attention.cache.common import write_attrs
+
+    value = _ATTR_VALUES[kind]
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        old, new = f.create_group("old"), f.create_group("new")
+        old.attrs["v"] = value
+        write_attrs(new, {"v": 0.0})  # a float first: the second write replaces it, whatever its type
+        write_attrs(new, {"v": value, "w": value})  # "w" comes from the cache
+    with h5py.File(tmp_path / "a.h5") as f:
+        want = h5py.h5a.open(f["old"].id, b"v")
+        for name in (b"v", b"w"):
+            got = h5py.h5a.open(f["new"].id, name)
+            assert got.get_type().equal(want.get_type()) and got.shape == want.shape
+            assert type(f["new"].attrs[name.decode()]) is type(f["old"].attrs["v"])
+            assert f["new"].attrs[name.decode()] == f["old"].attrs["v"]
+        assert sorted(f["new"].attrs) == ["v", "w"]
+
+
+def test_a_batch_of_clips_asks_the_disk_once_and_is_refused_whole(tmp_path, monkeypatch):
+    """write_clips checks the free disk once for all its clips' bytes (it asked several times per clip); a batch
+    that does not fit is refused before its first byte: none of its clips is written, the earlier ones stay."""
+    import shutil
+
+    from emotion_attention.cache import StoreFull
+    from emotion_attention.cache.common import FREE_RESERVE, clip_key
+    from emotion_attention.cache.faces_store import arrays_nbytes
+
+    clips = [(f"Train/Happy/{i}.mp4", noise_clip(20, seed=i), {"label": "Happy"}) for i in range(4)]
+    need = sum(arrays_nbytes(a) for _c, a, _t in clips[1:])
+    free = {"bytes": 10**12}
+    asked = []
+
+    def disk_usage(path):
+        asked.append(path)
+        return shutil._ntuple_diskusage(10**13, 10**13 - free["bytes"], free["bytes"])
+
+    with FacesStore(tmp_path / "f.h5", "a", config={"size": 8}, code_version="t") as store:
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+        store.write_clips(clips[:1])
+        store.write_clips(clips[1:])
+        assert len(asked) == 2
+        free["bytes"] = FREE_RESERVE + need  # room for one clip of three, not for the 5 % margin of all three
+        with pytest.raises(StoreFull, match="not enough free disk"):
+            store.write_clips([(f"Test/Sad/{i}.mp4", a, t) for i, (_c, a, t) in enumerate(clips[1:])])
+        free["bytes"] = 10**12
+        store.write_clips([("Test/Sad/after.mp4", *clips[0][1:])])  # the budget ended with the refused batch
+        assert len(asked) == 4
+    with FacesStore(tmp_path / "f.h5") as store:
+        assert sorted(store.complete_ids()) == sorted([c for c, _a, _t in clips] + ["Test/Sad/after.mp4"])
+        assert not any(clip_key(f"Test/Sad/{i}.mp4") in store._f for i in range(3))  # not even a group
+
+
 def test_a_short_clip_written_whole_takes_chunks_no_longer_than_itself(tmp_path):
     """A 3-frame clip's meta data sets are chunked at 3 rows (a 256-row chunk of landmarks took 139 KB, most
     of the clip's bytes); a clip written in pieces keeps the long chunks it grows into."""

@@ -156,17 +156,6 @@ def encoded_clip(clip: Clip, cfg: PreprocessConfig) -> tuple[dict[str, np.ndarra
     return arrays, clip_attrs()
 
 
-def encoded_nbytes(arrays: dict) -> int:
-    """Bytes a clip's arrays put on disk (encoded chips counted by their length, not their pointers)."""
-    total = 0
-    for name, value in arrays.items():
-        if name == ENCODED_FACES:
-            continue
-        value = np.asarray(value)
-        total += sum(len(row) for row in value) if value.dtype == object else value.nbytes
-    return total
-
-
 def write_clip(store: FacesStore, clip: Clip, cfg: PreprocessConfig) -> int:
     """Decode, align and write one clip into ``store`` chunk by chunk, then commit it whole; returns its
     frame count. A clip that fails midway leaves no group behind; StoreFull passes through. (The stage
@@ -633,9 +622,7 @@ def commit_results(store: FacesStore, results: Iterable[list[ClipResult]], log: 
         if any(result.full for result in batch):
             raise StoreFull(next(result.error for result in batch if result.full))
         in_memory = [result for result in batch if result.error is None and result.arrays is not None]
-        for result in in_memory:
-            store.ensure_space(result.clip.clip_id, encoded_nbytes(result.arrays))
-        if in_memory:  # a task's short clips committed together: two flushes for all of them
+        if in_memory:  # a task's short clips committed together: two flushes, one free-space check for all
             store.write_clips([(r.clip.clip_id, r.arrays, r.attrs) for r in in_memory], compression)
         for result in batch:
             clip = result.clip
