@@ -13,7 +13,7 @@ Prints faces/s of each, stage / network alone (target >= 0.90) and stage / naive
 max relative difference stage vs naive (fidelity), and the same for fer-minixception (network alone vs stage).
 VGG16 weights are random (seed 0; no VGG weights ship with the project): speed does not depend on them.
 
-    .venv/bin/python bench/bench_extract_cpu.py                 # ~5 minutes on 2 cores
+    .venv/bin/python bench/bench_extract_cpu.py                 # ~8 minutes on 2 cores
     .venv/bin/python bench/bench_extract_cpu.py --faces 64      # a quick look
 """
 from __future__ import annotations
@@ -151,7 +151,8 @@ def bench_fer(tmp: Path, faces: Path, n_faces: int, rounds: int) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--faces", type=int, default=200, help="faces of the VGG16 comparison")
+    ap.add_argument("--faces", type=int, default=400,
+                    help="faces of the VGG16 comparison (400: 25 full batches of 16, start-up about 5 %% of the run)")
     ap.add_argument("--fer-faces", type=int, default=4000, help="faces of the fer-minixception comparison")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best of each way counts")
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder")
