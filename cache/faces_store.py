@@ -246,11 +246,11 @@ class FacesStore(ClipStore):
         """Commit several clips, each ``(clip_id, arrays, attrs)`` whole, with two flushes in all (data and
         attributes of every clip, then every ``complete`` mark): what a short clip costs is mostly its flushes.
         A kill loses these clips, never commits one in part; earlier incomplete groups are replaced."""
-        writers = []
         with self.space_for(clips[0][0] if clips else "", sum(arrays_nbytes(a) for _c, a, _t in clips)):
-            self._write_clips(clips, compression, writers)
+            self._write_clips(clips, compression)
 
-    def _write_clips(self, clips: list[tuple[str, dict, dict]], compression: Optional[str], writers: list) -> None:
+    def _write_clips(self, clips: list[tuple[str, dict, dict]], compression: Optional[str]) -> None:
+        writers = []
         for clip_id, arrays, attrs in clips:
             missing = set(FRAME_DATASETS) - set(arrays)
             if missing:
