@@ -836,6 +836,7 @@ class ClipStore:
     STAGE = ""
     path: Path
     _f: h5py.File
+    _space_budget: Optional[int] = None  # bytes a batch's one free-space check still covers (space_for)
 
     def is_complete(self, clip_id: str) -> bool:
         return self._complete_or_none(clip_id) is not None
@@ -897,7 +898,7 @@ class ClipStore:
         flush or close can crash the process (seen as a segmentation fault). So writers check first, and the
         reserve keeps room for the metadata that the commit and the close still write.
         """
-        budget = getattr(self, "_space_budget", None)
+        budget = self._space_budget
         if budget is not None and nbytes <= budget:  # inside space_for: this clip's bytes were checked already
             self._space_budget = budget - nbytes
             return
@@ -946,8 +947,9 @@ class ClipStore:
         """``_commit`` for several written clips with two flushes in all: every clip's attributes and data
         flushed first, then every ``complete`` mark, flushed again. A kill before the second flush leaves
         none of them complete (a rerun redoes them), never one with its mark and without its data."""
+        if clips:  # one check for all: between clips only attributes are written
+            self.ensure_space(clips[0][1])
         for grp, clip_id, attrs in clips:
-            self.ensure_space(clip_id)
             write_attrs(grp, {k: to_attr(v) for k, v in {**attrs, "clip_id": clip_id}.items()})
         self._f.flush()
         for grp, _clip_id, _attrs in clips:
