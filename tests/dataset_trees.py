@@ -276,6 +276,24 @@ def rafdb_tree(root: Path, train: int = 6, test: int = 3, aligned: bool = True, 
 RAF_NAMES = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
 
 
+def rafdb_code_folders_tree(root: Path, parent: str = "DATASET", splits: tuple = ("train", "test"),
+                            train: int = 8, test: int = 4) -> tuple[Path, dict]:
+    """RAF-DB's aligned faces in folders named by its codes: ``<parent>/<split>/<1..7>/<split>_00001_aligned.jpg``
+    (the Kaggle copy, with ``{train,test}_labels.csv`` of ``image,label`` beside ``DATASET/``; others'
+    ``train_set/1..7/``). Image k of a split has code (k-1) % 7 + 1."""
+    face = cv2.resize(real_frames(1, size=None)[0][40:320, 180:460], (100, 100), interpolation=cv2.INTER_AREA)
+    for split, n in zip(splits, (train, test)):
+        rows = ["image,label"]
+        for k in range(1, n + 1):
+            code, name = (k - 1) % 7 + 1, f"{split.split('_')[0]}_{k:05d}_aligned.jpg"
+            folder = root / parent / split / str(code)
+            folder.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(folder / name), face)
+            rows.append(f"{name},{code}")
+        (root / f"{split.split('_')[0]}_labels.csv").write_text("\n".join(rows) + "\n")
+    return root, {"train": train, "test": test}
+
+
 def image_folders_tree(root: Path) -> tuple[Path, dict]:
     """Still images as clips in <split>/<label>/<image>: 3 train, 2 val."""
     face = real_frames(1)[0]
@@ -286,3 +304,4 @@ def image_folders_tree(root: Path) -> tuple[Path, dict]:
 
 
 BUILDERS["rafdb"] = rafdb_tree
+BUILDERS["rafdb-folders"] = rafdb_code_folders_tree

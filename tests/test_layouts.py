@@ -26,7 +26,7 @@ def test_each_layout_is_detected_and_scans(name, tmp_path):
     scan = scan_dataset(source)
     assert scan.layout == name and scan.clips
     assert len({c.clip_id for c in scan.clips}) == len(scan.clips)            # ids unique
-    assert all(c.path.exists() and c.kind == ("image" if name == "rafdb" else "frames") for c in scan.clips)
+    assert all(c.path.exists() and c.kind == ("image" if name.startswith("rafdb") else "frames") for c in scan.clips)
     assert scan_dataset(source, layout=name).clips == scan.clips             # --layout gives the same
 
 

@@ -9,15 +9,39 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dataset_trees import (DFEW_NAMES, MAFW_MAE, RAF_NAMES, dfew_code, dfew_release_tree, dfew_tree,
-                           ferv39k_tree, image_folders_tree, mafw_mae_tree, mafw_tree, rafdb_tree, real_frames,
-                           write_frames)
+from dataset_trees import (DFEW_NAMES, MAFW_MAE, RAF_NAMES, SAMPLES, dfew_code, dfew_release_tree, dfew_tree,
+                           ferv39k_tree, image_folders_tree, mafw_mae_tree, mafw_tree, rafdb_code_folders_tree,
+                           rafdb_tree, real_frames, write_frames)
 from emotion_attention.cli.emo_cache import main as emo_cache
 from emotion_attention.pipeline.data.clips import DatasetError
 from emotion_attention.pipeline.data.layouts import MAFW_CLASSES, RAFDB_CLASSES, scan_dataset
 from emotion_attention.pipeline.stages.check import check_dataset
 
 MAFW_ORDER = {name.lower(): name for name in MAFW_CLASSES}
+
+
+def dfew_readme_tree(root: Path) -> tuple[Path, dict]:
+    """DFEW as its README names it: ``EmoLabel_DataSplit/{train,test}(single_labeled)/set_K.csv`` (an underscore)
+    and only the original videos ``Clip/original/<00001>.mp4``, for the faces stage to detect faces in."""
+    root, facts = dfew_release_tree(root, "Clip/original")
+    for i in range(1, facts["clips"] + 1):
+        shutil.rmtree(root / "Clip" / "original" / f"{i:05d}")
+        shutil.copyfile(SAMPLES / "single_face.mp4", root / "Clip" / "original" / f"{i:05d}.mp4")
+    for part in ("train", "test"):
+        split = root / "EmoLabel_DataSplit"
+        (split / f"{part}(single-labeled)").rename(split / f"{part}(single_labeled)")
+    return root, facts
+
+
+def dfew_odd_lists_tree(root: Path) -> tuple[Path, dict]:
+    """DFEW lists with no header line and video names with their extension (``00001.mp4,1``), beside frame
+    folders named without it."""
+    root, facts = dfew_release_tree(root, "Clip/clip_224x224")
+    for table in (root / "EmoLabel_DataSplit").rglob("*.csv"):
+        rows = table.read_text().splitlines()[1:]
+        table.write_text("".join(row.replace(",", ".mp4,", 1) + "\n" for row in rows))
+    return root, facts
+
 
 # variant -> (builder, folder to point at (relative to the tree), layout, folder the clips must come from)
 VARIANTS = {
@@ -43,7 +67,14 @@ VARIANTS = {
     "rafdb-aligned": (rafdb_tree, ".", "rafdb", "basic/Image/aligned"),
     "rafdb-from-basic": (rafdb_tree, "basic", "rafdb", "basic/Image/aligned"),
     "rafdb-original-only": (lambda r: rafdb_tree(r, aligned=False), ".", "rafdb", "basic/Image/original"),
+    "rafdb-kaggle-code-folders": (rafdb_code_folders_tree, ".", "rafdb-folders", "DATASET"),
+    "rafdb-code-folders-from-inside": (rafdb_code_folders_tree, "DATASET", "rafdb-folders", "DATASET"),
+    "rafdb-train_set-code-folders": (lambda r: rafdb_code_folders_tree(r, "rafdb", ("train_set", "val_set")), ".",
+                                     "rafdb-folders", "rafdb"),
+    "dfew-readme-spelling-original-videos": (dfew_readme_tree, ".", "dfew", "Clip/original"),
+    "dfew-headerless-lists-with-mp4-names": (lambda r: dfew_odd_lists_tree(r), ".", "dfew", "Clip/clip_224x224"),
 }
+
 
 
 def expected_label(variant: str, clip) -> str:
@@ -74,8 +105,9 @@ def test_release_variant_is_found_by_content(variant, tmp_path):
         assert sum(c["test"] for c in scan.fold_counts().values()) == clips      # every clip tests once
         assert all(dict(c.folds)[(int(c.clip_id.rsplit("/", 1)[1]) - 1) % 5 + 1] == "test" for c in scan.clips)
         assert not [p for p in scan.problems if p.severity != "info"] or variant == "mafw-clip-lists"
-    if layout == "rafdb":
-        assert scan.counts()["Train"].total() == facts["train"] and scan.counts()["Test"].total() == facts["test"]
+    if layout.startswith("rafdb"):
+        second = "Val" if "train_set" in variant else "Test"
+        assert scan.counts()["Train"].total() == facts["train"] and scan.counts()[second].total() == facts["test"]
         assert {c.kind for c in scan.clips} == {"image"} and all(c.frames == 1 for c in scan.clips)
         assert scan.class_names == RAFDB_CLASSES and not scan.problems
     chosen = tmp_path / "tree" / frames                                       # the report names the folder read
@@ -241,3 +273,26 @@ def test_faces_on_raf_db_images_prealigned_and_detected(tmp_path):
             assert o.read_meta(cid)["present"].tolist() == [True]                           # the face was found
             assert o.read_meta(cid)["how"].tolist()[0] in (HOW["detector"], HOW["upsampled"])
             assert a.read_faces(cid).shape == o.read_faces(cid).shape == (1, 256, 256, 3)
+
+
+def test_faces_with_workers_then_check_with_workers_in_one_process(tmp_path):
+    """faces' loky workers and check's joblib pool share one reusable executor per process: a notebook (or a
+    script) that runs faces with 2 workers and then check with 2 must get a report, not an AttributeError from a
+    pool of the wrong kind; and the other way round."""
+    from joblib.externals.loky import reusable_executor
+
+    from emotion_attention.pipeline.configs import PreprocessConfig
+    from emotion_attention.pipeline.stages.faces import preprocess_dataset
+
+    images, _ = rafdb_code_folders_tree(tmp_path / "raf", train=4, test=2)
+    videos = tmp_path / "videos"                       # check runs each video as a job of its own: a pool of 2
+    for name in ("Train/Happy/a.mp4", "Train/Sad/b.mp4", "Val/Happy/c.mp4"):
+        (videos / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SAMPLES / "single_face.mp4", videos / name)
+    for n, first in enumerate(("faces", "check", "faces")):
+        if first == "faces":
+            done = preprocess_dataset(images, tmp_path / f"f{n}.h5", PreprocessConfig(), workers=2, progress=False)
+            assert done.written == 6 and not done.failures
+        report = check_dataset(videos, progress=False, workers=2)
+        assert report.ok and len(report.scan.clips) == 3, report.format()
+        assert reusable_executor._executor is not None                  # the pools did run in processes

@@ -24,7 +24,9 @@ from emotion_attention.pipeline.data.decode import (
 )
 
 CLASSES_FILE = "classes.txt"   # optional, one class per line: a dataset naming its own class order
-KNOWN_SPLITS = {"train": "Train", "val": "Val", "valid": "Val", "validation": "Val", "test": "Test"}
+KNOWN_SPLITS = {"train": "Train", "val": "Val", "valid": "Val", "validation": "Val", "test": "Test",
+                "train_set": "Train", "val_set": "Val", "test_set": "Test",     # RAF-DB copies in code folders
+                "train_afew": "Train", "val_afew": "Val"}    # Emotion-FAN's data/face/ (its readme.md)
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", CLASSES_FILE}
 
 

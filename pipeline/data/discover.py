@@ -142,7 +142,11 @@ def spread(items: Sequence, n: int = 24) -> list:
 
 def clip_entry(folder: Path, name: str, video_ok: bool = True) -> Optional[Path]:
     """``folder/name`` as a clip: a frame folder of that name (also zero-padded to 5 digits or unpadded, as the
-    releases and the loaders disagree), else a video ``name.<ext>`` when ``video_ok``."""
+    releases and the loaders disagree), else a video ``name.<ext>`` when ``video_ok``. A name listed with its
+    video's extension (``00001.mp4``) also finds the frame folder ``00001``."""
+    stem, ext = os.path.splitext(name)
+    if ext.lower() in VIDEO_EXTENSIONS:
+        name = stem
     variants = [name]
     if name.isdigit():
         variants += [name.zfill(5), name.lstrip("0") or "0"]

@@ -127,11 +127,13 @@ def find_under(root: Path, candidates: Iterable[str]) -> Optional[Path]:
     return None
 
 
-def read_header_csv(path: Path, required: Sequence[str], delimiter: str = ",") -> list[tuple[int, dict]]:
+def read_header_csv(path: Path, required: Sequence[str], delimiter: str = ",",
+                    headerless: bool = False) -> list[tuple[int, dict]]:
     """Rows of a CSV with a header, as (line number, {lower-case column: value}).
 
     Headers are matched case-insensitively, a UTF-8 byte-order mark is ignored; a missing column or an
-    empty file is a DatasetError naming the file.
+    empty file is a DatasetError naming the file. With ``headerless``, a file whose first line is a row of
+    ``required`` values (as many fields, the last a number, e.g. ``00001,1``) is read as those columns.
     """
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh, delimiter=delimiter)
@@ -140,12 +142,15 @@ def read_header_csv(path: Path, required: Sequence[str], delimiter: str = ",") -
             raise DatasetError(f"{path}: empty; it needs a header line with {','.join(required)}")
         keys = [h.strip().lower() for h in header]
         missing = [k for k in required if k not in keys]
+        first: list = []
+        if missing and headerless and len(keys) == len(required) and keys[-1].lstrip("-").isdigit():
+            keys, missing, first = list(required), [], [(1, header)]
         if missing:
             raise DatasetError(f"{path}: the header {','.join(h.strip() for h in header)!r} lacks"
                                f" {', '.join(missing)}; the first line must name the columns"
                                f" {','.join(required)}")
-        return [(n, dict(zip(keys, (v.strip() for v in row)))) for n, row in enumerate(reader, start=2)
-                if any(v.strip() for v in row)]
+        rows = first + list(enumerate(reader, start=2))
+        return [(n, dict(zip(keys, (v.strip() for v in row)))) for n, row in rows if any(v.strip() for v in row)]
 
 
 def resolve_listed_path(text: str, bases: Sequence[Path]) -> Optional[Path]:
@@ -311,15 +316,16 @@ def new_folds() -> dict:
 
 
 # -- DFEW ------------------------------------------------------------------------------------------
+_SINGLE = r"\(single[-_ ]labell?ed\)"   # MAE-DFER's "(single-labeled)"; the release README's "(single_labeled)"
 DFEW_LISTS = (
     ListFamily("EmoLabel_DataSplit/{train,test}(single-labeled)/set_K.csv (the release; MAE-DFER, DFER-CLIP)",
-               r"(?:^|/)emolabel_datasplit/(?P<part>train|test)\(single-labeled\)/set_(?P<fold>\d+)\.csv$"),
+               rf"(?:^|/)emolabel_datasplit/(?P<part>train|test){_SINGLE}/set_(?P<fold>\d+)\.csv$"),
     ListFamily("EmoLabel_DataSplit/{train,test}/set_K.csv",
                r"(?:^|/)emolabel_datasplit/(?P<part>train|test)/set_(?P<fold>\d+)\.csv$"),
     ListFamily("label/single_{train,test}set_K.csv (the authors' data_affine baseline)",
                r"(?:^|/)single_(?P<part>train|test)set_(?P<fold>\d+)\.csv$"),
     ListFamily("{train,test}(single-labeled)/{train,test}_set_K.csv (S2D's copies, codes 0..6)",
-               r"(?:^|/)(?P<part>train|test)\(single-labeled\)/(?P=part)_set_(?P<fold>\d+)\.csv$", base=0),
+               rf"(?:^|/)(?P<part>train|test){_SINGLE}/(?P=part)_set_(?P<fold>\d+)\.csv$", base=0),
 )
 DFEW_FRAMES = ("clip_224x224", "jpg_256", "clip_224x224_16f", "data")  # among folders holding every clip, in order
 
@@ -341,7 +347,7 @@ def scan_dfew(root: Path, scan: DatasetScan) -> None:
         for part, table in sorted(parts.items(), reverse=True):   # train, then test
             declare(scan, part, table, fold)
             rows += [(fold, part, f"{table}:{line}", row["video_name"], row["label"])
-                     for line, row in read_header_csv(table, ("video_name", "label"))]
+                     for line, row in read_header_csv(table, ("video_name", "label"), headerless=True)]
     choice = choose_clip_root(scan, index, [r[3] for r in rows], DFEW_FRAMES, "DFEW", family,
                               [p for p, _ in tables])
     scan.notes += notes
@@ -562,6 +568,41 @@ def _rafdb_images(scan: DatasetScan, index: TreeIndex, names: list, family: List
     return scored[0][1]
 
 
+# RAF-DB as <split>/<code>/<image> (the Kaggle copy's DATASET/{train,test}/1..7/, others' train_set/1..7/)
+RAFDB_CODE_FOLDERS = frozenset(str(code) for code in range(1, len(RAFDB_CLASSES) + 1))
+_SPLITS = ("Train", "Val", "Test")
+
+
+def _rafdb_code_root(source: Path) -> Optional[Path]:
+    """``source`` or one of its few sub-folders (``DATASET/``) when its split folders hold only folders named
+    by RAF-DB's codes 1..7, and those hold images."""
+    if not source.is_dir():
+        return None
+    subdirs = sorted(p for p in source.iterdir() if p.is_dir())
+    for candidate in [source] + (subdirs if len(subdirs) <= 4 else []):
+        splits = [p for p in candidate.iterdir() if p.is_dir() and canonical_split(p.name) in _SPLITS]
+        codes = [c for split in splits for c in split.iterdir() if c.is_dir()]
+        if codes and all(c.name in RAFDB_CODE_FOLDERS for c in codes) and any(
+                f.suffix.lower() in IMAGE_EXTENSIONS for f in codes[0].iterdir()):
+            return candidate
+    return None
+
+
+@register_layout("rafdb-folders", lambda s: _rafdb_code_root(s) is not None, RAFDB_CLASSES,
+                 "<split>/<1..7>/<image>: label folders named by RAF-DB's codes (the Kaggle copy's"
+                 " DATASET/{train,test}/)")
+def scan_rafdb_folders(source: Path, scan: DatasetScan) -> None:
+    """Still images in folders named by RAF-DB's codes 1 Surprise .. 7 Neutral, under train/test folders."""
+    root = _rafdb_code_root(source)
+    if root is None:
+        raise DatasetError(f"{source}: no <split>/<1..7>/ folders of images (RAF-DB's codes) found here or one"
+                           " level down")
+    scan_folders(root, scan, lambda name: label_for(read_code(name, RAFDB_CLASSES, 1) or "", scan.class_names))
+    codes = ", ".join(f"{k} {name}" for k, name in enumerate(RAFDB_CLASSES, start=1))
+    scan.notes.append(f"labels: the folder names, read as RAF-DB's codes ({codes}; for another order, rename the"
+                      f" folders to class names); images: {root} ({len(scan.clips)} found)")
+
+
 # -- AFEW and the generic <split>/<label>/<clip> -----------------------------------------------------
 def _is_afew(source: Path) -> bool:
     if not source.is_dir():
@@ -748,7 +789,9 @@ def scan_csv(csv_path: Path, scan: DatasetScan) -> None:
 # -- the generic <split>/<label>/<clip>: last, it accepts any folder ----------------------------------
 @register_layout("folders", lambda s: s.is_dir(), None,
                  "<split>/<label>/<clip>, clip = video, frame folder or still image")
-def scan_folders(root: Path, scan: DatasetScan) -> None:
+def scan_folders(root: Path, scan: DatasetScan, label_of: Optional[Callable[[str], Optional[str]]] = None) -> None:
+    """Every <split>/<label>/<clip>; ``label_of`` maps a label folder's name to a class (default: its name)."""
+    label_of = label_of or (lambda name: label_for(name, scan.class_names))
     for split_dir in sorted(root.iterdir()):
         if not split_dir.is_dir():
             if split_dir.name not in IGNORED_NAMES and split_dir.suffix.lower() != ".csv":
@@ -763,7 +806,7 @@ def scan_folders(root: Path, scan: DatasetScan) -> None:
                     scan.problems.append(Problem("warning", str(label_dir), "stray file in a split folder;"
                                                  " expected only <label>/ folders", reason="a file in a split folder"))
                 continue
-            label = label_for(label_dir.name, scan.class_names)
+            label = label_of(label_dir.name)
             if label is None:
                 scan.problems.append(Problem("error", str(label_dir), f"unknown label folder; known classes"
                                              f" are {', '.join(scan.class_names)} (rename it, or list"
@@ -790,8 +833,8 @@ def scan_label_folder(scan: DatasetScan, label_dir: Path, label: str, split: str
 
 
 # detection order: the registry's insertion order, with the catch-all folders layout last
-LAYOUTS = {name: LAYOUTS[name] for name in ("dfew", "ferv39k", "mafw", "rafdb", "ckplus", "annotation-list", "csv",
-                                            "afew", "folders")}
+LAYOUTS = {name: LAYOUTS[name] for name in ("dfew", "ferv39k", "mafw", "rafdb", "rafdb-folders", "ckplus",
+                                            "annotation-list", "csv", "afew", "folders")}
 RELEASES = {"dfew": DFEW_LISTS, "ferv39k": FERV39K_LISTS, "mafw": MAFW_LISTS, "rafdb": RAFDB_LISTS}
 
 

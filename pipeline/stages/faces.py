@@ -276,9 +276,11 @@ def run_tasks(tasks: list[Task], cfg: PreprocessConfig, workers: int, backend: s
     if backend == "loky" and workers == 1:
         return (run_task(task, cfg, store_config, parts_dir) for task in tasks)
     if backend == "loky":
-        from joblib.externals.loky import get_reusable_executor  # lazy: joblib, only for several loky workers
+        # joblib's own reusable executor, the one its Parallel (check) takes over afterwards in this process;
+        # loky's plain one would break it
+        from joblib.executor import get_memmapping_executor  # lazy: joblib, only for several loky workers
 
-        executor = get_reusable_executor(max_workers=workers, env=worker_env(workers))
+        executor = get_memmapping_executor(workers, env=worker_env(workers))
         return bounded(lambda task: executor.submit(run_task, task, cfg, store_config, parts_dir), tasks,
                        AHEAD * workers, lambda fs: futures.wait(fs, return_when=futures.FIRST_COMPLETED))
     return run_on_dask(tasks, cfg, workers, scheduler, store_config, parts_dir)
