@@ -43,6 +43,38 @@ def dfew_odd_lists_tree(root: Path) -> tuple[Path, dict]:
     return root, facts
 
 
+def dfew_dfer_clip_tree(root: Path) -> tuple[Path, dict]:
+    """DFEW with DFER-CLIP's lists only: ``annotation/DFEW_set_K_{train,test}.txt`` of lines
+    ``/data/EECS-IoannisLab/datasets/DFEW/DFEW_Frame_Face/02522 66 5`` (another machine's paths, codes 0..6,
+    zengqunzhao/DFER-CLIP:annotation/DFEW_set_1_train.txt) beside its ``DFEW_Frame_Face/<id>/`` frame folders."""
+    root, facts = dfew_release_tree(root, "DFEW_Frame_Face")
+    for table in (root / "EmoLabel_DataSplit").rglob("set_*.csv"):
+        part, fold = ("test" if "test" in table.parent.name else "train"), table.stem.split("_")[1]
+        out = root / "annotation" / f"DFEW_set_{fold}_{part}.txt"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text("".join(f"/data/EECS-IoannisLab/datasets/DFEW/DFEW_Frame_Face/{name} 2 {int(code) - 1}\n"
+                               for name, code in (row.split(",") for row in table.read_text().split()[1:])))
+    shutil.rmtree(root / "EmoLabel_DataSplit")
+    return root, facts
+
+
+def ferv39k_dfer_clip_tree(root: Path) -> tuple[Path, dict]:
+    """FERV39k with DFER-CLIP's ``annotation/FERV39K_{train,test}.txt`` only, lines
+    ``/data/.../FERV39K/2_ClipsforFaceCrop/Action/Happy/0015 25 0`` (codes 0..6 in DFEW's order,
+    zengqunzhao/DFER-CLIP:annotation/FERV39K_test.txt); the planted bad rows come along."""
+    root, facts = ferv39k_tree(root)
+    lists = root / "FERV39k" / "4_setups" / "All_scenes"
+    codes = {name.lower(): i for i, name in enumerate(DFEW_NAMES)}
+    (root / "FERV39k" / "annotation").mkdir()
+    for part in ("train", "test"):
+        rows = [line.split() for line in (lists / f"{part}_All.csv").read_text().splitlines()]
+        (root / "FERV39k" / "annotation" / f"FERV39K_{part}.txt").write_text("".join(
+            f"/data/EECS-IoannisLab/datasets/FERV39K/2_ClipsforFaceCrop/{rel} 2 {codes.get(label.lower(), 9)}\n"
+            for rel, label in rows))
+    shutil.rmtree(root / "FERV39k" / "4_setups")
+    return root, facts
+
+
 # variant -> (builder, folder to point at (relative to the tree), layout, folder the clips must come from)
 VARIANTS = {
     "dfew-mae-jpg_256": (lambda r: dfew_release_tree(r, "Clip/jpg_256"), ".", "dfew", "Clip/jpg_256"),
@@ -73,6 +105,8 @@ VARIANTS = {
                                      "rafdb-folders", "rafdb"),
     "dfew-readme-spelling-original-videos": (dfew_readme_tree, ".", "dfew", "Clip/original"),
     "dfew-headerless-lists-with-mp4-names": (lambda r: dfew_odd_lists_tree(r), ".", "dfew", "Clip/clip_224x224"),
+    "dfew-dfer-clip-lists": (dfew_dfer_clip_tree, ".", "dfew", "DFEW_Frame_Face"),
+    "ferv39k-dfer-clip-lists": (ferv39k_dfer_clip_tree, ".", "ferv39k", "FERV39k/2_ClipsforFaceCrop"),
 }
 
 
@@ -121,8 +155,8 @@ def test_check_output_for_each_variant(tmp_path):
         result = CliRunner().invoke(emo_cache, ["check", str(tmp_path / variant / point), "--workers", "1"])
         assert f"({layout} layout)" in result.output, result.output
         assert "note: labels: " in result.output
-        assert result.exit_code == (1 if variant in ("mafw-clip-lists", "ferv39k-mae", "ferv39k-from-inside")
-                                    else 0), result.output  # those two trees plant bad rows on purpose
+        assert result.exit_code == (1 if variant == "mafw-clip-lists" or variant.startswith("ferv39k")
+                                    else 0), result.output  # those trees plant bad rows on purpose
 
 
 def test_mafw_decoy_lists_are_not_read(tmp_path):

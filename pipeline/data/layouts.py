@@ -326,8 +326,25 @@ DFEW_LISTS = (
                r"(?:^|/)single_(?P<part>train|test)set_(?P<fold>\d+)\.csv$"),
     ListFamily("{train,test}(single-labeled)/{train,test}_set_K.csv (S2D's copies, codes 0..6)",
                rf"(?:^|/)(?P<part>train|test){_SINGLE}/(?P=part)_set_(?P<fold>\d+)\.csv$", base=0),
+    ListFamily("DFEW_set_K_{train,test}.txt (DFER-CLIP's annotation/: path num_frames code, codes 0..6)",
+               r"(?:^|/)dfew_set_(?P<fold>\d+)_(?P<part>train|test)\.txt$", base=0),
 )
-DFEW_FRAMES = ("clip_224x224", "jpg_256", "clip_224x224_16f", "data")  # among folders holding every clip, in order
+DFEW_FRAMES = ("clip_224x224", "jpg_256", "clip_224x224_16f", "dfew_frame_face", "data")  # among folders holding
+#   every clip, in order (DFEW_Frame_Face/: DFER-CLIP's face frames)
+
+
+def _dfew_rows(table: Path) -> list[tuple[int, str, str]]:
+    """(line, video name, code) of a DFEW list: a ``video_name,label`` CSV, or DFER-CLIP's ``path num_frames code``
+    lines (the name is the path's last folder)."""
+    if table.suffix.lower() == ".csv":
+        return [(line, row["video_name"], row["label"])
+                for line, row in read_header_csv(table, ("video_name", "label"), headerless=True)]
+    rows = []
+    for line_no, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        parsed = split_list_line(line)
+        if parsed is not None:
+            rows.append((line_no, Path(parsed[0]).name, parsed[1]))
+    return rows
 
 
 @register_layout("dfew", lambda s: has_lists(s, DFEW_LISTS), DFEW_CLASSES,
@@ -346,8 +363,7 @@ def scan_dfew(root: Path, scan: DatasetScan) -> None:
     for fold, parts in fold_tables(scan, tables).items():
         for part, table in sorted(parts.items(), reverse=True):   # train, then test
             declare(scan, part, table, fold)
-            rows += [(fold, part, f"{table}:{line}", row["video_name"], row["label"])
-                     for line, row in read_header_csv(table, ("video_name", "label"), headerless=True)]
+            rows += [(fold, part, f"{table}:{line}", name, code) for line, name, code in _dfew_rows(table)]
     choice = choose_clip_root(scan, index, [r[3] for r in rows], DFEW_FRAMES, "DFEW", family,
                               [p for p, _ in tables])
     scan.notes += notes
@@ -372,7 +388,9 @@ def scan_dfew(root: Path, scan: DatasetScan) -> None:
 
 # -- FERV39k ---------------------------------------------------------------------------------------
 FERV39K_LISTS = (ListFamily("4_setups/All_scenes/{train,test}_All.csv (the release; MAE-DFER)",
-                            r"(?:^|/)(?P<part>train|test)_all\.csv$"),)
+                            r"(?:^|/)(?P<part>train|test)_all\.csv$"),
+                 ListFamily("FERV39K_{train,test}.txt (DFER-CLIP's annotation/: path num_frames code, codes 0..6)",
+                            r"(?:^|/)ferv39k_(?P<part>train|test)\.txt$", base=0))
 FERV39K_FRAMES = ("2_ClipsforFaceCrop",)   # the face crops, before the scene images (3_ClipsforScenImages)
 
 
@@ -388,14 +406,14 @@ def scan_ferv39k(root: Path, scan: DatasetScan) -> None:
     parts = {m.group("part"): path for path, m in tables}
     for part in ("train", "test"):
         if part not in parts:
-            scan.problems.append(Problem("error", str(next(iter(parts.values())).parent / f"{part}_All.csv"),
-                                         "missing: FERV39k ships train_All.csv and test_All.csv"))
+            scan.problems.append(Problem("error", str(next(iter(parts.values())).parent),
+                                         f"missing: the {part} list of {family.name}"))
     rows = []
     for part, table in sorted(parts.items(), reverse=True):
         split = canonical_split(part)
         declare(scan, split, table)
         for line_no, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            fields = line.replace(",", " ").split()
+            fields = _ferv39k_fields(line.replace(",", " ").split(), family)
             if fields:
                 rows.append((split, f"{table}:{line_no}", fields, line))
     choice = choose_clip_root(scan, index, [r[2][0] for r in rows], FERV39K_FRAMES, "FERV39k", family,
@@ -412,6 +430,14 @@ def scan_ferv39k(root: Path, scan: DatasetScan) -> None:
                                          reason="a listed clip that is not there"))
         else:
             add_clip(scan, choice.root / rel, label, split, name=rel)
+
+
+def _ferv39k_fields(fields: list, family: ListFamily) -> list:
+    """``[<Scene>/<Emotion>/<nnnn>, <Emotion>]`` of a list line: the release's as they are; DFER-CLIP's
+    ``/.../2_ClipsforFaceCrop/<Scene>/<Emotion>/<nnnn> num_frames code`` re-rooted, its code named."""
+    if family.base != 0 or len(fields) < 3:
+        return fields
+    return ["/".join(Path(fields[0]).parts[-3:]), read_code(fields[-1], FERV39K_CLASSES, 0) or fields[-1]]
 
 
 # -- MAFW ------------------------------------------------------------------------------------------
