@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dataset_trees import (DFEW_NAMES, MAFW_MAE, RAF_NAMES, SAMPLES, dfew_code, dfew_release_tree, dfew_tree,
+from dataset_trees import (DFEW_NAMES, MAFW_MAE, RAF_NAMES, SAMPLES, ckplus_tree, dfew_code, dfew_release_tree, dfew_tree,
                            ferv39k_tree, image_folders_tree, mafw_mae_tree, mafw_tree, rafdb_code_folders_tree,
                            rafdb_tree, real_frames, write_frames)
 from emotion_attention.cli.emo_cache import main as emo_cache
 from emotion_attention.pipeline.data.clips import DatasetError
-from emotion_attention.pipeline.data.layouts import MAFW_CLASSES, RAFDB_CLASSES, scan_dataset
+from emotion_attention.pipeline.data.layouts import CKPLUS_CLASSES, MAFW_CLASSES, RAFDB_CLASSES, scan_dataset
 from emotion_attention.pipeline.stages.check import check_dataset
 
 MAFW_ORDER = {name.lower(): name for name in MAFW_CLASSES}
@@ -75,6 +75,15 @@ def ferv39k_dfer_clip_tree(root: Path) -> tuple[Path, dict]:
     return root, facts
 
 
+def ckplus_unzipped_tree(root: Path) -> tuple[Path, dict]:
+    """CK+ with Emotion_labels.zip unpacked into its own folder: ``CK+/cohn-kanade-images/`` beside
+    ``CK+/Emotion_labels/Emotion/Sxxx/nnn/*_emotion.txt`` (the distribution's zip names)."""
+    root, facts = ckplus_tree(root / "CK+")
+    (root / "Emotion_labels").mkdir()
+    (root / "Emotion").rename(root / "Emotion_labels" / "Emotion")
+    return root.parent, facts
+
+
 # variant -> (builder, folder to point at (relative to the tree), layout, folder the clips must come from)
 VARIANTS = {
     "dfew-mae-jpg_256": (lambda r: dfew_release_tree(r, "Clip/jpg_256"), ".", "dfew", "Clip/jpg_256"),
@@ -107,6 +116,7 @@ VARIANTS = {
     "dfew-headerless-lists-with-mp4-names": (lambda r: dfew_odd_lists_tree(r), ".", "dfew", "Clip/clip_224x224"),
     "dfew-dfer-clip-lists": (dfew_dfer_clip_tree, ".", "dfew", "DFEW_Frame_Face"),
     "ferv39k-dfer-clip-lists": (ferv39k_dfer_clip_tree, ".", "ferv39k", "FERV39k/2_ClipsforFaceCrop"),
+    "ckplus-emotion-labels-unzipped": (ckplus_unzipped_tree, ".", "ckplus", "CK+/cohn-kanade-images"),
 }
 
 
@@ -120,6 +130,8 @@ def expected_label(variant: str, clip) -> str:
         return MAFW_CLASSES[(int(name) - 1) % 11]
     if variant.startswith("mafw"):
         return MAFW_ORDER[MAFW_MAE[(int(name) - 1) % 11]]
+    if variant.startswith("ckplus"):                    # subject S{5 + 5s}: code s % 7 + 1 (ckplus_tree)
+        return CKPLUS_CLASSES[(int(clip.clip_id.split("/")[-2][1:]) - 5) // 5 % 7 + 1]
     if variant.startswith("rafdb"):
         return RAF_NAMES[(int(Path(name).stem.split("_")[1]) - 1) % 7]
     return clip.clip_id.split("/")[3]          # FERV39k: Train/<label>/<Scene>/<Emotion>/<nnnn>
@@ -155,7 +167,7 @@ def test_check_output_for_each_variant(tmp_path):
         result = CliRunner().invoke(emo_cache, ["check", str(tmp_path / variant / point), "--workers", "1"])
         assert f"({layout} layout)" in result.output, result.output
         assert "note: labels: " in result.output
-        assert result.exit_code == (1 if variant == "mafw-clip-lists" or variant.startswith("ferv39k")
+        assert result.exit_code == (1 if variant == "mafw-clip-lists" or variant.startswith(("ferv39k", "ckplus"))
                                     else 0), result.output  # those trees plant bad rows on purpose
 
 

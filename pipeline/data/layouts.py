@@ -741,9 +741,19 @@ def _list_name(path: Path, bases: Sequence[Path]) -> str:
 
 
 # -- CK+ -------------------------------------------------------------------------------------------
+CKPLUS_EMOTION = ("Emotion", "Emotion_labels/Emotion", "Emotion_labels")  # beside the images; the release's
+#   Emotion_labels.zip unpacked into a folder of its own name or not
+
+
 def _ckplus_root(source: Path) -> Optional[Path]:
     found = find_under(source, ("cohn-kanade-images",)) if source.is_dir() else None
-    return found.parent if found and (found.parent / "Emotion").is_dir() else None
+    return found.parent if found and _ckplus_emotion(found.parent) else None
+
+
+def _ckplus_emotion(root: Path) -> Optional[Path]:
+    """The folder of Sxxx/nnn/*_emotion.txt beside cohn-kanade-images/."""
+    return next((root / rel for rel in CKPLUS_EMOTION if (root / rel).is_dir() and any(
+        p.is_dir() and p.name.upper().startswith("S") for p in (root / rel).iterdir())), None)
 
 
 @register_layout("ckplus", lambda s: _ckplus_root(s) is not None, CKPLUS_CLASSES,
@@ -753,7 +763,7 @@ def scan_ckplus(source: Path, scan: DatasetScan) -> None:
     ``*_emotion.txt``. Sequences without one are skipped and counted. Folds keep subjects apart: subjects
     sorted by name, subject i goes to the test part of fold ``i % fold_count + 1``."""
     root = _ckplus_root(source)
-    images, emotion = root / "cohn-kanade-images", root / "Emotion"
+    images, emotion = root / "cohn-kanade-images", _ckplus_emotion(root)
     fold_count = int(scan.options.get("fold_count", CKPLUS_FOLDS))
     subjects = sorted(p for p in images.iterdir() if p.is_dir())
     unlabelled = 0
@@ -768,6 +778,8 @@ def scan_ckplus(source: Path, scan: DatasetScan) -> None:
             label = _ckplus_label(label_files[0], scan)
             if label is not None:
                 add_clip(scan, sequence, label, FOLD_SPLIT, name=f"{subject.name}/{sequence.name}", folds=folds)
+    scan.notes.append(f"labels: {emotion} (Sxxx/nnn/*_emotion.txt, codes 0-7); clips: {images}"
+                      f" ({len(scan.clips)} labelled sequences of {len(subjects)} subjects)")
     if unlabelled:
         scan.problems.append(Problem("info", str(emotion), f"{unlabelled} sequence(s) have no *_emotion.txt"
                                      " (CK+ labels only some); skipped"))
