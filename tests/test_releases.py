@@ -342,3 +342,15 @@ def test_faces_with_workers_then_check_with_workers_in_one_process(tmp_path):
         report = check_dataset(videos, progress=False, workers=2)
         assert report.ok and len(report.scan.clips) == 3, report.format()
         assert reusable_executor._executor is not None                  # the pools did run in processes
+
+
+def test_afew_release_folder_names(tmp_path):
+    """AFEW as its zips unpack, ``Train_AFEW/<Emotion>/*.avi`` and ``Val_AFEW/...`` (Emotion-FAN's
+    ``train_afew``/``val_afew`` alike): the afew layout, splits Train and Val."""
+    for split, label in (("Train_AFEW", "Angry"), ("Train_AFEW", "Happy"), ("Val_AFEW", "Sad")):
+        (tmp_path / split / label).mkdir(parents=True)
+        shutil.copyfile(SAMPLES / "single_face.mp4", tmp_path / split / label / "000123.avi")
+    scan = scan_dataset(tmp_path)
+    assert scan.layout == "afew" and not scan.problems
+    assert [c.clip_id for c in scan.clips] == ["Train/Angry/000123.avi", "Train/Happy/000123.avi",
+                                               "Val/Sad/000123.avi"]

@@ -634,7 +634,7 @@ def _is_afew(source: Path) -> bool:
     if not source.is_dir():
         return False
     splits = [p for p in source.iterdir() if p.is_dir()]
-    if not splits or any(p.name.lower() not in ("train", "val") for p in splits):
+    if not splits or any(canonical_split(p.name) not in ("Train", "Val") for p in splits):  # also Train_AFEW/
         return False
     known = {c.lower() for c in AFEW_CLASSES}
     return all(label.name.lower() in known for split in splits for label in split.iterdir() if label.is_dir())
