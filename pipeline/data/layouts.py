@@ -326,11 +326,12 @@ DFEW_LISTS = (
                r"(?:^|/)single_(?P<part>train|test)set_(?P<fold>\d+)\.csv$"),
     ListFamily("{train,test}(single-labeled)/{train,test}_set_K.csv (S2D's copies, codes 0..6)",
                rf"(?:^|/)(?P<part>train|test){_SINGLE}/(?P=part)_set_(?P<fold>\d+)\.csv$", base=0),
-    ListFamily("DFEW_set_K_{train,test}.txt (DFER-CLIP's annotation/: path num_frames code, codes 0..6)",
+    ListFamily("DFEW_set_K_{train,test}.txt (DFER-CLIP's and Former-DFER's annotation/: path num_frames code,"
+               " codes 0..6)",
                r"(?:^|/)dfew_set_(?P<fold>\d+)_(?P<part>train|test)\.txt$", base=0),
 )
-DFEW_FRAMES = ("clip_224x224", "jpg_256", "clip_224x224_16f", "dfew_frame_face", "data")  # among folders holding
-#   every clip, in order (DFEW_Frame_Face/: DFER-CLIP's face frames)
+DFEW_FRAMES = ("clip_224x224", "jpg_256", "clip_224x224_16f", "dfew_frame_face", "dfew_face", "data")  # among
+#   folders holding every clip, in order (DFEW_Frame_Face/: DFER-CLIP's face frames; DFEW_Face/: Former-DFER's)
 
 
 def _dfew_rows(table: Path) -> list[tuple[int, str, str]]:
