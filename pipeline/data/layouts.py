@@ -605,13 +605,16 @@ def _rafdb_code_root(source: Path) -> Optional[Path]:
     by RAF-DB's codes 1..7, and those hold images."""
     if not source.is_dir():
         return None
-    subdirs = sorted(p for p in source.iterdir() if p.is_dir())
-    for candidate in [source] + (subdirs if len(subdirs) <= 4 else []):
-        splits = [p for p in candidate.iterdir() if p.is_dir() and canonical_split(p.name) in _SPLITS]
-        codes = [c for split in splits for c in split.iterdir() if c.is_dir()]
-        if codes and all(c.name in RAFDB_CODE_FOLDERS for c in codes) and any(
-                f.suffix.lower() in IMAGE_EXTENSIONS for f in codes[0].iterdir()):
-            return candidate
+    try:  # detection: a folder that cannot be listed is not this layout (the scan that follows names it)
+        subdirs = sorted(p for p in source.iterdir() if p.is_dir())
+        for candidate in [source] + (subdirs if len(subdirs) <= 4 else []):
+            splits = [p for p in candidate.iterdir() if p.is_dir() and canonical_split(p.name) in _SPLITS]
+            codes = [c for split in splits for c in split.iterdir() if c.is_dir()]
+            if codes and all(c.name in RAFDB_CODE_FOLDERS for c in codes) and any(
+                    f.suffix.lower() in IMAGE_EXTENSIONS for f in codes[0].iterdir()):
+                return candidate
+    except OSError:
+        return None
     return None
 
 
@@ -753,8 +756,11 @@ def _ckplus_root(source: Path) -> Optional[Path]:
 
 def _ckplus_emotion(root: Path) -> Optional[Path]:
     """The folder of Sxxx/nnn/*_emotion.txt beside cohn-kanade-images/."""
-    return next((root / rel for rel in CKPLUS_EMOTION if (root / rel).is_dir() and any(
-        p.is_dir() and p.name.upper().startswith("S") for p in (root / rel).iterdir())), None)
+    try:
+        return next((root / rel for rel in CKPLUS_EMOTION if (root / rel).is_dir() and any(
+            p.is_dir() and p.name.upper().startswith("S") for p in (root / rel).iterdir())), None)
+    except OSError:  # an unreadable label folder: no CK+ here (detection), or named by the scan's error
+        return None
 
 
 @register_layout("ckplus", lambda s: _ckplus_root(s) is not None, CKPLUS_CLASSES,
