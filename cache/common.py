@@ -438,10 +438,12 @@ COMPLETE = {"complete": True}  # the mark a committed clip gets last
 _ATTR_TYPES: dict = {}  # (file type, memory type, space) by kind of attribute value, made once
 
 
-def write_attrs(obj, attrs: dict) -> None:
+def write_attrs(obj, attrs: dict, fresh: bool = False) -> None:
     """``obj.attrs[name] = value`` for each item, with the same HDF5 types and values (tests/test_stores.py),
     the types and the space made once per kind of value: h5py makes them anew for each attribute, which was
-    most of what a short clip's dozen attributes cost the single writer of ``emo-cache faces`` (issue 15)."""
+    most of what a short clip's dozen attributes cost the single writer of ``emo-cache faces`` (issue 15).
+    ``fresh``: ``obj`` was just created and has none of these attributes, so none is looked up to be replaced
+    (an attribute that does exist then fails to be created: an error, never a silent second value)."""
     from h5py._hl.base import array_for_new_object  # h5py's own conversion, so the types cannot drift from it
 
     oid = obj.id
@@ -456,7 +458,7 @@ def write_attrs(obj, attrs: dict) -> None:
                                        h5py.h5s.create_simple(data.shape))
         htype, mtype, space = made
         encoded = name.encode()
-        if h5py.h5a.exists(oid, encoded):
+        if not fresh and h5py.h5a.exists(oid, encoded):
             h5py.h5a.delete(oid, encoded)
         attr = h5py.h5a.create(oid, encoded, htype, space)
         try:
@@ -949,11 +951,11 @@ class ClipStore:
         none of them complete (a rerun redoes them), never one with its mark and without its data."""
         if clips:  # one check for all: between clips only attributes are written
             self.ensure_space(clips[0][1])
-        for grp, clip_id, attrs in clips:
-            write_attrs(grp, {k: to_attr(v) for k, v in {**attrs, "clip_id": clip_id}.items()})
+        for grp, clip_id, attrs in clips:  # every group is new (_new_group): no attribute to look up and replace
+            write_attrs(grp, {k: to_attr(v) for k, v in {**attrs, "clip_id": clip_id}.items()}, fresh=True)
         self._f.flush()
         for grp, _clip_id, _attrs in clips:
-            write_attrs(grp, COMPLETE)
+            write_attrs(grp, COMPLETE, fresh=True)
         self._f.flush()
 
     def close(self) -> None:

@@ -163,6 +163,24 @@ def test_cached_attributes_match_h5py(tmp_path, kind):
         assert sorted(f["new"].attrs) == ["v", "w"]
 
 
+def test_fresh_attributes_are_written_without_lookup_and_never_twice(tmp_path):
+    """write_attrs(fresh=True), as a commit uses it on a group it just made: the same attributes as a plain
+    write; on a group that already has one of them it fails loudly and leaves the first value, not two."""
+    import h5py
+
+    from emotion_attention.cache.common import COMPLETE, write_attrs
+
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        plain, fresh = f.create_group("plain"), f.create_group("fresh")
+        for grp, is_fresh in ((plain, False), (fresh, True)):
+            write_attrs(grp, {"label": "Happy", "fps": 25.0}, fresh=is_fresh)
+            write_attrs(grp, COMPLETE, fresh=is_fresh)
+        assert dict(plain.attrs) == dict(fresh.attrs) == {"label": "Happy", "fps": 25.0, "complete": True}
+        with pytest.raises(OSError, match="already exists"):
+            write_attrs(fresh, {"label": "Sad"}, fresh=True)
+        assert dict(fresh.attrs) == {"label": "Happy", "fps": 25.0, "complete": True}
+
+
 def test_a_batch_of_clips_asks_the_disk_once_and_is_refused_whole(tmp_path, monkeypatch):
     """write_clips checks the free disk once for all its clips' bytes (it asked several times per clip); a batch
     that does not fit is refused before its first byte: none of its clips is written, the earlier ones stay."""
