@@ -234,6 +234,28 @@ def committed(path: Path) -> int:
         return 0
 
 
+def loky_workers(parent: int) -> list[int]:
+    """Pids of the loky worker processes that ``parent`` started (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"loky" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("how", ["part files", "in memory"])
 def test_multi_worker_sigkill_then_rerun_matches_uninterrupted(four_clips, one_worker, tmp_path, how):
     """Killed while a clip streams into its part file, or after a clip handed over in memory was committed and
@@ -250,8 +272,14 @@ def test_multi_worker_sigkill_then_rerun_matches_uninterrupted(four_clips, one_w
                 (how == "in memory" and committed(tmp_path / "killed.h5") >= 1):
             break
         time.sleep(0.01)
+    workers = loky_workers(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert workers, "the run had started no worker process"
+    gone = time.time() + 20                        # its workers end on their own: none is left running for good
+    while time.time() < gone and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if alive(pid)]
     if how == "in memory":
         assert 1 <= committed(tmp_path / "killed.h5") < 4
     resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import threading
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -280,10 +281,23 @@ def run_tasks(tasks: list[Task], cfg: PreprocessConfig, workers: int, backend: s
         # loky's plain one would break it
         from joblib.executor import get_memmapping_executor  # lazy: joblib, only for several loky workers
 
-        executor = get_memmapping_executor(workers, env=worker_env(workers))
+        executor = get_memmapping_executor(workers, env=worker_env(workers), initializer=watch_parent,
+                                           initargs=(os.getpid(),))
         return bounded(lambda task: executor.submit(run_task, task, cfg, store_config, parts_dir), tasks,
                        AHEAD * workers, lambda fs: futures.wait(fs, return_when=futures.FIRST_COMPLETED))
     return run_on_dask(tasks, cfg, workers, scheduler, store_config, parts_dir)
+
+
+def watch_parent(parent: int, every: float = 0.5) -> None:
+    """Worker initializer: end this worker soon after the process that started it is gone. A ``kill -9`` of
+    ``emo-cache faces`` gives its workers no word, and loky's idle timeout never ends them then: they stayed,
+    idle, holding a few hundred MB each, until the machine rebooted."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(0)  # nothing of the store is here: the writer that died owned every file
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
