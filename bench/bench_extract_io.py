@@ -13,7 +13,10 @@ Two builds of the stage run side by side, alternated, with 1 and 2 views:
 Prints faces/s, MB/s written and the ratio new/old (target >= 3x on the same cores); the share of the
 host's CPU time in read, decode, checksum and write (the new stage's own per-phase counters, and each phase
 timed alone on the same store for reference); and whether the two stores hold the same bytes (every data
-set's raw chunks, dtypes, shapes, chunking, filters and attributes).
+set's raw chunks, dtypes, shapes, chunking, filters and attributes). Then the limit of this machine,
+measured in the same run: the stage's start-up (a one-clip store) plus the longer of writing the store's
+bytes alone (a plain file, no HDF5) and the host's CPU work alone spread over the cores, and whether 3x
+the old path fits under it.
 
 Item 4 of issue 17, per-clip cost: ``--clips`` short clips (default 16,000 of 2 faces, 64 px, fer-sized
 null maps (V, n, 16, 128)), whole process, old and new: (seconds - start-up) / clips, start-up measured
@@ -42,6 +45,7 @@ import numpy as np
 
 from emotion_attention.cache import FacesStore
 from emotion_attention.cache.codecs import Codec
+from emotion_attention.cache.common import fletcher32
 from emotion_attention.cache.faces_store import ENCODED_FACES
 from emotion_attention.pipeline.core.runtime import cpu_flags
 
@@ -161,6 +165,7 @@ def baseline_tree(ref: str, tmp: Path) -> Path | None:
 def run_stage(src: Path | None, faces: Path, out: Path, views: int, extra: tuple = ()) -> tuple[float, dict]:
     """(wall seconds, summary) of one whole `emo-cache extract` process with the null network."""
     env = {**os.environ, "PYTHONPATH": str(src) if src else ""}
+    os.sync()  # each run starts with no dirty pages of the one before: the page cache is the same for each
     net = extra if "--weights" in extra else ("--weights", "random", "--seed", "0", *extra)  # VGG16 unless told
     args = ["extract", str(faces), "--out", str(out), "--views", str(views),
             "--precision", "fp32", *net]  # one precision for both builds: the provenance (and store) must match
@@ -219,7 +224,9 @@ def same_store(a: Path, b: Path) -> tuple[bool, str]:
 
 # -- phases alone --------------------------------------------------------------------------------------
 def phases_alone(faces: Path, tmp: Path, limit: int = 2000) -> dict:
-    """CPU seconds per face of each host phase, timed alone in this process on the same store (one thread)."""
+    """CPU seconds per face of each host phase, timed alone in this process on the same store (one thread): the
+    chips' reads, crc32 checks and JPEG decoding; for one view, the maps' conversion to float16 rows, their
+    fletcher32 sums and the direct chunk writes, as the stage does each."""
     with FacesStore(faces) as store:
         ids = store.complete_ids()
         t, rows, n = time.process_time(), [], 0
@@ -239,19 +246,34 @@ def phases_alone(faces: Path, tmp: Path, limit: int = 2000) -> dict:
     for r in rows:
         CODEC.decode(r)
     decode = (time.process_time() - t) / n
-    maps = np.zeros((1, 16, 256, 512), np.float16)  # 16 faces' maps, one view
-    times = {}
-    for name, fletcher in (("write", False), ("write+checksum", True)):
-        path = tmp / f"phase-{name}.h5"
-        with h5py.File(path, "w") as f:
-            ds = f.create_dataset("maps", (1, n, 256, 512), np.float16, chunks=(1, 1, 256, 512), fletcher32=fletcher)
-            t = time.process_time()
-            for s in range(0, n - 15, 16):
-                ds[:, s:s + 16] = maps
-            times[name] = (time.process_time() - t) / (n // 16 * 16)
-        path.unlink()
-    return {"read": read, "crc32": crc, "decode": decode, "fletcher32": times["write+checksum"] - times["write"],
-            "write": times["write"]}
+    import torch  # lazy: the maps' conversion as the stage does it (models.extractor.to_rows)
+
+    from emotion_attention.pipeline.models.extractor import MapsBuffer, to_rows
+
+    maps = torch.zeros((16, 1, 256, 512))  # 16 faces' fp32 maps of one view, as a network gives them
+    buffer = MapsBuffer.allocate(16, 1, 256, 512)
+    batches = max(n // 16, 1)
+    t = time.process_time()
+    for _ in range(batches):
+        to_rows(maps, buffer)
+    convert = (time.process_time() - t) / (batches * 16)
+    rows = buffer.rows(16)
+    nbytes = rows.shape[1] - 4
+    t = time.process_time()
+    for _ in range(batches):
+        for row in rows:
+            fletcher32(row, nbytes)
+    fletcher = (time.process_time() - t) / (batches * 16)
+    path = tmp / "phase-write.h5"
+    with h5py.File(path, "w") as f:  # the stage's direct chunk writes, each chunk's sum already in place
+        ds = f.create_dataset("maps", (1, batches * 16, 256, 512), np.float16, chunks=(1, 1, 256, 512),
+                              fletcher32=True)
+        t = time.process_time()
+        for i in range(batches * 16):
+            ds.id.write_direct_chunk((0, i, 0, 0), rows[i % 16])
+        write = (time.process_time() - t) / (batches * 16)
+    path.unlink()
+    return {"read": read, "crc32": crc, "decode": decode, "convert": convert, "fletcher32": fletcher, "write": write}
 
 
 def print_phases(title: str, seconds: dict) -> None:
@@ -270,6 +292,9 @@ def bench_host_path(tmp: Path, base: Path | None, faces: int, frames: int, round
           f" {CODEC.quality}/{CODEC.chroma}, {store.stat().st_size / n_frames / 1024:.1f} KiB/frame"
           f" (made in {time.perf_counter() - t:.0f} s)")
     builds = {"old": base, "new": None} if base is not None else {"new": None}
+    alone = phases_alone(store, tmp)
+    one = tmp / "one.h5"
+    make_faces_store(one, 1, frames, 256)
     for views in (1, 2):
         best, summaries = {}, {}
         for r in range(rounds):
@@ -297,8 +322,55 @@ def bench_host_path(tmp: Path, base: Path | None, faces: int, frames: int, round
         for name in builds:
             for p in tmp.glob(f"{name}-v{views}.h5*"):
                 p.unlink()
-    print_phases("each phase alone, per face, one view (this process, one thread)", phases_alone(store, tmp))
+        print_limit(views, tmp, one, n_faces, best, alone)
+    print_phases("each phase alone, per face, one view (this process, one thread)", alone)
     store.unlink()
+    one.unlink()
+
+
+WRITE_ALONE = r"""
+import os, sys, time
+path, nbytes = sys.argv[1], int(sys.argv[2])
+block = bytes(4 << 20)
+t = time.perf_counter()
+with open(path, "wb", buffering=0) as f:  # no fsync: the stage does not sync either
+    for _ in range(-(-nbytes // len(block))):
+        f.write(block)
+print(time.perf_counter() - t)
+"""
+
+
+def print_limit(views: int, tmp: Path, one: Path, n_faces: int, best: dict, alone: dict) -> None:
+    """The fastest this machine could run the host path, measured in this run: the stage's start-up (a one-clip
+    store), plus the longer of writing the new store's bytes alone (one plain sequential file, no HDF5, best of
+    three) and the host's CPU work alone (each phase timed alone, per face, times the faces, spread over the
+    cores). Then whether 3x the old path fits under it."""
+    start, _ = run_stage(None, one, tmp / "one-out.h5", views)
+    for p in tmp.glob("one-out.h5*"):
+        p.unlink()
+    nbytes = best["new"][1]
+    target, tries = tmp / "write-alone.bin", []
+    for _ in range(3):  # the best of three: this VM's page cache now and then throttles writes to the disk's pace
+        os.sync()
+        done = subprocess.run([sys.executable, "-c", WRITE_ALONE, str(target), str(nbytes)], capture_output=True,
+                              text=True, check=True)
+        target.unlink()
+        tries.append(float(done.stdout.split()[-1]))
+    write = min(tries)
+    cores = len(os.sched_getaffinity(0))
+    cpu = n_faces * (alone["read"] + alone["crc32"] + alone["decode"]
+                     + views * (alone["convert"] + alone["write"] + alone["fletcher32"]))
+    limit = start + max(write, cpu / cores)
+    new = best["new"][0]
+    print(f"views {views}: limit here {limit:.1f} s = start-up {start:.1f} s (a one-clip store) + the longer of"
+          f" writing its {nbytes / 1e9:.2f} GB alone ({write:.1f} s, {nbytes / write / 1e6:.0f} MB/s, no HDF5, best of"
+          f" {' / '.join(f'{t:.1f}' for t in tries)} s) and"
+          f" the host CPU work alone ({cpu:.1f} CPU s over {cores} cores = {cpu / cores:.1f} s): at most"
+          f" {n_faces / limit:.0f} faces/s; new runs at {limit / new:.0%} of it ({new:.1f} s)")
+    if "old" in best:
+        three = best["old"][0] / 3
+        print(f"views {views}: 3x the old path would take {three:.1f} s: "
+              + ("within" if three >= limit else f"{limit / three:.1f}x faster than") + " this machine's limit")
 
 
 # -- item 4: the cost of a clip ------------------------------------------------------------------------

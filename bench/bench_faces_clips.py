@@ -38,7 +38,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from emotion_attention.pipeline.core.runtime import cpu_flags
+from emotion_attention.pipeline.core.runtime import concurrent_speedup, cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -188,7 +188,7 @@ def run_faces(source: Path, out: Path, workers: int, *extra: str) -> tuple[float
 
 
 def scaling(sources: tuple, clips: tuple, frames_per_clip: float, frame_cpu: float, write: float, stem: Path,
-            extra: tuple) -> dict:
+            extra: tuple, kernel: list[str]) -> dict:
     """faces with 1 and 2 workers on the small and the big load; returns {workers: (small run, big run)}."""
     runs = {}
     for workers in (1, 2):
@@ -197,7 +197,20 @@ def scaling(sources: tuple, clips: tuple, frames_per_clip: float, frame_cpu: flo
         report(f"faces, {workers} worker(s)", *runs[workers], clips, frames_per_clip, frame_cpu, write)
     speed = runs[1][1][0] / runs[2][1][0]
     print(f"  2 workers / 1 worker on {clips[1]} clips: {speed:.2f}x wall (target >= 1.7x)")
+    one, two, ceiling = concurrent_speedup([sys.executable, __file__, "--ceiling-kernel", *kernel])
+    print(f"  this machine's ceiling, measured now: two processes of the per-frame work alone (whole processes) finish"
+          f" twice the work {ceiling:.2f}x as fast as one ({one:.1f} s alone, {two:.1f} s together); 2 workers reach"
+          f" {speed / ceiling:.0%} of it")
     return runs
+
+
+def ceiling_kernel(kind: str, source: str, frames: int = 6000) -> None:
+    """One process of the per-frame work alone, for concurrent_speedup: ``tree`` the frames of a generated tree,
+    ``photos`` the photos of a CSV (path,label,split)."""
+    if kind == "tree":
+        per_frame_prealigned(sorted((Path(source) / "Clip" / "jpg_256").glob("*/*.jpg"))[:frames])
+    else:
+        per_frame_detected([Path(r["path"]) for r in csv.DictReader(open(source))][:frames // 10])
 
 
 def compare_ways(source: Path, stem: Path, clips: int, new: tuple, extra: tuple) -> None:
@@ -232,7 +245,7 @@ def bench_tree(scratch: Path, clips: int, frames: int, subset: int) -> None:
     print(f"  per-frame work alone (decode + resize + JPEG encode): {frame_cpu * 1000:.2f} ms CPU;"
           f" store write alone (cache/, issue 17): {write:.2f} ms per clip")
     stem = scratch / "tree"
-    runs = scaling((part, tree), (subset, clips), frames, frame_cpu, write, stem, ())
+    runs = scaling((part, tree), (subset, clips), frames, frame_cpu, write, stem, (), ["tree", str(part)])
     compare_ways(part, stem, subset, runs[2][0], ())
 
 
@@ -256,7 +269,8 @@ def bench_fexp(data: Path, scratch: Path, every: int) -> None:
           f" warp + JPEG encode): {frame_cpu * 1000:.1f} ms CPU; store write alone (cache/, issue 17): {write:.2f} ms"
           " per clip")
     stem = scratch / "fexp"
-    runs = scaling((sub, table), (len(picked), len(rows)), 1, frame_cpu, write, stem, ("--prealigned", "no"))
+    runs = scaling((sub, table), (len(picked), len(rows)), 1, frame_cpu, write, stem, ("--prealigned", "no"),
+                   ["photos", str(sub)])
     compare_ways(sub, stem, len(picked), runs[2][0], ("--prealigned", "no"))
 
 
@@ -269,7 +283,10 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=2000, help="clips of the small tree load (and old-vs-new)")
     parser.add_argument("--every", type=int, default=4, help="fexp-dev: every Nth photo for the small load")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/bench_faces_clips"))
+    parser.add_argument("--ceiling-kernel", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ceiling_kernel is not None:
+        return ceiling_kernel(*args.ceiling_kernel)
     print(f"cpu: {cpu_flags()}")
     args.scratch.mkdir(parents=True, exist_ok=True)
     if not args.tree and args.fexp is None:  # `make bench`: a small tree, so the whole bench stays short

@@ -20,7 +20,7 @@ from emotion_attention.pipeline.faces.align import CHUNK_FRAMES, align_clip_chun
 from emotion_attention.pipeline.configs import FaceConfig
 from emotion_attention.pipeline.stages.faces import PARTS_SUFFIX, preprocess_dataset
 from emotion_attention.pipeline.configs import PreprocessConfig
-from emotion_attention.pipeline.core.runtime import select_shard
+from emotion_attention.pipeline.core.runtime import concurrent_speedup, select_shard
 from fixtures_preprocess import copy_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,3 +334,16 @@ def test_results_never_pile_up_ahead_of_a_slow_writer():
             time.sleep(0.002)                                   # the writer is the slow side
             consumed.append(result)
     assert sorted(consumed) == [10 * t for t in range(40)] and len(submitted) == 40
+
+
+def test_concurrent_speedup_times_one_and_several_processes():
+    """The benchmarks' ceiling for N workers: one process alone, then N at once, each timed whole. A job that
+    sleeps takes no CPU, so N of them finish together in about the time of one (speed-up near N); a failing job
+    is an error, never a figure."""
+    sleep = [sys.executable, "-c", "import time; time.sleep(0.6)"]
+    one, together, speedup = concurrent_speedup(sleep, copies=3, rounds=2)
+    assert 0.6 <= one < 5 and 0.6 <= together < 5
+    assert speedup == pytest.approx(3 * one / together)
+    assert 1.5 < speedup <= 3.3
+    with pytest.raises(RuntimeError, match="exited"):
+        concurrent_speedup([sys.executable, "-c", "raise SystemExit(3)"])

@@ -232,6 +232,32 @@ def cpu_flags() -> str:
     return " ".join(wanted) or "none of avx2/avx512/amx"
 
 
+
+def concurrent_speedup(argv: list[str], copies: int = 2, rounds: int = 3) -> tuple[float, float, float]:
+    """(seconds of one ``argv`` process alone, of ``copies`` of them at once, the speed-up ``copies`` x one /
+    together): how much faster several processes finish a CPU-bound job on this machine now, whole processes with
+    start-up included, after one untimed run (so the first timed one reads no file from disk); the best of
+    ``rounds`` alternated timings each, as a VM's pace moves from minute to minute. Benchmarks of N workers
+    measure against it: the ceiling those workers could reach here (a VM's cores may share a physical
+    core or be paced by the host)."""
+    import subprocess  # lazy: benchmarks only
+    import time
+
+    def together(n: int) -> float:
+        start = time.perf_counter()
+        procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL) for _ in range(n)]
+        codes = [proc.wait() for proc in procs]
+        if any(codes):
+            raise RuntimeError(f"{' '.join(argv)} exited {codes}")
+        return time.perf_counter() - start
+
+    together(1)  # a warm-up, untimed: the job's files and modules in the page cache for both timed runs
+    one = many = float("inf")
+    for _ in range(rounds):
+        one = min(one, together(1))
+        many = min(many, together(copies))
+    return one, many, copies * one / many
+
 # -- settings that must fit the machine ------------------------------------------------------------
 def available_memory() -> int:
     """Bytes of memory available to new work (MemAvailable on Linux; physical free pages elsewhere)."""
