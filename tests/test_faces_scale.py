@@ -288,6 +288,29 @@ def test_multi_worker_sigkill_then_rerun_matches_uninterrupted(four_clips, one_w
     assert_same(tmp_path / "killed.h5", one_worker)
 
 
+
+def test_check_workers_end_when_check_is_killed(samples_dir, tmp_path):
+    """`emo-cache check --workers 2` killed with SIGKILL mid-run: its loky workers (core.runtime.worker_executor,
+    as faces' own) end on their own instead of staying idle for good."""
+    for i in range(16):  # full checks decode every frame: long enough to be killed with both workers busy
+        dest = tmp_path / "data" / "Train" / ("Happy" if i % 2 else "Sad") / f"clip{i:02d}.mp4"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(samples_dir / "WolfgangLanger_Pexels.mp4", dest)
+    cmd = [sys.executable, "-c", "from emotion_attention.cli.emo_cache import main; main()", "check",
+           str(tmp_path / "data"), "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 60, []
+    while time.time() < deadline and proc.poll() is None and len(workers) < 2:
+        workers = loky_workers(proc.pid)
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the check ended before it could be killed"
+    assert len(workers) == 2, f"the check had started {len(workers)} worker process(es), not 2"
+    gone = time.time() + 20
+    while time.time() < gone and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if alive(pid)]
+
 def test_short_clips_are_batched_and_long_ones_stream(tmp_path):
     """plan_tasks: clips over stream_frames alone through a part file, clips of task_frames or more alone in
     memory, shorter ones together up to about task_frames frames."""

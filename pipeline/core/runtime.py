@@ -168,6 +168,45 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+
+# -- worker processes --------------------------------------------------------------------------------------
+def worker_executor(workers: int):
+    """joblib's reusable loky executor with ``workers`` processes, for the stages' clip work (faces, check):
+    thread limits per worker (``worker_env``) and a watch that ends each worker when this process is gone
+    (``watch_parent``). One executor per process, the one joblib's Parallel takes over too; loky's plain one
+    would break it when both run in one process (a notebook, the tests)."""
+    from joblib.executor import get_memmapping_executor  # lazy: joblib, only for several workers
+
+    return get_memmapping_executor(workers, env=worker_env(workers), initializer=watch_parent,
+                                   initargs=(os.getpid(),))
+
+
+def watch_parent(parent: int, every: float = 0.5) -> None:
+    """Worker initializer: end this worker soon after the process that started it is gone. A ``kill -9`` of
+    ``emo-cache faces`` or ``check`` gives its workers no word, and loky's idle timeout never ends them then:
+    they stayed, idle, holding a few hundred MB each, until the machine rebooted."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(0)  # nothing of a store is here: the writer that died owned every file
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def worker_env(workers: int) -> dict:
+    """Thread limits for the libraries inside each worker, as joblib's loky backend sets them (cores // workers,
+    unless set here already): workers x threads never oversubscribe the cores. TBB coordinates over IPC."""
+    threads = str(max(usable_cores() // workers, 1))
+    env = {var: os.environ.get(var, threads) for var in THREAD_VARS}
+    return {**env, "ENABLE_IPC": os.environ.get("ENABLE_IPC", "1")}
+
 def resolve_device(name: str, local_rank: int = 0):
     """"auto" -> CUDA (``cuda:local_rank``) when torch sees a GPU, else CPU; CUDA asked for without one is an error.
 

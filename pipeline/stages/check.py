@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from emotion_attention.pipeline.configs import CheckConfig
-from emotion_attention.pipeline.core.runtime import Failure, usable_cores
+from emotion_attention.pipeline.core.runtime import Failure, usable_cores, worker_executor
 from emotion_attention.pipeline.core.stage import StageSummary
 from emotion_attention.pipeline.data.clips import Clip, DatasetScan, Problem
 from emotion_attention.pipeline.data.decode import (
@@ -161,11 +161,10 @@ def check_batch(clips: Sequence[Clip], quick: bool) -> tuple[list[Problem], int]
 
 
 def check_batches(batches: list[list[Clip]], quick: bool, workers: int):
-    """Each job's (problems, clip count), in joblib processes when there are several workers and jobs."""
+    """Each job's (problems, clip count) in job order, in loky processes when there are several workers and
+    jobs (``worker_executor``: they end on their own when this process is killed)."""
     if workers > 1 and len(batches) > 1:
-        from joblib import Parallel, delayed  # lazy: joblib, only when several workers share the checks
-
-        return Parallel(n_jobs=workers, return_as="generator")(delayed(check_batch)(b, quick) for b in batches)
+        return worker_executor(workers).map(check_batch, batches, [quick] * len(batches))
     return (check_batch(b, quick) for b in batches)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import threading
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -47,6 +46,7 @@ from emotion_attention.pipeline.core.runtime import (
     select_shard,
     usable_cores,
     warn_oversubscribed,
+    worker_executor,
 )
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.clips import Clip, DatasetError, Problem
@@ -277,39 +277,10 @@ def run_tasks(tasks: list[Task], cfg: PreprocessConfig, workers: int, backend: s
     if backend == "loky" and workers == 1:
         return (run_task(task, cfg, store_config, parts_dir) for task in tasks)
     if backend == "loky":
-        # joblib's own reusable executor, the one its Parallel (check) takes over afterwards in this process;
-        # loky's plain one would break it
-        from joblib.executor import get_memmapping_executor  # lazy: joblib, only for several loky workers
-
-        executor = get_memmapping_executor(workers, env=worker_env(workers), initializer=watch_parent,
-                                           initargs=(os.getpid(),))
+        executor = worker_executor(workers)
         return bounded(lambda task: executor.submit(run_task, task, cfg, store_config, parts_dir), tasks,
                        AHEAD * workers, lambda fs: futures.wait(fs, return_when=futures.FIRST_COMPLETED))
     return run_on_dask(tasks, cfg, workers, scheduler, store_config, parts_dir)
-
-
-def watch_parent(parent: int, every: float = 0.5) -> None:
-    """Worker initializer: end this worker soon after the process that started it is gone. A ``kill -9`` of
-    ``emo-cache faces`` gives its workers no word, and loky's idle timeout never ends them then: they stayed,
-    idle, holding a few hundred MB each, until the machine rebooted."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(every)
-        os._exit(0)  # nothing of the store is here: the writer that died owned every file
-
-    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
-
-
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
-def worker_env(workers: int) -> dict:
-    """Thread limits for the libraries inside each worker, as joblib's loky backend sets them (cores // workers,
-    unless set here already): workers x threads never oversubscribe the cores. TBB coordinates over IPC."""
-    threads = str(max(usable_cores() // workers, 1))
-    env = {var: os.environ.get(var, threads) for var in THREAD_VARS}
-    return {**env, "ENABLE_IPC": os.environ.get("ENABLE_IPC", "1")}
 
 
 def run_on_dask(tasks: list[Task], cfg: PreprocessConfig, workers: int, scheduler: str, store_config: dict,
