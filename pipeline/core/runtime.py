@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, TextIO
@@ -185,9 +187,6 @@ def watch_parent(parent: int, every: float = 0.5) -> None:
     """Worker initializer: end this worker soon after the process that started it is gone. A ``kill -9`` of
     ``emo-cache faces`` or ``check`` gives its workers no word, and loky's idle timeout never ends them then:
     they stayed, idle, holding a few hundred MB each, until the machine rebooted."""
-    import threading
-    import time
-
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(every)
@@ -280,7 +279,6 @@ def concurrent_speedup(argv: list[str], copies: int = 2, rounds: int = 3) -> tup
     measure against it: the ceiling those workers could reach here (a VM's cores may share a physical
     core or be paced by the host)."""
     import subprocess  # lazy: benchmarks only
-    import time
 
     def together(n: int) -> float:
         start = time.perf_counter()
