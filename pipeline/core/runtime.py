@@ -170,7 +170,6 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-
 # -- worker processes --------------------------------------------------------------------------------------
 def worker_executor(workers: int):
     """joblib's reusable loky executor with ``workers`` processes, for the stages' clip work (faces, check):
@@ -205,6 +204,7 @@ def worker_env(workers: int) -> dict:
     threads = str(max(usable_cores() // workers, 1))
     env = {var: os.environ.get(var, threads) for var in THREAD_VARS}
     return {**env, "ENABLE_IPC": os.environ.get("ENABLE_IPC", "1")}
+
 
 def resolve_device(name: str, local_rank: int = 0):
     """"auto" -> CUDA (``cuda:local_rank``) when torch sees a GPU, else CPU; CUDA asked for without one is an error.
@@ -270,7 +270,6 @@ def cpu_flags() -> str:
     return " ".join(wanted) or "none of avx2/avx512/amx"
 
 
-
 def concurrent_speedup(argv: list[str], copies: int = 2, rounds: int = 3) -> tuple[float, float, float]:
     """(seconds of one ``argv`` process alone, of ``copies`` of them at once, the speed-up ``copies`` x one /
     together): how much faster several processes finish a CPU-bound job on this machine now, whole processes with
@@ -294,6 +293,7 @@ def concurrent_speedup(argv: list[str], copies: int = 2, rounds: int = 3) -> tup
         one = min(one, together(1))
         many = min(many, together(copies))
     return one, many, copies * one / many
+
 
 # -- settings that must fit the machine ------------------------------------------------------------
 def available_memory() -> int:

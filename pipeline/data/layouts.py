@@ -27,6 +27,7 @@ from emotion_attention.pipeline.data.clips import (
     CLASSES_FILE,
     FOLD_SPLIT,
     IGNORED_NAMES,
+    KNOWN_SPLITS,
     Clip,
     DatasetError,
     DatasetScan,
@@ -597,7 +598,6 @@ def _rafdb_images(scan: DatasetScan, index: TreeIndex, names: list, family: List
 
 # RAF-DB as <split>/<code>/<image> (the Kaggle copy's DATASET/{train,test}/1..7/, others' train_set/1..7/)
 RAFDB_CODE_FOLDERS = frozenset(str(code) for code in range(1, len(RAFDB_CLASSES) + 1))
-_SPLITS = ("Train", "Val", "Test")
 
 
 def _rafdb_code_root(source: Path) -> Optional[Path]:
@@ -608,7 +608,7 @@ def _rafdb_code_root(source: Path) -> Optional[Path]:
     try:  # detection: a folder that cannot be listed is not this layout (the scan that follows names it)
         subdirs = sorted(p for p in source.iterdir() if p.is_dir())
         for candidate in [source] + (subdirs if len(subdirs) <= 4 else []):
-            splits = [p for p in candidate.iterdir() if p.is_dir() and canonical_split(p.name) in _SPLITS]
+            splits = [p for p in candidate.iterdir() if p.is_dir() and p.name.lower() in KNOWN_SPLITS]
             codes = [c for split in splits for c in split.iterdir() if c.is_dir()]
             if codes and all(c.name in RAFDB_CODE_FOLDERS for c in codes) and any(
                     f.suffix.lower() in IMAGE_EXTENSIONS for f in codes[0].iterdir()):

@@ -15,7 +15,6 @@ clips kept, the workers ended) and a rerun finishes it.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import time
 import warnings
