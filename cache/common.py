@@ -285,7 +285,7 @@ def _check_kind(f: h5py.File, path: Path, fmt: Optional[str]) -> None:
                             " it. Choose another --out.")
 
 
-def open_for_append(path: Path, log=print, fmt: Optional[str] = None) -> h5py.File:
+def open_for_append(path: Path, log=print, fmt: Optional[str] = None, take_lock: bool = True) -> h5py.File:
     """Open or create a store for writing, holding its writer lock until the file is closed.
 
     Arguments:
@@ -293,6 +293,8 @@ def open_for_append(path: Path, log=print, fmt: Optional[str] = None) -> h5py.Fi
         log: unused now (kept for callers); nothing is renamed or salvaged behind the user's back.
         fmt: the store's root ``format`` (e.g. ``"emotion-faces/1"``); an existing store of another
             format, or an HDF5 file of no format, is refused with StoreMismatch.
+        take_lock: False in a writer process whose parent holds the lock and has let go of the file
+            (``ClipStore.detach``).
 
     Raises StoreError (folder not writable, not HDF5), StoreLocked (another writer: host and pid),
     StoreDamaged (with the ``emo-cache salvage`` command), StoreMismatch (another kind of store).
@@ -300,7 +302,7 @@ def open_for_append(path: Path, log=print, fmt: Optional[str] = None) -> h5py.Fi
     """
     path = Path(path)
     check_writable_target(path)
-    lock = acquire_writer_lock(path)
+    lock = acquire_writer_lock(path) if take_lock else None
     try:
         if path.exists() and path.stat().st_size == 0:
             path.unlink()  # an empty file (a kill before the first flush) holds nothing to keep
@@ -322,7 +324,8 @@ def open_for_append(path: Path, log=print, fmt: Optional[str] = None) -> h5py.Fi
         f._writer_lock = lock
         return f
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
 
 
@@ -958,10 +961,24 @@ class ClipStore:
             write_attrs(grp, COMPLETE, fresh=True)
         self._f.flush()
 
+    _held_lock: Optional[SoftFileLock] = None  # the writer lock kept by ``detach`` while another process writes
+
+    def detach(self) -> None:
+        """Let go of the file, keeping the writer lock: a writer process (``cache.writer_process``) opens it next
+        and no other writer can. ``close`` releases the lock."""
+        f, self._f = self._f, None
+        self._held_lock, f._writer_lock = f._writer_lock, None
+        f.close()
+
     def close(self) -> None:
-        if getattr(self, "_f", None):
-            self._f.close()
-        self._f = None
+        try:
+            if getattr(self, "_f", None):
+                self._f.close()
+            self._f = None
+        finally:
+            lock, self._held_lock = self._held_lock, None
+            if lock is not None:
+                lock.release()
 
     def abandon(self) -> None:
         """Close without writing another byte into the file: after a full disk, HDF5's closing flush would
@@ -971,6 +988,7 @@ class ClipStore:
         kill leaves, which a rerun resumes."""
         f = getattr(self, "_f", None)
         if not f:
+            self.close()  # detached: only the writer lock to release
             return
         try:
             fd = f.id.get_vfd_handle() if f.driver == "sec2" else None

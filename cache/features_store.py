@@ -31,6 +31,7 @@ from emotion_attention.cache.common import (
     create_checked_dataset,
     diff_settings,
     group_names,
+    is_disk_full,
     open_for_append,
     open_h5,
     read_checked,
@@ -88,6 +89,7 @@ class FeaturesStore(ClipStore):
         class_names: recorded when the store is created.
         shard: "K/N" when this store holds shard K of N (recorded at the root, not in the provenance, so
             the shards of one run can be merged).
+        take_lock: False in a writer process whose parent holds the writer lock (``ClipStore.detach``).
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -105,12 +107,12 @@ class FeaturesStore(ClipStore):
 
     def __init__(self, path, mode: str = "r", provenance: Optional[dict] = None,
                  class_names: Optional[list[str]] = None, log=print, shard: Optional[str] = None,
-                 faces_config: Optional[dict] = None):
+                 faces_config: Optional[dict] = None, take_lock: bool = True):
         self.path = Path(path)
         if mode == "a":
             if provenance is None:
                 raise ValueError("FeaturesStore(mode='a') needs the provenance dict")
-            self._f = open_for_append(self.path, log=log, fmt=FORMAT)
+            self._f = open_for_append(self.path, log=log, fmt=FORMAT, take_lock=take_lock)
             if "provenance" not in self._f.attrs:
                 self._create(provenance, class_names, shard)
                 if faces_config is not None:  # not provenance (the fingerprint is): lets a refusal name settings
@@ -171,6 +173,11 @@ class FeaturesStore(ClipStore):
         were recorded (then only its fingerprint, in the provenance, is known)."""
         stored = self._f.attrs.get("faces_config")
         return None if stored is None else json.loads(stored)
+
+    @property
+    def shard(self) -> Optional[str]:
+        """"K/N" in a store written by ``--shard K/N``, else None."""
+        return str(self._f.attrs.get("shard", "")) or None
 
     @property
     def class_names(self) -> list[str]:
@@ -344,3 +351,39 @@ class ClipWriter:
         create_checked_dataset(self.grp, "present", data=present)
         create_checked_dataset(self.grp, "rows", data=self.rows)
         return self.grp, self.clip_id, attrs
+
+
+def apply_writes(store: FeaturesStore, open_clips: dict, ops: list, rows: Optional[np.ndarray], remaining: int = 0,
+                 timed=None) -> list[str]:
+    """Apply one batch's store operations in order; returns the ids of the clips they committed.
+
+    The operations (``pipeline.stages.extract.Writer.plan`` makes them; a writer process gets them pickled):
+        ("begin", clip_id, views, rows, L, D, compression, map_dtype)  a new clip group (``begin_clip``)
+        ("faces", clip_id, positions, first, n)  rows ``first .. first + n - 1`` of ``rows`` (``write_faces``)
+        ("commit", [(clip_id, present, attrs), ...])  those clips committed, two flushes in all
+    ``open_clips`` maps the clip ids begun and not yet committed to their ClipWriter. A full disk is StoreFull
+    naming the clip and about ``remaining`` bytes still to write. ``timed(phase, seconds)`` gets the thread CPU
+    seconds of the "checksum" and "write" work.
+    """
+    committed, clip_id = [], None
+    try:
+        for op in ops:
+            t = time.thread_time()
+            if op[0] == "begin":
+                clip_id = op[1]
+                open_clips[clip_id] = store.begin_clip(*op[1:])
+            elif op[0] == "faces":
+                _, clip_id, positions, first, n = op
+                open_clips[clip_id].write_faces(positions, rows[first:first + n], timed=timed)
+                continue  # write_faces times its own phases
+            else:
+                clip_id = op[1][0][0]
+                store.commit_clips([(open_clips.pop(cid), present, attrs) for cid, present, attrs in op[1]])
+                committed += [cid for cid, _, _ in op[1]]
+            if timed:
+                timed("write", time.thread_time() - t)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise store.disk_full(exc, f"clip {clip_id!r}", remaining) from None
+        raise
+    return committed

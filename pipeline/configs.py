@@ -285,8 +285,9 @@ class ExtractConfig(Settings):
     shard: Optional[str] = setting(None, "Only shard K of N (K = 0..N-1, a stable hash of the clip id) into its"
                                    " own --out; join the shards with `emo-cache merge`. Under torchrun each rank"
                                    " does this and rank 0 merges.")
-    overlap: str = setting("auto", "Reading, decoding and writing beside the network: auto = on for CUDA, off on CPU"
-                           " (they run between batches so the network keeps every core).", choices=OVERLAPS)
+    overlap: str = setting("auto", "Reading, decoding and writing beside the network (the writes in a process of"
+                           " their own): auto = on for CUDA, off on CPU (they run between batches so the network"
+                           " keeps every core).", choices=OVERLAPS)
     #  on CUDA the GPU computes while threads read and write; on a CPU they would take the network's cores
     decode_threads: int = setting(0, "Threads decoding JPEG/PNG chips; 0: one per core.")
     gpu_decode: bool = setting(True, "On CUDA, decode JPEG chips on the GPU (nvJPEG); --no-gpu-decode decodes them"

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,7 @@ from emotion_attention.cli.emo_cache import extract
 from emotion_attention.pipeline.configs import ExtractConfig
 from emotion_attention.pipeline.models.extractor import FeatureExtractor
 from emotion_attention.pipeline.stages.extract import extract_features
+from processes import alive
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:backbone weights are random")  # asserted in test_backbones
@@ -199,33 +201,53 @@ def test_refuses_when_the_disk_cannot_hold_the_output(tmp_path, samples_dir, mon
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
+    from emotion_attention.cache import writer_process
     from emotion_attention.cache.features_store import FeaturesStore
     from emotion_attention.pipeline.configs import ExtractConfig
     from emotion_attention.pipeline.stages.extract import extract_features
-    original = FeaturesStore.commit_clips  # extract commits the clips a batch finishes together
+    original = FeaturesStore.commit_clips  # extract commits the clips a batch finishes together (in line)
     def commit_and_tell(self, finished):
         original(self, finished)
         for writer, _present, _attrs in finished:
             print("WROTE", writer.clip_id, flush=True)
     FeaturesStore.commit_clips = commit_and_tell
+    receive = writer_process.WriterProcess._receive  # or its writer process does, and says so (overlap on)
+    def receive_and_tell(self):
+        seen = len(self.committed)
+        freed = receive(self)
+        print("CHILD", self.proc.pid, flush=True)
+        for cid in self.committed[seen:]:
+            print("WROTE", cid, flush=True)
+        return freed
+    writer_process.WriterProcess._receive = receive_and_tell
     extract_features(sys.argv[1], sys.argv[2], ExtractConfig(weights="random", seed=0, input_size=32,
-                                                             batch_size=4, views=2), log=lambda m: None)
+                                                             batch_size=4, views=2, overlap=sys.argv[3]),
+                     log=lambda m: None)
 """)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, samples_dir):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, samples_dir, overlap):
+    """Killed after 3 commits, in line or with the store's writer process (overlap on), which then ends too."""
     make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=12, frames=5)
     extract_features(tmp_path / "faces.h5", tmp_path / "whole.h5", cfg(views=2))
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "faces.h5"), str(tmp_path / "cut.h5")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    written = 0
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "faces.h5"), str(tmp_path / "cut.h5"),
+                             overlap], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    written, children = 0, set()
     for line in proc.stdout:
         written += line.startswith("WROTE")
-        if written == 3:
+        if line.startswith("CHILD"):
+            children.add(int(line.split()[1]))
+        if written >= 3:
             os.kill(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    assert len(children) == (overlap == "on")
+    gone = time.time() + 20
+    while time.time() < gone and any(alive(pid) for pid in children):
+        time.sleep(0.1)
+    assert not [pid for pid in children if alive(pid)], "the store's writer process outlived the kill"
     resumed = extract_features(tmp_path / "faces.h5", tmp_path / "cut.h5", cfg(views=2), log=lambda m: None)
     assert 3 <= resumed["clips_skipped"] < 12  # the kill really happened mid-run
     whole, cut = read_all(tmp_path / "whole.h5"), read_all(tmp_path / "cut.h5")

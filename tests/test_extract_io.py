@@ -3,6 +3,7 @@ fletcher32 chunks, the CUDA path's overlap and double buffers, GPU decoding) on 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from emotion_attention.cache import FacesStore
+from emotion_attention.cache import FacesStore, FeaturesStore
 from emotion_attention.cache.codecs import Codec
 from emotion_attention.cache.common import fletcher32, fletcher32_numpy, write_chunks, writes_direct
 from emotion_attention.pipeline.models.extractor import (
@@ -28,6 +29,7 @@ from emotion_attention.pipeline.models.extractor import (
     to_rows,
 )
 from emotion_attention.pipeline.stages.extract import extract_features
+from processes import alive
 from test_extract import cfg, make_faces_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,3 +272,29 @@ def test_the_new_path_writes_the_old_paths_store_byte_for_byte(tmp_path, samples
         present = {cid: faces.read_present(cid) for cid in faces.complete_ids()}
     assert any(len(p) == 0 for p in present.values()) and any(len(p) and not p.any() for p in present.values())
     assert any(p.any() and not p.all() for p in present.values())
+
+
+def test_overlap_writes_in_a_process_of_its_own_that_holds_no_lock_of_its_own(tmp_path, samples_dir, monkeypatch):
+    """Overlap on: the features store is written by a child process (h5py holds the GIL through every call, so
+    in one process reads and writes take turns); the parent keeps the writer lock, so a second writer is refused
+    while the child writes; the child is gone when the run returns, and the store is the plain loop's."""
+    from emotion_attention.cache import StoreLocked, writer_process
+
+    make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=9, frames=7, config_extra={"codec": "jpeg"})
+    extract_features(tmp_path / "faces.h5", tmp_path / "plain.h5", cfg(views=2, overlap="off"), **QUIET)
+    seen, receive = {}, writer_process.WriterProcess._receive
+
+    def receive_and_look(self):
+        freed = receive(self)
+        if self.committed and "refused" not in seen:
+            seen["pid"] = self.proc.pid
+            try:
+                FeaturesStore(self.path, "a", provenance={"backbone": "x"})
+            except StoreLocked as exc:
+                seen["refused"] = str(exc)
+        return freed
+    monkeypatch.setattr(writer_process.WriterProcess, "_receive", receive_and_look)
+    extract_features(tmp_path / "faces.h5", tmp_path / "child.h5", cfg(views=2, overlap="on", queue_clips=2), **QUIET)
+    assert seen["pid"] != os.getpid() and f"pid {os.getpid()}" in seen["refused"]
+    assert not alive(seen["pid"])
+    assert same_stores(tmp_path / "plain.h5", tmp_path / "child.h5")

@@ -201,7 +201,7 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
     faces, disk, keep = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4180k", "tmpfs", str(disk)], check=True)
     ex.check_disk = lambda *a: None  # as if another process filled the disk after the up-front check
-    cfg = ex.ExtractConfig(weights="random", seed=0, input_size=32, batch_size=4)
+    cfg = ex.ExtractConfig(weights="random", seed=0, input_size=32, batch_size=4, overlap=sys.argv[4])
     out, report = disk / "feats.h5", {}
     try:
         ex.extract_features(faces, out, cfg, log=lambda m: None)
@@ -219,8 +219,10 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_disk_that_fills_stops_cleanly_and_a_rerun_finishes(tmp_path, samples_dir):
-    """A small tmpfs in a private mount namespace (`unshare -rm`), so no root is needed and nothing leaks."""
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_disk_that_fills_stops_cleanly_and_a_rerun_finishes(tmp_path, samples_dir, overlap):
+    """A small tmpfs in a private mount namespace (`unshare -rm`), so no root is needed and nothing leaks; the
+    writes in line, or in the store's writer process (overlap on), whose StoreFull comes back the same."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here: `unshare -rm` (user + mount namespaces) is not allowed")
     clips = make_faces_store(tmp_path / "faces.h5", samples_dir, n_clips=10, frames=6)
@@ -228,7 +230,8 @@ def test_a_disk_that_fills_stops_cleanly_and_a_rerun_finishes(tmp_path, samples_
     disk = tmp_path / "disk"
     disk.mkdir()
     done = subprocess.run(["unshare", "-rm", sys.executable, "-c", FULL_DISK_SCRIPT, str(tmp_path / "faces.h5"),
-                           str(disk), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           str(disk), str(tmp_path), overlap], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.split("REPORT ", 1)[1])
     assert report["first"].startswith(f"{disk / 'feats.h5'}: ") and "clip 'T" in report["first"]

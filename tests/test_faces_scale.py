@@ -22,6 +22,7 @@ from emotion_attention.pipeline.stages.faces import PARTS_SUFFIX, preprocess_dat
 from emotion_attention.pipeline.configs import PreprocessConfig
 from emotion_attention.pipeline.core.runtime import concurrent_speedup, select_shard
 from fixtures_preprocess import copy_sample
+from processes import alive, child_pids
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = PreprocessConfig(decode=DecodeConfig(max_frames=12))
@@ -236,24 +237,7 @@ def committed(path: Path) -> int:
 
 def loky_workers(parent: int) -> list[int]:
     """Pids of the loky worker processes that ``parent`` started (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == parent and b"loky" in cmdline and b"resource_tracker" not in cmdline:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return child_pids(parent, b"loky")
 
 
 @pytest.mark.parametrize("how", ["part files", "in memory"])

@@ -63,14 +63,21 @@ class MapsBuffer:
     """
     raw: torch.Tensor   # uint8 (B, V*L*D*2 + CHECKSUM_BYTES)
     maps: torch.Tensor  # float16 (B, V, L, D), a view of raw's rows without their spare bytes
+    index: Optional[int] = None  # its place in a writer process's shared ring (cache.writer_process)
 
     @classmethod
     def allocate(cls, batch: int, views: int, L: int, D: int, pin: bool = False,
                  device: Optional[torch.device] = None) -> "MapsBuffer":
         row = views * L * D * 2
         raw = torch.empty((batch, row + CHECKSUM_BYTES), dtype=torch.uint8, device=device, pin_memory=pin)
+        return cls.over(raw, views, L, D)
+
+    @classmethod
+    def over(cls, raw: torch.Tensor, views: int, L: int, D: int, index: Optional[int] = None) -> "MapsBuffer":
+        """A MapsBuffer in the uint8 (B, V*L*D*2 + CHECKSUM_BYTES) memory ``raw`` (no copy)."""
+        batch, row = raw.shape[0], views * L * D * 2
         maps = raw[:, :row].view(torch.float16).view(batch, views, L, D)  # (B, V, L, D), row stride kept
-        return cls(raw, maps)
+        return cls(raw, maps, index)
 
     def rows(self, n: int) -> np.ndarray:
         """uint8 (n, V*L*D*2 + 4): the first n rows, as the store writes them (no copy)."""
@@ -140,6 +147,7 @@ class FeatureExtractor:
         self.cuda = self.device.type == "cuda"
         self._staging: Optional[torch.Tensor] = None    # forward_batch's input buffer (pinned on CUDA)
         self._scratch: Optional[MapsBuffer] = None      # forward_batch's output buffer
+        self._registered: list = []                     # host memory page-locked by maps_buffer (release_buffers)
         self.streams = CudaStreams(self.device) if self.cuda else None  # downloads beside compute (None: in line)
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # one fixed batch shape: the autotuned kernel is reused
@@ -164,9 +172,21 @@ class FeatureExtractor:
                 "faces_fingerprint": faces_fingerprint}
 
     # -- buffers ---------------------------------------------------------------------------------------
-    def maps_buffer(self) -> MapsBuffer:
-        """A MapsBuffer of one batch (pinned on CUDA)."""
-        return MapsBuffer.allocate(self.cfg.batch_size, self.cfg.views, self.spec.L, self.spec.D, pin=self.cuda)
+    def maps_buffer(self, over: Optional[np.ndarray] = None, index: Optional[int] = None) -> MapsBuffer:
+        """A MapsBuffer of one batch (pinned on CUDA); in the uint8 (B, row) memory ``over`` when given (a writer
+        process's shared ring, page-locked here on CUDA so that downloads into it stay asynchronous)."""
+        cfg, L, D = self.cfg, self.spec.L, self.spec.D
+        if over is None:
+            return MapsBuffer.allocate(cfg.batch_size, cfg.views, L, D, pin=self.cuda)
+        raw = torch.from_numpy(over)
+        if self.cuda and pin_host_memory(raw):
+            self._registered.append(raw)
+        return MapsBuffer.over(raw, cfg.views, L, D, index)
+
+    def release_buffers(self) -> None:
+        """Undo ``maps_buffer``'s page-locking of memory it did not allocate, before that memory is unmapped."""
+        while self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._registered.pop().data_ptr())
 
     def faces_buffer(self, chip_shape: tuple) -> torch.Tensor:
         """uint8 (B, S, S, 3) input buffer of one batch (pinned on CUDA, so its upload is asynchronous)."""
@@ -246,6 +266,16 @@ class FeatureExtractor:
         if not parts:
             return np.zeros((self.cfg.views, 0, self.spec.L, self.spec.D), np.float16)
         return np.concatenate(parts, axis=1)
+
+
+def pin_host_memory(raw: torch.Tensor) -> bool:
+    """Page-lock host memory that torch did not allocate (cudaHostRegister), so copies into it run as DMA; where
+    the driver refuses, the copies still work, synchronously, and a warning says so. True when locked."""
+    code = torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), raw.numel() * raw.element_size(), 0)
+    if int(code) != 0:
+        warnings.warn(f"cudaHostRegister failed ({code}): the maps' downloads into the writer's shared buffers are"
+                      " synchronous", stacklevel=2)
+    return int(code) == 0
 
 
 def to_rows(maps: torch.Tensor, out: MapsBuffer) -> None:

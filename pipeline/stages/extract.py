@@ -12,7 +12,9 @@ Speed (bench/bench_extract.py for the network, bench/bench_extract_io.py for eve
   releases the GIL); each face's maps land in a row laid out as its features-store chunk, which the store
   writes whole with its fletcher32 sum (no filter-pipeline copies); a clip is committed with its last piece;
 - on CPU the host's work runs between batches (decoding batch k+1 while batch k is written), never beside
-  the network, so the network keeps every core; on CUDA a feeder and a writer thread run beside it, JPEG chips
+  the network, so the network keeps every core; on CUDA a feeder and a writer thread run beside it (the writer hands
+  the store's writes to a process of its own, cache.writer_process: h5py holds the GIL through every call, so
+  in one process the writes and the faces store's reads take turns), JPEG chips
   are decoded on the GPU, and the download of batch k (second stream, pinned double buffers) overlaps the
   compute of batch k+1; the store writes from the pinned memory.
 
@@ -41,7 +43,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from emotion_attention.cache import ConfigError, FacesStore, FeaturesStore, StoreDamaged, StoreFull, StoreMismatch
-from emotion_attention.cache.common import is_disk_full, same_clip_diffs
+from emotion_attention.cache import writer_process
+from emotion_attention.cache.common import same_clip_diffs
+from emotion_attention.cache.features_store import apply_writes
 from emotion_attention.cache.merge import merge_stores
 from emotion_attention.pipeline.configs import ExtractConfig
 from emotion_attention.pipeline.core.runtime import (
@@ -52,7 +56,7 @@ from emotion_attention.pipeline.core.runtime import (
     select_shard,
 )
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
-from emotion_attention.pipeline.models.extractor import FeatureExtractor, Pending, overlapped
+from emotion_attention.pipeline.models.extractor import CHECKSUM_BYTES, FeatureExtractor, Pending, overlapped
 
 DISK_MARGIN = 1.02  # refuse unless the free disk holds the planned bytes plus 2 % (HDF5 metadata, chunk index)
 
@@ -99,7 +103,7 @@ class ClipJob:
     compute: np.ndarray      # int (P,): positions (in rows) of the present faces, the ones the network sees
     done: int = 0            # present faces written so far
     aborted: bool = False    # a piece could not be read or decoded: the clip is a failure, never committed
-    writer: object = None    # cache.features_store.ClipWriter while the clip is being written
+    begun: bool = False      # its group is begun in the features store (its first piece was planned)
     chips: object = None     # cache.faces_store.ChipReader while the clip is being read
 
     @property
@@ -286,48 +290,80 @@ class WriteTally:
 class Writer:
     """Writes batches of maps into the features store in piece order: a clip's group is begun at its first
     piece, its rows written straight from the MapsBuffer, and it is committed (mark last) with its last piece.
-    A full disk becomes StoreFull naming the store and the bytes still needed."""
+    A full disk becomes StoreFull naming the store and the bytes still needed.
+
+    ``plan`` turns a batch into store operations (``cache.features_store.apply_writes``); they are applied here,
+    or, with a ``WriterProcess``, sent to it (the overlapped path: h5py holds the GIL through every call, so the
+    writes in a process of their own run beside this process's reads instead of taking turns with them).
+    """
 
     def __init__(self, store: FeaturesStore, cfg: ExtractConfig, L: int, D: int, tally: WriteTally,
-                 clock: PhaseClock):
+                 clock: PhaseClock, process=None):
         self.store, self.cfg, self.L, self.D, self.tally, self.clock = store, cfg, L, D, tally, clock
         self.compression = None if cfg.compression == "none" else cfg.compression
+        self.process = process  # cache.writer_process.WriterProcess, or None: the writes happen here
+        self.open: dict = {}    # clip id -> ClipWriter of the clips begun here and not yet committed
+        self.ring: dict = {}    # buffer index -> MapsBuffer over the process's shared ring
 
-    def write(self, batch: Batch, out) -> None:
+    def plan(self, batch: Batch) -> tuple[list, list[ClipJob]]:
+        """(the batch's store operations in order, the jobs they commit); marks the jobs' progress."""
+        ops, finished, offset = [], [], 0
+        for piece in batch.pieces:
+            job = piece.job
+            if not job.aborted:
+                if not job.begun:
+                    ops.append(("begin", job.clip_id, self.cfg.views, job.rows, self.L, self.D, self.compression,
+                                self.cfg.map_dtype))
+                    job.begun = True
+                if piece.n:
+                    ops.append(("faces", job.clip_id, job.compute[piece.start:piece.start + piece.n], offset,
+                                piece.n))
+                job.done += piece.n
+                if job.finished:  # on its last piece (a clip without a face has one, empty)
+                    finished.append(job)
+            offset += piece.n
+        if finished:  # committed together, two flushes for all (a short clip's flushes were most of its cost)
+            ops.append(("commit", [(j.clip_id, j.present, clip_attrs(j.attrs)) for j in finished]))
+        return ops, finished
+
+    def write(self, batch: Batch, out) -> list:
         """Write ``batch``'s maps, row i of ``out`` (a MapsBuffer, None for a batch without faces) for its face i;
-        the clips it finishes are committed together, two flushes for all of them (a short clip's flushes were
-        most of what it cost, issue 17)."""
-        rows = out.rows(batch.n) if out is not None else None
-        offset, job, finished = 0, None, []
-        try:
-            for piece in batch.pieces:
-                job = piece.job
-                if not job.aborted:
-                    self._write_piece(piece, rows[offset:offset + piece.n] if piece.n else None)
-                    if job.finished:  # on its last piece (a clip without a face has one, empty)
-                        finished.append(job)
-                offset += piece.n
-            if finished:
-                t = time.thread_time()
-                self.store.commit_clips([(j.writer, j.present, clip_attrs(j.attrs)) for j in finished])
-                for j in finished:
-                    j.writer = None  # its h5py objects go now, not at the end of the run
-                    self.tally.committed(j)
-                self.clock.add("write", time.thread_time() - t)
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise self.store.disk_full(exc, f"clip {job.clip_id!r}", self.tally.remaining) from None
-            raise
+        returns the MapsBuffers free again (``out`` here; with a process, those it has written since)."""
+        ops, finished = self.plan(batch)
+        remaining = self.tally.remaining
+        for j in finished:
+            self.tally.committed(j)
+        if self.process is not None:
+            freed = self.process.send(None if out is None else out.index, batch.n, ops, remaining)
+            return [self.ring[i] for i in freed]
+        apply_writes(self.store, self.open, ops, None if out is None else out.rows(batch.n), remaining,
+                     self.clock.add)
+        return [] if out is None else [out]
 
-    def _write_piece(self, piece: Piece, rows: Optional[np.ndarray]) -> None:
-        job, t = piece.job, time.thread_time()
-        if job.writer is None:
-            job.writer = self.store.begin_clip(job.clip_id, self.cfg.views, job.rows, self.L, self.D,
-                                               self.compression, self.cfg.map_dtype)
-        self.clock.add("write", time.thread_time() - t)
-        if piece.n:
-            job.writer.write_faces(job.compute[piece.start:piece.start + piece.n], rows, timed=self.clock.add)
-        job.done += piece.n
+    def buffers(self, count: int, fx: FeatureExtractor) -> list:
+        """``count`` MapsBuffers for the overlapped path: over the process's shared ring, or the extractor's."""
+        if self.process is None:
+            return [fx.maps_buffer() for _ in range(count)]
+        self.ring = {i: fx.maps_buffer(self.process.buffers[i], i) for i in range(len(self.process.buffers))}
+        return list(self.ring.values())
+
+    def finish(self) -> list:
+        """The buffers still with the process, once written; the process closes the store and ends."""
+        if self.process is None:
+            return []
+        freed = self.process.finish()
+        for phase, seconds in self.process.seconds.items():
+            self.clock.add(phase, seconds)
+        self.process = None
+        return [self.ring[i] for i in freed]
+
+    def close(self) -> None:
+        """The clips in flight when a run stops: their h5py objects go before the stores close (not at
+        interpreter exit); a writer process still running is ended, its uncommitted clips lost as with a kill."""
+        self.open.clear()
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
 
 
 def clip_attrs(attrs: dict) -> dict:
@@ -488,11 +524,16 @@ def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, 
     for clip_id, message in unreadable:
         fail_clip(clip_id, message)
     L, D = fx.spec.L, fx.spec.D
-    writer = Writer(store, cfg, L, D, WriteTally(planned, bytes_per_row(cfg.views, L, D, cfg.map_dtype)), clock)
     gpu_decode = fx.decodes_jpeg and faces.codec.name == "jpeg"
     threads = cfg.decode_threads or len(os.sched_getaffinity(0))
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and fx.cuda)
     chip_shape = faces.chip_shape()
+    process = None
+    if overlap and writer_process.available() and jobs:  # the writes in a process of their own, beside the reads
+        row = cfg.views * L * D * 2 + CHECKSUM_BYTES  # a MapsBuffer row
+        process = writer_process.WriterProcess(store, ring_size(cfg), cfg.batch_size, row)
+    writer = Writer(store, cfg, L, D, WriteTally(planned, bytes_per_row(cfg.views, L, D, cfg.map_dtype)), clock,
+                    process)
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="extract-decode") as pool, \
                 tqdm(total=n_faces, unit="face", desc="extract", smoothing=0.1) as bar:
@@ -500,15 +541,23 @@ def run_pipeline(fx: FeatureExtractor, faces: FacesStore, store: FeaturesStore, 
             run(fx, jobs, lambda buffers: Feeder(faces, cfg, buffers, None if gpu_decode else pool, fail_job, clock,
                                                  gpu_decode), writer, chip_shape, bar, fail_job)
     finally:
+        writer.close()
         for job in jobs:  # the clips in flight when a run stops: their h5py objects go before the stores close,
-            job.writer = job.chips = None  # not at interpreter exit
+            job.chips = None  # not at interpreter exit
+        fx.release_buffers()
     return failures
+
+
+def ring_size(cfg: ExtractConfig) -> int:
+    """MapsBuffers of the overlapped path: queued, being filled or written, launched twice over."""
+    return cfg.queue_clips + 3
 
 
 def run_inline(fx: FeatureExtractor, jobs: list[ClipJob], feeder: Callable, writer: Writer, chip_shape: tuple,
                bar, failed: Callable) -> None:
     """One thread: read batch k+1 and start its decoding, write batch k while the pool decodes, then compute
-    k+1 with every core. One input buffer and one MapsBuffer serve the whole run."""
+    k+1 with every core. One input buffer and one MapsBuffer serve the whole run; the writes happen here (a
+    writer process would run beside the network and take its cores)."""
     buffer, out = fx.faces_buffer(chip_shape), fx.maps_buffer()
     previous: Optional[Batch] = None
     for batch in feeder(lambda: buffer).batches(jobs):
@@ -533,9 +582,10 @@ def run_overlapped(fx: FeatureExtractor, jobs: list[ClipJob], feeder: Callable, 
     stop, errors = threading.Event(), []
     free_faces: queue.Queue = queue.Queue()
     free_maps: queue.Queue = queue.Queue()
-    for _ in range(depth + 3):  # queued, being filled or written, launched twice over
+    for _ in range(ring_size(fx.cfg)):
         free_faces.put(fx.faces_buffer(chip_shape))
-        free_maps.put(fx.maps_buffer())
+    for buffer in writer.buffers(ring_size(fx.cfg), fx):
+        free_maps.put(buffer)
     to_compute: queue.Queue = queue.Queue(maxsize=depth)
     to_write: queue.Queue = queue.Queue(maxsize=depth)
 
@@ -558,9 +608,10 @@ def run_overlapped(fx: FeatureExtractor, jobs: list[ClipJob], feeder: Callable, 
 
     def write() -> None:
         for batch, out in iter(lambda: take(to_write, stop), None):
-            writer.write(batch, out)
-            if out is not None:
-                free_maps.put(out)
+            for buffer in writer.write(batch, out):
+                free_maps.put(buffer)
+        for buffer in writer.finish():
+            free_maps.put(buffer)
 
     def launch(batch: Batch) -> Pending:
         return fx.launch(batch.faces, take(free_maps, stop)) if batch.n else Pending(None)
