@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 
 from emotion_attention.cache import errors
-from emotion_attention.cache.errors import StoreError, StoreFull
+from emotion_attention.cache.errors import StoreError
 from emotion_attention.cache.features_store import FeaturesStore, apply_writes
 
 AHEAD = 1  # batches the child may still be writing when the parent sends the next: one written, one on its way
@@ -147,48 +147,43 @@ class WriterProcess:
 
 
 def serve(conn: Connection, fd: int) -> None:
-    """The child: open the store (the parent holds its lock), apply each batch's operations, answer."""
+    """The child: open the store (the parent holds its lock), apply each batch's operations, answer. The store's
+    own exit does the rest: after StoreFull it abandons the file as the last commit left it, after another error
+    it closes it without hiding that error."""
     path, provenance, shard, shape = conn.recv()
     ring = mmap.mmap(fd, int(np.prod(shape)))
     os.close(fd)
     buffers = np.frombuffer(ring, np.uint8).reshape(shape)
-    store, open_clips = None, {}
+    open_clips: dict = {}
     try:
-        store = FeaturesStore(path, "a", provenance=provenance, shard=shard, take_lock=False)
-        conn.send(("ready",))
-        while True:
+        with FeaturesStore(path, "a", provenance=provenance, shard=shard, take_lock=False) as store:
             try:
-                msg = conn.recv()
-            except (EOFError, ConnectionResetError):  # the parent stopped the run, or is gone: the clips in
-                break                                 # flight stay uncommitted
-            if msg[0] == "close":
-                break
-            _, index, n, ops, remaining = msg
-            seconds: dict = {}
-
-            def timed(phase: str, s: float) -> None:
-                seconds[phase] = seconds.get(phase, 0.0) + s
-            rows = None if index is None else buffers[index, :n]
-            committed = apply_writes(store, open_clips, ops, rows, remaining, timed)
-            conn.send(("done", index, committed, seconds))
-        open_clips.clear()  # their h5py objects go before the file closes
-        store.close()
-        store = None
+                conn.send(("ready",))
+                serve_batches(conn, store, buffers, open_clips)
+            finally:
+                open_clips.clear()  # their h5py objects go before the file closes
         _send(conn, ("closed",))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent, which raises it
-        open_clips.clear()
-        if isinstance(exc, StoreFull) and store is not None:
-            store.abandon()  # the file stays as the last commit left it
-        elif store is not None:
-            _close_quietly(store)
         _send(conn, ("error", type(exc).__name__, str(exc)))
 
 
-def _close_quietly(store: FeaturesStore) -> None:
-    try:
-        store.close()
-    except (OSError, RuntimeError):
-        store.abandon()
+def serve_batches(conn: Connection, store: FeaturesStore, buffers: np.ndarray, open_clips: dict) -> None:
+    """Apply batches until the parent says "close", or is gone (the clips in flight then stay uncommitted)."""
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, ConnectionResetError):
+            return
+        if msg[0] == "close":
+            return
+        _, index, n, ops, remaining = msg
+        seconds: dict = {}
+
+        def timed(phase: str, s: float) -> None:
+            seconds[phase] = seconds.get(phase, 0.0) + s
+        rows = None if index is None else buffers[index, :n]
+        committed = apply_writes(store, open_clips, ops, rows, remaining, timed)
+        conn.send(("done", index, committed, seconds))
 
 
 def _send(conn, msg) -> None:
