@@ -25,7 +25,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -860,7 +860,9 @@ class ClipStore:
 
     def attrs(self, clip_id: str) -> dict:
         """A complete clip's attributes (its data sets are not opened: a reader of many clips pays little)."""
-        grp = self._complete_group(clip_id)
+        return self._attrs_of(self._complete_group(clip_id), clip_id)
+
+    def _attrs_of(self, grp: h5py.Group, clip_id: str) -> dict:
         try:
             return {k: (v.item() if hasattr(v, "item") else v) for k, v in grp.attrs.items()}
         except (OSError, RuntimeError, KeyError) as exc:
@@ -870,10 +872,18 @@ class ClipStore:
         """bool (F,) face mask of a clip, without reading its pixels or maps."""
         return read_checked(self._datasets(clip_id, "present")[0])
 
+    def present_and_attrs(self, clip_id: str) -> tuple[np.ndarray, dict]:
+        """``read_present`` and ``attrs`` of a clip with one lookup of its group, for a planner of many clips
+        (`emo-cache extract` read both for each clip, and the group's lookup and ``complete`` check each time)."""
+        grp = self._complete_group(clip_id)
+        return read_checked(self._open_datasets(grp, clip_id, ("present",))[0]), self._attrs_of(grp, clip_id)
+
     def _datasets(self, clip_id: str, *names: str) -> list[h5py.Dataset]:
         """The named data sets of a complete clip, opened (and only those: a reader that needs one pays for
         one); damaged metadata is StoreDamaged naming the clip, as in ``_group``."""
-        grp = self._complete_group(clip_id)
+        return self._open_datasets(self._complete_group(clip_id), clip_id, names)
+
+    def _open_datasets(self, grp: h5py.Group, clip_id: str, names: Sequence[str]) -> list[h5py.Dataset]:
         try:
             return [grp[name] for name in names]
         except (OSError, RuntimeError, KeyError) as exc:

@@ -7,6 +7,7 @@ import pytest
 
 from emotion_attention.cache.errors import ConfigError
 from emotion_attention.pipeline.configs import DecodeConfig
+from emotion_attention.pipeline.data import decode
 from emotion_attention.pipeline.data.decode import (DecodeError, iter_clip_frames, iter_folder_frames, iter_frames, keep_frame, probe_video)
 from fixtures_preprocess import write_bad_media, write_zero_frame_video
 
@@ -176,6 +177,36 @@ def test_prealigned_is_decided_on_every_image(tmp_path):
     assert folder_is_square(tmp_path)
     cv2.imwrite(str(tmp_path / "0003.jpg"), frame)             # one full frame among square ones
     assert not folder_is_square(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["square", "one full frame", "full frame skipped by the decode", "unreadable image",
+                                  "held bytes run out", "full frame after the held bytes"])
+def test_the_decoded_frames_decide_prealigned_as_the_headers_do(tmp_path, monkeypatch, case):
+    frame = real_frames(1, size=None)[0]                       # 640x360
+    square = frame[:, 140:500]
+    images = [square] * 6
+    if case in ("one full frame", "full frame skipped by the decode", "full frame after the held bytes"):
+        images[5 if case != "full frame skipped by the decode" else 3] = frame
+    for i, bgr in enumerate(images):
+        cv2.imwrite(str(tmp_path / f"{i:04d}.jpg"), bgr)
+    if case == "unreadable image":
+        (tmp_path / "0002.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    every_nth = 2 if case == "full frame skipped by the decode" else 1   # decodes 0, 2, 4: never the full frame
+    hold = 1 if case in ("held bytes run out", "full frame after the held bytes") else decode.HOLD_BYTES
+    listed = decode.list_frame_images(tmp_path)
+    expected = decode.folder_is_square(tmp_path)
+    opened, header_size = [], decode.image_size
+    monkeypatch.setattr(decode, "image_size", lambda path: opened.append(path.name) or header_size(path))
+    answer, frames = decode.square_frames(iter_folder_frames(tmp_path, every_nth=every_nth), listed, hold)
+    assert answer == expected == (case in ("square", "unreadable image", "held bytes run out"))
+    again = list(iter_folder_frames(tmp_path, every_nth=every_nth))
+    frames = list(frames)
+    assert [f.index for f in frames] == [f.index for f in again]   # every frame handed on, in order, once
+    assert all(np.array_equal(a.rgb, b.rgb) for a, b in zip(frames, again))
+    headers = {"square": [], "one full frame": [], "full frame skipped by the decode": ["0001.jpg", "0003.jpg",
+               "0005.jpg"], "unreadable image": ["0002.jpg"], "held bytes run out": [f"{i:04d}.jpg" for i in range(1, 6)],
+               "full frame after the held bytes": [f"{i:04d}.jpg" for i in range(1, 6)]}[case]
+    assert opened == headers   # headers are read only for the images the decode did not give
 
 
 # -- the faces side records the damage (pipeline/preprocess.py, pipeline/faces.py) ---------------------

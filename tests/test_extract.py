@@ -307,13 +307,13 @@ def test_fer_minixception_store(tmp_path, samples_dir):
 def test_unreadable_clip_is_logged_and_the_run_carries_on(tmp_path, samples_dir, monkeypatch):
     clips = make_faces_store(tmp_path / "faces.h5", samples_dir)
     bad = "Train/Angry/000.avi"  # a clip with faces and absent frames
-    original = FacesStore.read_present
+    original = FacesStore.present_and_attrs
 
-    def broken_read_present(self, clip_id):
+    def broken_present_and_attrs(self, clip_id):
         if clip_id == bad:
             raise OSError("Can't read data (inflate() failed)")
         return original(self, clip_id)
-    monkeypatch.setattr(FacesStore, "read_present", broken_read_present)  # the plan and the reader both meet it
+    monkeypatch.setattr(FacesStore, "present_and_attrs", broken_present_and_attrs)  # what the plan reads first
     summary = extract_features(tmp_path / "faces.h5", tmp_path / "feats.h5", cfg())
     assert summary["failures"] == [{"stage": "extract", "file": str(tmp_path / "faces.h5"), "clip_id": bad,
                                     "reason": "cannot read faces: Can't read data (inflate() failed)"}]

@@ -28,6 +28,21 @@ def test_faces_store_round_trip(tmp_path):
         assert store.config == {"size": 8}
 
 
+def test_present_and_attrs_read_what_the_two_readers_read(tmp_path):
+    with FacesStore(tmp_path / "f.h5", "a", config={"size": 8}, code_version="t") as store:
+        store.write_clip("Train/Happy/a.mp4", face_arrays(5), {"label": "Happy", "fps": 25.0, "total_frames": 5})
+        store.write_clip("Train/Sad/b.mp4", face_arrays(3), {"label": "Sad"})
+        store._f["Train|Sad|b.mp4"].attrs["complete"] = False  # as if killed before the mark
+    with FacesStore(tmp_path / "f.h5") as store:
+        present, attrs = store.present_and_attrs("Train/Happy/a.mp4")
+        np.testing.assert_array_equal(present, store.read_present("Train/Happy/a.mp4"))
+        assert present.dtype == bool and len(present) == 5
+        assert attrs == store.attrs("Train/Happy/a.mp4")
+        assert (attrs["label"], attrs["fps"], attrs["total_frames"], attrs["complete"]) == ("Happy", 25.0, 5, True)
+        with pytest.raises(StoreError, match="Train/Sad/b.mp4"):  # not complete: not there for a reader
+            store.present_and_attrs("Train/Sad/b.mp4")
+
+
 def test_faces_store_refuses_other_settings(tmp_path):
     FacesStore(tmp_path / "f.h5", "a", config={"size": 8, "padding": 0.2}).close()
     with pytest.raises(StoreMismatch, match=r"padding: store has 0.2, this run asks for 0.3"):

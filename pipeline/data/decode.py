@@ -1,8 +1,10 @@
 """Streaming decode of videos and frame folders into uint8 RGB frames (never a whole video in memory)."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -83,16 +85,21 @@ def natural_key(path: Path) -> list:
 
 
 def is_image_file(path: Path) -> bool:
-    return Path(path).is_file() and Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS and Path(path).is_file()  # the suffix first: no stat
 
 
 def list_frame_images(folder: Path) -> list[Path]:
-    """Image files of a frame folder in natural order; a single image file is a one-frame folder."""
+    """Image files of a frame folder in natural order; a single image file is a one-frame folder.
+
+    One ``scandir``: the entries' types come with the listing, so no file is stat'ed (a DFEW clip was listed
+    three times per clip, each listing a stat per frame: issue 15's per-clip cost)."""
     folder = Path(folder)
     if is_image_file(folder):
         return [folder]
-    return sorted((p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=natural_key)
+    with os.scandir(folder) as entries:
+        images = [Path(entry.path) for entry in entries
+                  if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file()]
+    return sorted(images, key=natural_key)
 
 
 def image_size(path: Path) -> Optional[tuple[int, int]]:
@@ -114,8 +121,39 @@ def folder_is_square(folder: Path) -> bool:
     True
     """
     sizes = [image_size(p) for p in list_frame_images(folder)]
+    return all_square(sizes)
+
+
+def all_square(sizes: list[Optional[tuple[int, int]]]) -> bool:
+    """folder_is_square's rule on (width, height) sizes, None for an unreadable image."""
     sizes = [s for s in sizes if s is not None]
     return bool(sizes) and all(w == h for w, h in sizes)
+
+
+HOLD_BYTES = 64 << 20  # decoded frames square_frames holds at most while it decides (then: the headers)
+
+
+def square_frames(frames: Iterator[Frame], images: list[Path], hold_bytes: int = HOLD_BYTES
+                  ) -> tuple[bool, Iterator[Frame]]:
+    """folder_is_square(images), decided on the frames the decode yields anyway instead of a second opening of
+    every image for its header (about 0.1 ms an image here, more than the resize of a small face: issue 15).
+
+    Decoded frames are held until the answer is known: a readable frame that is not square answers False at
+    once; else, once the frames end (or ``hold_bytes`` of them are held), the images not decoded (skipped by
+    the decode options, unreadable, or beyond the held ones) are read from their headers, as before. Returns
+    (the answer, the same frames, from the first).
+    """
+    held, nbytes = [], 0
+    for frame in frames:
+        held.append(frame)
+        if frame.readable and frame.rgb.shape[0] != frame.rgb.shape[1]:
+            return False, chain(held, frames)
+        nbytes += frame.rgb.nbytes
+        if nbytes >= hold_bytes:
+            break
+    seen = {frame.index: frame.rgb.shape[1::-1] for frame in held if frame.readable}
+    sizes = [seen[i] if i in seen else image_size(path) for i, path in enumerate(images)]
+    return all_square(sizes), chain(held, frames)
 
 
 def _open_capture(path: Path) -> cv2.VideoCapture:
@@ -312,13 +350,14 @@ def read_image_rgb(path: Path) -> np.ndarray:
 
 
 def iter_folder_frames(folder: Path, fps_cap: Optional[float] = None, max_frames: Optional[int] = None,
-                       every_nth: int = 1, fps: float = FOLDER_FPS,
-                       stats: Optional[DecodeStats] = None) -> Iterator[Frame]:
+                       every_nth: int = 1, fps: float = FOLDER_FPS, stats: Optional[DecodeStats] = None,
+                       images: Optional[list[Path]] = None) -> Iterator[Frame]:
     """Yield the images of a frame folder, in natural order, as Frames (same options as iter_frames).
 
     An image that cannot be read does not drop the clip: it is yielded with ``readable=False`` (a
     faceless row downstream) and counted in ``stats.unreadable``. A folder in which no image reads
-    raises DecodeError. Size changes between images are listed in ``stats.size_changes``.
+    raises DecodeError. Size changes between images are listed in ``stats.size_changes``. ``images``: the
+    folder's list_frame_images, when the caller has it.
 
     >>> import shutil, tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -332,7 +371,7 @@ def iter_folder_frames(folder: Path, fps_cap: Optional[float] = None, max_frames
     >>> tmp.cleanup()
     """
     stats = stats if stats is not None else DecodeStats()
-    images = list_frame_images(folder)
+    images = list_frame_images(folder) if images is None else images
     if not images:
         raise DecodeError(f"{folder}: frame folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     kept, last_slot, shape = 0, -1, None
@@ -360,10 +399,11 @@ def iter_folder_frames(folder: Path, fps_cap: Optional[float] = None, max_frames
         raise DecodeError(f"{folder}: none of its {kept} images can be read; re-export or remove them")
 
 
-def iter_clip_frames(path: Path, kind: str, cfg: DecodeConfig, stats: Optional[DecodeStats] = None
-                     ) -> Iterator[Frame]:
+def iter_clip_frames(path: Path, kind: str, cfg: DecodeConfig, stats: Optional[DecodeStats] = None,
+                     images: Optional[list[Path]] = None) -> Iterator[Frame]:
     """Frames of a clip that is a video file (kind="video"), a folder of images (kind="frames") or one still
-    image (kind="image", a one-frame clip). ``stats`` is filled in while the frames are consumed.
+    image (kind="image", a one-frame clip). ``stats`` is filled in while the frames are consumed; ``images``:
+    the folder's list_frame_images, when the caller has it.
 
     >>> frames = iter_clip_frames(Path("data/samples/single_face.mp4"), "video", DecodeConfig(max_frames=8))
     >>> [f.rgb.shape for f in iter_clip_frames(Path("data/samples/single_face.jpg"), "image", DecodeConfig())]
@@ -372,5 +412,5 @@ def iter_clip_frames(path: Path, kind: str, cfg: DecodeConfig, stats: Optional[D
     if kind == "video":
         return iter_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth, stats)
     if kind in ("frames", "image"):  # list_frame_images takes an image file as a one-image folder
-        return iter_folder_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth, cfg.folder_fps, stats)
+        return iter_folder_frames(path, cfg.fps_cap, cfg.max_frames, cfg.every_nth, cfg.folder_fps, stats, images)
     raise ValueError(f"{path}: unknown clip kind {kind!r}; expected 'video', 'frames' or 'image'")

@@ -147,8 +147,8 @@ def plan_jobs(faces: FacesStore, todo: list[str], cfg: ExtractConfig) -> tuple[l
     jobs, unreadable = [], []
     for cid in todo:
         try:
-            mask = faces.read_present(cid).astype(bool)
-            attrs = faces.attrs(cid)
+            mask, attrs = faces.present_and_attrs(cid)
+            mask = mask.astype(bool)
         except READ_ERRORS as exc:
             unreadable.append((cid, f"cannot read faces: {exc}"))
             continue

@@ -50,12 +50,14 @@ from emotion_attention.pipeline.core.runtime import (
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.clips import Clip, DatasetError, Problem
 from emotion_attention.pipeline.data.decode import (
+    HOLD_BYTES,
     DecodeStats,
     folder_is_square,
     is_short,
     iter_clip_frames,
     list_frame_images,
     probe_video,
+    square_frames,
 )
 from emotion_attention.pipeline.data.layouts import scan_dataset
 from emotion_attention.pipeline.faces.align import (
@@ -75,7 +77,8 @@ PARTS_SUFFIX = ".parts"  # <out>.parts/: one part file per long clip in flight (
 # -- one clip, no store ---------------------------------------------------------------------------
 def is_prealigned(clip: Clip, cfg: FaceConfig) -> bool:
     """Frame folders and still images of already aligned faces skip detection. auto: every image is square
-    (read from the image headers, so one full frame among square faces sends the whole folder to detection)."""
+    (read from the image headers, so one full frame among square faces sends the whole folder to detection;
+    process_clip_chunks applies the same rule to the frames it decodes: decode.square_frames)."""
     if clip.kind not in ("frames", "image") or cfg.prealigned == "no":
         return False
     if cfg.prealigned == "yes":
@@ -95,14 +98,20 @@ def process_clip_chunks(clip: Clip, cfg: PreprocessConfig) -> tuple[Iterator[dic
         total_frames, decode record) once the chunks are consumed. Raises DecodeError naming the file
         when the clip cannot be decoded.
     """
+    images = None  # a folder's images, listed once for the count, the square check and the decode
     if clip.kind == "video":
         info = probe_video(clip.path)
         fps, total = info.fps, info.frame_count
     else:
-        fps, total = cfg.decode.folder_fps, clip.frames if clip.frames >= 0 else len(list_frame_images(clip.path))
+        images = list_frame_images(clip.path)
+        fps, total = cfg.decode.folder_fps, len(images)
     stats = DecodeStats()  # decode side of the damage record: frames decoded vs the container's count
-    frames = iter_clip_frames(clip.path, clip.kind, cfg.decode, stats)
-    if is_prealigned(clip, cfg.face):
+    frames = iter_clip_frames(clip.path, clip.kind, cfg.decode, stats, images)
+    if images is not None and cfg.face.prealigned == "auto":  # is_prealigned's rule, on the decoded frames
+        prealigned, frames = square_frames(frames, images)
+    else:
+        prealigned = is_prealigned(clip, cfg.face)
+    if prealigned:
         chunks = resize_prealigned_chunks(frames, cfg.face)
     else:
         chunks = align_clip_chunks(frames, load_aligner(cfg.face.predictor_path), cfg.face)
@@ -435,9 +444,10 @@ def check_run_arguments(source: Path, cfg: PreprocessConfig, workers: int, backe
 
 
 def worker_bytes(size: int) -> int:
-    """Rough memory of one faces worker: interpreter, OpenCV and dlib's models, plus a chunk of chips
-    (CHUNK_FRAMES chips of size x size x 3, about three copies while aligning and encoding)."""
-    return (300 << 20) + CHUNK_FRAMES * size * size * 3 * 3
+    """Rough memory of one faces worker: interpreter, OpenCV and dlib's models, the decoded frames held while
+    the prealigned rule is decided (decode.HOLD_BYTES at most), plus a chunk of chips (CHUNK_FRAMES chips of
+    size x size x 3, about three copies while aligning and encoding)."""
+    return (300 << 20) + HOLD_BYTES + CHUNK_FRAMES * size * size * 3 * 3
 
 
 def check_settings_fit(cfg: PreprocessConfig, workers: int, backend: str) -> None:
