@@ -303,3 +303,77 @@ def test_chunked_reads_decode_an_encoded_faces_store(tmp_path, samples_dir):
     assert sorted(raw) == sorted(png) and len(raw) == 3
     for cid in raw:
         np.testing.assert_array_equal(raw[cid][0], png[cid][0])
+
+
+FAULTS_AFTER_FREE = r"""
+import ctypes, json, resource
+from emotion_attention.pipeline.core.runtime import reuse_freed_memory
+
+applied = reuse_freed_memory()
+libc = ctypes.CDLL("libc.so.6")  # malloc itself: numpy would ask the kernel for huge pages, torch does not
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+size, rounds = 64 * 2**20, 6  # above glibc's largest mmap threshold (32 MB): mapped and unmapped by default
+
+
+def batch():  # what a batch's activation does: allocated, written, freed
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+
+
+batch()  # the first round faults its pages in either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(rounds):
+    batch()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"applied": applied, "faults": faults, "pages": rounds * size // resource.getpagesize()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's malloc only")
+def test_freed_batches_are_reused_not_faulted_in_again():
+    """A block freed by one batch serves the next without page faults; glibc's default (kept when the user sets
+    a malloc variable, here its own default value) maps and faults every 64 MB block in again."""
+    def run(env: dict) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "LD_PRELOAD")} | env
+        done = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    tuned, default = run({}), run({"MALLOC_MMAP_MAX_": "65536"})
+    assert tuned["applied"] and not default["applied"]
+    assert default["faults"] > 0.9 * default["pages"]
+    assert tuned["faults"] < 0.02 * tuned["pages"]
+
+
+def test_malloc_settings_are_the_users_when_they_set_any():
+    from emotion_attention.pipeline.core import runtime
+
+    class Libc:
+        def __init__(self):
+            self.calls = []
+
+        def mallopt(self, param: int, value: int) -> int:
+            self.calls.append((param, value))
+            return 1
+
+    libc = Libc()
+    assert runtime.reuse_freed_memory(environ={}, libc=libc)
+    assert libc.calls == [(-4, 0), (-1, runtime.KEEP_FREED)]  # M_MMAP_MAX 0, then M_TRIM_THRESHOLD
+    for name in runtime.MALLOC_SETTINGS:
+        libc = Libc()
+        assert not runtime.reuse_freed_memory(environ={name: "1"}, libc=libc)
+        assert libc.calls == []
+
+
+def test_extract_tunes_malloc_before_its_batches(tmp_path, samples_dir, monkeypatch):
+    import emotion_attention.pipeline.stages.extract as extract
+
+    calls = []
+    real = extract.extract_features
+    monkeypatch.setattr(extract, "reuse_freed_memory", lambda: calls.append("malloc"))
+    monkeypatch.setattr(extract, "extract_features", lambda *a, **k: calls.append("extract") or real(*a, **k))
+    make_faces_store(tmp_path / "faces.h5", samples_dir)
+    summary = extract.run(cfg(), [tmp_path / "faces.h5"], tmp_path / "feats.h5", progress=False)
+    assert summary.ok and calls == ["malloc", "extract"]

@@ -53,6 +53,7 @@ from emotion_attention.pipeline.core.runtime import (
     FailureLog,
     failure_log_path,
     parse_shard,
+    reuse_freed_memory,
     select_shard,
 )
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
@@ -670,6 +671,7 @@ def run(cfg: ExtractConfig, inputs: Sequence[Path], out: Path, *, log=print, pro
     ``out`` (resumable; failures in ``<out>.failures.jsonl``, the resolved config in ``<out>.config.json``)."""
     (faces_path,) = inputs
     Output(out).check_writable()
+    reuse_freed_memory()  # each batch's activations reused, not faulted in again (core.runtime)
     summary = extract_features(faces_path, out, cfg, log=log)
     failures = [Failure(**f) for f in summary["failures"]]
     lines = [json.dumps({k: v for k, v in summary.items() if k != "provenance"}, indent=1)]

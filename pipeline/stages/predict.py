@@ -30,7 +30,8 @@ from emotion_attention.cache.errors import ConfigError, UserError, clip_filename
 from emotion_attention.pipeline import __version__
 from emotion_attention.pipeline.configs import AFEW_CLASSES as _AFEW_ORDER
 from emotion_attention.pipeline.configs import TRAINING_FREE, ExplainConfig, ExtractConfig, PredictConfig
-from emotion_attention.pipeline.core.runtime import Failure, FailureLog, check_writable, file_sha256, resolve_device
+from emotion_attention.pipeline.core.runtime import (Failure, FailureLog, check_writable, file_sha256, resolve_device,
+                                                    reuse_freed_memory)
 from emotion_attention.pipeline.core.stage import Output, StageSummary, write_resolved_config
 from emotion_attention.pipeline.data.clips import Clip
 from emotion_attention.pipeline.data.decode import (
@@ -590,6 +591,7 @@ def run(cfg: PredictConfig, inputs: Sequence[Path], out: Path, *, log=print, pro
     """Stage `predict`: the emotion of each input (a video, a frame folder, an image, or a .txt list of
     them), into the folder ``out``; a bad input is reported and skipped. ``ok`` is False only when no input
     could be predicted."""
+    reuse_freed_memory()  # each batch's activations reused, not faulted in again (core.runtime)
     result = predict_videos([str(v) for v in inputs], out, cfg, log=log)  # checks cfg and out before any work
     lost = result["output_failures"]
     wrote = f"wrote {out}/predictions.csv" + (f" and {out}/explain/index.html" if cfg.explain and result["results"]
