@@ -325,17 +325,17 @@ def reuse_freed_memory(environ=None, libc=None) -> bool:
     (glibc's default), keeps glibc's default behaviour.
     """
     import ctypes  # lazy: only the stages that run a network tune their allocator
-    import platform
 
     environ = os.environ if environ is None else environ
     if any(environ.get(name) for name in MALLOC_SETTINGS):
         return False
     if libc is None:
-        if platform.libc_ver()[0] != "glibc":
-            return False
         try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
+            glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+            libc = ctypes.CDLL("libc.so.6") if glibc else None
+        except (ValueError, OSError):  # no such name (not glibc), or no libc.so.6
+            libc = None
+        if libc is None:
             return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED))
 
