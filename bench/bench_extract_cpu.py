@@ -3,8 +3,8 @@ against a naive loop, each a whole process, in one run.
 
 On a generated JPEG faces store (real face-video chips, 256 px, as bench_extract_io.py makes it):
   network alone  a process that decodes every face into memory first, then times ``FeatureExtractor.maps``
-                 (the stage's batches, precision and threads; one warm-up batch left out): the rate no stage
-                 on this CPU can beat;
+                 (the stage's batches, precision, threads and allocator settings; one warm-up batch left out):
+                 the rate no stage on this CPU can beat;
   stage          ``emo-cache extract`` with its defaults (``--overlap auto``: off on CPU), whole process,
                  start-up included;
   naive          a plain script: torchvision's VGG16 ``features[:30]`` (conv5_3 + ReLU), fp32, NCHW, one clip
@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", message="backbone weights are random")
 from emotion_attention.cache import FacesStore
 from emotion_attention.pipeline.configs import ExtractConfig
 from emotion_attention.pipeline.models.extractor import FeatureExtractor
+from emotion_attention.pipeline.core.runtime import reuse_freed_memory
+reuse_freed_memory()  # the allocator the stage runs with: a limit that pays page faults the stage does not is no limit
 faces_path, kwargs = sys.argv[1], json.loads(sys.argv[2])
 with FacesStore(faces_path) as store:
     chips = np.concatenate([store.read_faces(c, np.flatnonzero(store.read_present(c))) for c in store.complete_ids()])
